@@ -1,0 +1,1 @@
+"""Cluster job specs and the entrypoint that Ray job submission runs."""
