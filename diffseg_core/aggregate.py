@@ -1,0 +1,208 @@
+"""Step 4 of DiffSeg: validate per-resolution self-attention and aggregate it.
+
+Input: ``{r: tensor (B, heads, r*r, r*r) or (B, r*r, r*r)}``, one r x r attention
+map per query position, every map summing to 1.
+Output: ``(B, R*R, R*R)`` float32 where R is the largest resolution; row ``i`` is
+the aggregated attention map of query position ``i`` (row-major on the R x R
+grid), itself a distribution.
+
+For each resolution r, every map's two *key* axes are bilinearly upsampled to
+R x R (half-pixel centres), renormalised to sum 1, each *query* position is
+repeated R/r times along both query axes, and the result is added with weight
+w_r (proportional to r by default). This is exactly the reference
+implementation's ``aggregate_weights``, but batched and without materialising
+the repeated coarse maps: coarse levels are folded into one another on their
+own small query grids and broadcast-added into the full-size result once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from diffseg_core.interpolation import resize_bilinear
+
+#: How far a map's sum may be from 1 before the input is rejected. Loose enough
+#: for float16/bfloat16 attention, tight enough to catch logits or unnormalised
+#: scores.
+ROW_SUM_TOLERANCE = 5e-3
+
+Weights = Mapping[int, float] | Sequence[float] | None
+
+
+def aggregate_attention(
+    maps: Mapping[int, torch.Tensor], weights: Weights = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Aggregate multi-resolution self-attention into one (B, R*R, R*R) tensor.
+
+    Args:
+        maps: resolution -> (B, heads, r*r, r*r) or (B, r*r, r*r) attention
+            probabilities; any float dtype, any device. Heads are averaged.
+        weights: per-resolution weights, either a mapping ``{r: w}`` or a
+            sequence in *descending* resolution order. They are normalised to
+            sum 1. Default: proportional to r (64:32:16:8 -> 8:4:2:1 / 15).
+        out: optional float32 (B, R*R, R*R) tensor to write into (saves
+            allocating 64 MB per image at R = 64 on repeated calls).
+
+    Returns:
+        float32 tensor (B, R*R, R*R) on the maps' device; every row sums to 1.
+
+    Raises:
+        ValueError: empty input, a sequence length that is not a perfect square
+            or does not match its key, resolutions that do not divide the
+            largest, mismatched batch sizes or devices, NaN/inf, negative
+            values, or maps that do not sum to 1.
+    """
+    head_means, row_sums = validate_maps(maps)
+    resolutions = sorted(head_means, reverse=True)
+    R = resolutions[0]
+    w = _normalised_weights(resolutions, weights)
+
+    # Coarse levels, folded from coarsest upwards on their own query grids, so
+    # the expensive (B, R*R, R*R) tensor is written by one broadcast add.
+    coarse: torch.Tensor | None = None  # (B, r, r, R*R) on the current grid r
+    coarse_r = 0
+    for r in sorted(resolutions[1:]):
+        level = _upsample_keys(head_means[r], r, R).mul_(w[r]).view(-1, r, r, R * R)
+        if coarse is not None:
+            level += _repeat_queries(coarse, r // coarse_r)
+        coarse, coarse_r = level, r
+
+    finest = head_means[R]
+    batch = finest.shape[0]
+    if out is None:
+        out = torch.empty_like(finest)
+    elif out.shape != finest.shape or out.dtype != torch.float32 or out.device != finest.device:
+        raise ValueError(f"out: expected float32 {tuple(finest.shape)} on {finest.device}, got {out.dtype} {tuple(out.shape)}")
+    # Renormalising at the finest level changes nothing for exact input, but the
+    # reference does it and it keeps float16 input exactly normalised.
+    torch.mul(finest, (w[R] / row_sums[R]).unsqueeze(-1), out=out)
+    if coarse is not None:
+        f = R // coarse_r
+        out.view(batch, coarse_r, f, coarse_r, f, R * R).add_(
+            coarse.view(batch, coarse_r, 1, coarse_r, 1, R * R)
+        )
+    return out
+
+
+def validate_maps(maps: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Check the input of :func:`aggregate_attention`.
+
+    Returns the head-averaged float32 maps and their row sums, per resolution.
+
+    The finiteness and row-sum checks run on the head average: a NaN or inf
+    in any head survives the mean, and a head mean that sums to 1 is what the
+    method needs.
+    """
+    if not isinstance(maps, Mapping) or len(maps) == 0:
+        raise ValueError("attention maps: expected a non-empty dict {resolution: tensor}, got an empty or non-dict input")
+    batch: int | None = None
+    device: torch.device | None = None
+    out: dict[int, torch.Tensor] = {}
+    for key, value in maps.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"attention maps[{key!r}]: expected a torch.Tensor, got {type(value).__name__}")
+        if value.ndim not in (3, 4):
+            raise ValueError(
+                f"attention maps[{key!r}]: expected shape (B, heads, r*r, r*r) or (B, r*r, r*r), got {tuple(value.shape)}"
+            )
+        seq = value.shape[-1]
+        if value.shape[-2] != seq:
+            raise ValueError(f"attention maps[{key!r}]: query and key lengths differ: {tuple(value.shape)}")
+        r = math.isqrt(seq)
+        if r * r != seq:
+            raise ValueError(f"attention maps[{key!r}]: sequence length {seq} is not a square (r*r) number")
+        if int(key) != r:
+            raise ValueError(f"attention maps[{key!r}]: key says resolution {key} but the sequence length {seq} is {r}x{r}")
+        if batch is None:
+            batch, device = value.shape[0], value.device
+        elif value.shape[0] != batch:
+            raise ValueError(f"attention maps: mismatched batch sizes ({batch} and {value.shape[0]} at resolution {r})")
+        elif value.device != device:
+            raise ValueError(f"attention maps: tensors on different devices ({device} and {value.device})")
+        if not value.is_floating_point():
+            raise ValueError(f"attention maps[{r}]: expected a floating-point tensor, got {value.dtype}")
+        out[r] = _head_mean(value)
+    if batch == 0:
+        raise ValueError("attention maps: batch size is 0")
+
+    R = max(out)
+    bad = sorted(r for r in out if R % r)
+    if bad:
+        raise ValueError(f"attention maps: resolutions {bad} do not divide the largest resolution {R}")
+    row_sums: dict[int, torch.Tensor] = {}
+    for r, m in out.items():
+        sums = m.sum(-1)
+        if not bool(torch.isfinite(sums).all()):
+            raise ValueError(f"attention maps[{r}]: contains NaN or inf")
+        deviation = (sums - 1).abs()
+        if float(deviation.max()) > ROW_SUM_TOLERANCE:
+            worst = float(sums.flatten()[deviation.argmax()])
+            raise ValueError(
+                f"attention maps[{r}]: every map (row) must be a probability distribution summing to 1, "
+                f"but one sums to {worst:.6g}"
+            )
+        if float(m.amin()) < 0:
+            raise ValueError(f"attention maps[{r}]: contains negative values")
+        row_sums[r] = sums
+    return out, row_sums
+
+
+def anchor_grid(R: int, num_points: int) -> torch.Tensor:
+    """Row-major query indices of the reference's num_points x num_points anchor grid.
+
+    ``seg = (R-1)//(n-1)``, ``start = ((R-1) - seg*(n-1))//2``; R=64, n=16 gives
+    rows/cols 1, 5, ..., 61.
+    """
+    if num_points < 2:
+        raise ValueError(f"num_points must be at least 2, got {num_points}")
+    if num_points > R:
+        raise ValueError(f"num_points={num_points} exceeds the attention resolution {R}")
+    seg = (R - 1) // (num_points - 1)
+    start = ((R - 1) - seg * (num_points - 1)) // 2
+    coords = torch.arange(num_points) * seg + start
+    return (coords[:, None] * R + coords[None, :]).reshape(-1)
+
+
+def _head_mean(value: torch.Tensor) -> torch.Tensor:
+    if value.ndim == 4:
+        if value.shape[1] == 0:
+            raise ValueError("attention maps: zero heads")
+        # Accumulate in float32 without first copying every head to float32.
+        return value.mean(1, dtype=torch.float32)
+    return value.to(torch.float32)
+
+
+def _normalised_weights(resolutions: list[int], weights: Weights) -> dict[int, float]:
+    if weights is None:
+        raw = {r: float(r) for r in resolutions}
+    elif isinstance(weights, Mapping):
+        missing = sorted(set(resolutions) - set(int(k) for k in weights))
+        if missing:
+            raise ValueError(f"aggregation weights: no weight for resolutions {missing}")
+        raw = {r: float(weights[r]) for r in resolutions}
+    else:
+        seq = list(weights)
+        if len(seq) != len(resolutions):
+            raise ValueError(
+                f"aggregation weights: got {len(seq)} weights for {len(resolutions)} resolutions {resolutions}"
+            )
+        raw = dict(zip(resolutions, map(float, seq)))
+    if any(not math.isfinite(v) or v < 0 for v in raw.values()) or sum(raw.values()) <= 0:
+        raise ValueError(f"aggregation weights must be finite, non-negative and not all zero: {raw}")
+    total = sum(raw.values())
+    return {r: v / total for r, v in raw.items()}
+
+
+def _upsample_keys(m: torch.Tensor, r: int, R: int) -> torch.Tensor:
+    """(B, r*r, r*r) -> (B, r*r, R*R): bilinear on the key axes, then renormalised."""
+    batch = m.shape[0]
+    up = resize_bilinear(m.reshape(batch, r * r, r, r), (R, R)).reshape(batch, r * r, R * R)
+    return up.div_(up.sum(-1, keepdim=True))
+
+
+def _repeat_queries(level: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, r, r, K) -> (B, r*factor, r*factor, K), each query repeated (repeat_interleave)."""
+    b, r, _, k = level.shape
+    return level[:, :, None, :, None, :].expand(b, r, factor, r, factor, k).reshape(b, r * factor, r * factor, k)
