@@ -1,0 +1,303 @@
+"""Self-attention extraction from a Stable Diffusion UNet (DESIGN.md steps 1-3).
+
+    extractor = AttentionExtractor.from_pretrained("CompVis/stable-diffusion-v1-4")
+    maps = extractor(images)   # {r: (B, r*r, r*r) float32}, rows sum to 1
+
+1. Images -> RGB -> S x S (PIL bicubic, antialiased) -> [-1, 1];
+   latent = VAE posterior mean x scaling_factor (no sampling, no noise).
+2. One UNet call at ``timestep`` (default 300) on the cached empty-prompt
+   embedding (SDXL family: both encoders' penultimate states, pooled embeds
+   and time ids, as the SDXL pipeline builds them).
+3. Every ``attn1`` layer's softmax(QK^T/sqrt(d)) is averaged over heads as it
+   is computed and then over the layers sharing a resolution; resolutions come
+   from sequence lengths.  The UNet stops right after its last ``attn1`` layer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffseg_core.attention_capture import DEFAULT_CHUNK_BYTES, CaptureState, StopUNet, install_capture
+from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
+from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
+
+__all__ = ["AttentionExtractor", "ModelLoadError", "DEFAULT_MODEL", "preprocess_images"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+ImagesLike = Any  # np.ndarray (B,H,W,3) uint8 | list of (H,W[,C]) uint8 arrays / PIL images | tensor (B,3,S,S)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and fp32 elsewhere unless told otherwise."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def preprocess_images(images: ImagesLike, size: int) -> torch.Tensor:
+    """uint8 images of any size and mode -> float32 (B, 3, size, size) in [-1, 1] on CPU.
+
+    Grayscale (H, W) / (H, W, 1) is replicated to RGB, grey+alpha and RGBA lose
+    their alpha (as PIL's ``convert("RGB")``).  Resizing is PIL bicubic with
+    antialiasing, straight to size x size (no crop, aspect not kept).
+    """
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, (np.ndarray, Image.Image)):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("no images given")
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        if isinstance(img, Image.Image):
+            pil = img.convert("RGB")
+        else:
+            pil = Image.fromarray(_to_rgb_uint8(np.asarray(img), i))
+        if pil.size != (size, size):
+            pil = pil.resize((size, size), Image.Resampling.BICUBIC)
+        out[i] = np.asarray(pil)
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).float()
+    return x.div_(127.5).sub_(1.0)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``.to`` that only passes a dtype when it changes (diffusers warns on every cast)."""
+    current = next(module.parameters()).dtype
+    return module.to(device) if current == dtype else module.to(device, dtype)
+
+
+def _to_rgb_uint8(a: np.ndarray, index: int) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise TypeError(f"image {index}: expected uint8 pixels, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 2:  # grey + alpha
+        a = np.repeat(a[:, :, :1], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 4:  # RGBA
+        a = a[:, :, :3]
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"image {index}: expected (H, W), (H, W, 1|2|3|4) pixels, got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"image {index}: empty image of shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+class AttentionExtractor:
+    """Images in, head- and layer-averaged self-attention maps out.
+
+    Build with `from_pretrained`.  Holds the UNet and the VAE encoder on
+    ``device`` in ``dtype`` (the VAE stays float32 when its config asks for
+    ``force_upcast`` and dtype is float16, as diffusers' SDXL pipeline does),
+    and the empty-prompt conditioning.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        model: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        timestep: int = 300,
+        image_size: int | None = None,
+        early_stop: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        random_weights: bool = False,
+    ):
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.timestep = int(timestep)
+        self.unet = _move(loaded.unet, self.device, self.dtype)
+        vae_dtype = self.dtype
+        if self.dtype == torch.float16 and getattr(loaded.vae.config, "force_upcast", False):
+            vae_dtype = torch.float32
+        self.vae = _move(loaded.vae, self.device, vae_dtype)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        native = self.unet.config.sample_size
+        native = native if isinstance(native, int) else int(native[0])
+        self.image_size = int(image_size) if image_size is not None else native * self.vae_scale_factor
+        if self.image_size % self.vae_scale_factor:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE factor {self.vae_scale_factor}")
+        self.is_sdxl = loaded.is_sdxl
+        self._hidden = loaded.encoder_hidden_states.to(self.device, self.dtype)
+        self._text_embeds = loaded.added_cond.get("text_embeds")
+        if self._text_embeds is not None:
+            self._text_embeds = self._text_embeds.to(self.device, self.dtype)
+        self._state = CaptureState(early_stop=early_stop, chunk_bytes=chunk_bytes)
+        self.layer_names = install_capture(self.unet, self._state)
+        self._loaded_info = {
+            "model": model,
+            "resolved": loaded.resolved,
+            "source": loaded.source,
+            "revision": loaded.revision,
+        }
+        self._weight_files = loaded.weight_files
+        self._random_weights = random_weights
+        self._info: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        timestep: int = 300,
+        image_size: int | None = None,
+        revision: str | None = None,
+        allow_unsafe_weights: bool = False,
+        config: str | None = None,
+        early_stop: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> "AttentionExtractor":
+        """Load a model: hub id, local diffusers folder, single ``.safetensors`` file, or ``"tiny-random"``.
+
+        ``image_size=None`` means the model's native size
+        (``unet.config.sample_size x VAE factor``: 512 for SD 1.x and
+        SD 2.x-base, 1024 for SDXL, 64 for tiny-random).  ``config`` is for
+        single-file checkpoints offline: a diffusers folder with the same
+        architecture's configs.  Raises `ModelLoadError` (an ``OSError``) when
+        the model is missing or unreadable.
+        """
+        name = os.fspath(model)
+        resolve_dtype(dtype, torch.device(device or "cpu"))  # fail on a bad dtype before loading
+        random_weights = name == TINY_RANDOM
+        resolved = resolve_model(name)
+        loaded = load_model(resolved, revision=revision, allow_unsafe_weights=allow_unsafe_weights, config=config)
+        if random_weights:
+            logger.warning("AttentionExtractor: 'tiny-random' has RANDOM weights; its attention maps are meaningless")
+        return cls(
+            loaded, model=name, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
+            early_stop=early_stop, chunk_bytes=chunk_bytes, random_weights=random_weights,
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def keep_layers(self) -> bool:
+        """Also keep each layer's head-mean map after a call, in `last_layers` (for tests/analysis)."""
+        return self._state.keep_layers
+
+    @keep_layers.setter
+    def keep_layers(self, value: bool) -> None:
+        self._state.keep_layers = bool(value)
+
+    @property
+    def last_layers(self) -> dict[str, torch.Tensor]:
+        """Per-layer head-mean maps {layer name: (B, N, N)} of the last call when `keep_layers` is set."""
+        return dict(self._state.layers)
+
+    @property
+    def early_stop(self) -> bool:
+        return self._state.early_stop
+
+    @early_stop.setter
+    def early_stop(self, value: bool) -> None:
+        self._state.early_stop = bool(value)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Provenance for manifests: model, resolved path or hub id, revision or weight sha256s, settings."""
+        if self._info is None:
+            info = dict(self._loaded_info)
+            info["weights_sha256"] = sha256_files(self._weight_files) if self._weight_files else None
+            info.update(
+                architecture="sdxl" if self.is_sdxl else "sd",
+                dtype=str(self.dtype).removeprefix("torch."),
+                device=str(self.device),
+                timestep=self.timestep,
+                image_size=self.image_size,
+                self_attention_layers=len(self.layer_names),
+                random_weights=self._random_weights,
+            )
+            self._info = info
+        return dict(self._info)
+
+    # ------------------------------------------------------------------ the work
+
+    @torch.inference_mode()
+    def __call__(self, images: ImagesLike) -> dict[int, torch.Tensor]:
+        """Self-attention maps ``{r: (B, r*r, r*r) float32}`` on ``self.device``; rows sum to 1.
+
+        ``images``: uint8 (B, H, W, 3) array, a list of uint8 arrays of any
+        sizes (grayscale/RGBA too) or PIL images, or a float tensor
+        (B, 3, S, S) already in [-1, 1] (used as given, S a multiple of 8).
+        """
+        return self.attention(self.encode(self.to_pixels(images)))
+
+    def to_pixels(self, images: ImagesLike) -> torch.Tensor:
+        """(B, 3, S, S) float in [-1, 1]: preprocessed images, or a float tensor as given."""
+        if isinstance(images, torch.Tensor) and images.is_floating_point():
+            if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+                raise ValueError(f"float image tensors must be (B, 3, S, S) in [-1, 1], got {tuple(images.shape)}")
+            return images
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        return preprocess_images(images, self.image_size)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean x scaling_factor, in the UNet's dtype."""
+        x = pixels.to(self.device, next(self.vae.parameters()).dtype)
+        mean = self.vae.encode(x).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            mean = mean - shift
+        return (mean * self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.inference_mode()
+    def attention(self, latents: torch.Tensor) -> dict[int, torch.Tensor]:
+        """One UNet call on clean latents; returns the captured maps."""
+        b = latents.shape[0]
+        kwargs: dict[str, Any] = {}
+        if self.is_sdxl:
+            size = latents.shape[-1] * self.vae_scale_factor
+            time_ids = sdxl_time_ids(self.unet, self._text_embeds.shape[-1], size).to(self.device, self.dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": self._text_embeds.expand(b, -1),
+                "time_ids": time_ids.expand(b, -1),
+            }
+        t = torch.tensor(self.timestep, device=self.device, dtype=torch.long)
+        state = self._state
+        state.reset()
+        state.active = True
+        try:
+            self.unet(latents, t, encoder_hidden_states=self._hidden.expand(b, -1, -1), return_dict=False, **kwargs)
+        except StopUNet:
+            pass
+        finally:
+            state.active = False
+        if state.seen != state.num_layers:
+            state.reset()
+            raise RuntimeError(f"captured {state.seen} of {state.num_layers} self-attention layers")
+        return state.result()
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionExtractor(model={self._loaded_info['model']!r}, device={self.device}, dtype={self.dtype}, "
+            f"image_size={self.image_size}, timestep={self.timestep}, layers={len(self.layer_names)})"
+        )

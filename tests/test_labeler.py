@@ -1,0 +1,88 @@
+"""Labeler: images -> DiffSeg label maps at each image's own size (tiny RANDOM-weight model)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from diffseg_core import DiffSeg
+from diffseg_core.labeler import Labeler
+from diffseg_core.merge import compact_labels, labels_from_proposals
+
+
+@pytest.fixture(scope="module")
+def labeler(tiny_model_path):
+    return Labeler.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16)
+
+
+def _image(h, w, seed=0):
+    """A blocky image (two halves of different colours plus noise) so segments are not trivial."""
+    rng = np.random.RandomState(seed)
+    img = rng.randint(0, 40, (h, w, 3), dtype=np.uint8)
+    img[:, w // 2 :] += np.array([200, 100, 10], dtype=np.uint8)
+    return img
+
+
+def test_labels_at_each_images_own_size(labeler):
+    images = [_image(97, 211), _image(300, 40, 1), _image(1, 1, 2), _image(128, 128, 3)]
+    labels = labeler(images)
+    assert len(labels) == len(images)
+    for img, lab in zip(images, labels):
+        assert isinstance(lab, np.ndarray) and lab.dtype == np.int64
+        assert lab.shape == img.shape[:2]
+        values = np.unique(lab)
+        assert values.tolist() == list(range(len(values)))  # 0..K-1, no gaps
+
+
+def test_upsamples_proposals_to_the_original_size(labeler):
+    """Labels come from the proposals upsampled to (H, W), not a resize of a square label map."""
+    images = [_image(75, 190, 4), _image(128, 128, 5)]
+    labels = labeler(images)
+    maps = labeler.extractor(images)
+    proposals = labeler.diffseg.proposals(maps)
+    for p, img, lab in zip(proposals, images, labels):
+        expected = compact_labels(labels_from_proposals(p, img.shape[:2])).numpy()
+        np.testing.assert_array_equal(lab, expected)
+    # for an image already at the model's size this is exactly DiffSeg.segment
+    seg = labeler.diffseg.segment({r: m[1:] for r, m in maps.items()}, output_size=(128, 128))
+    np.testing.assert_array_equal(labels[1], seg[0].numpy())
+
+
+def test_batch_array_input_and_determinism(labeler):
+    batch = np.stack([_image(64, 48, s) for s in range(3)])
+    a = labeler(batch)
+    b = labeler(list(batch))
+    assert [x.shape for x in a] == [(64, 48)] * 3
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert labeler([]) == []
+
+
+def test_diffseg_kwargs_reach_diffseg(tiny_model_path):
+    lab = Labeler.from_pretrained(tiny_model_path, kl_threshold=[0.9, 1.0], num_points=8, refine=True)
+    assert lab.diffseg.thresholds == [0.9, 1.0] and lab.diffseg.num_points == 8 and lab.diffseg.refine
+    info = lab.model_info
+    assert info["diffseg"]["kl_threshold"] == [0.9, 1.0] and info["diffseg"]["refine"] is True
+    assert info["image_size"] == 128 and info["timestep"] == 300
+    out = lab([_image(50, 70)])
+    assert out[0].shape == (50, 70)
+
+
+def test_bad_diffseg_kwargs_fail_before_loading():
+    with pytest.raises(ValueError, match="kl_threshold"):
+        Labeler.from_pretrained("/nonexistent/model", kl_threshold=-1.0)
+
+
+def test_diffseg_from_pretrained_alias(tmp_path, monkeypatch, tiny_model_path):
+    from diffseg_core.tiny_model import tiny_random_path
+
+    monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path))
+    shutil.copytree(tiny_model_path, tiny_random_path())  # what resolve_model would build, pre-built
+    lab = DiffSeg.from_pretrained("tiny-random")
+    assert isinstance(lab, Labeler)
+    assert lab.model_info["random_weights"] is True
+    labels = lab([_image(33, 65)])
+    assert labels[0].shape == (33, 65)
+    assert isinstance(lab.extractor(np.stack([_image(8, 8)]))[16], torch.Tensor)
