@@ -1,0 +1,6 @@
+"""``python -m pipeline label ...`` (same as the ``diffseg`` command)."""
+import sys
+
+from pipeline.cli import main
+
+sys.exit(main())

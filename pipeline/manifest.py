@@ -1,0 +1,104 @@
+"""The run manifest at the output root (``_manifest.json``): what made these labels.
+
+It records the model (id, resolved path, revision or weight hashes), every
+parameter that changes a label, the package version, and per-run counts and
+times. A rerun into the same folder must match the recorded *identity* (input,
+model, label parameters); run options such as actor count or batch size may change.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import fsspec
+
+from pipeline.schema import MANIFEST
+
+# model_info keys that describe where a model ran, not what it computes.
+_VOLATILE_MODEL_KEYS = frozenset({"device"})
+
+
+class IncompatibleOutputError(RuntimeError):
+    """The output folder holds labels made with another model, parameters or input."""
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffseg-labeler")
+    except Exception:  # noqa: BLE001 - running from a source tree that is not installed
+        return "0+unknown"
+
+
+def model_identity(model_info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model_info.items() if k not in _VOLATILE_MODEL_KEYS}
+
+
+def identity(input_uri: str, model_info: dict[str, Any] | None, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"input": input_uri, "model": model_identity(model_info) if model_info else None, "parameters": parameters}
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    path = f"{root}/{MANIFEST}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
+    """Write via a temp name then move, so a kill never leaves half a manifest."""
+    path = f"{root}/{MANIFEST}"
+    tmp = f"{root}/_manifest.json.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+def check_compatible(
+    existing: dict[str, Any] | None, input_uri: str, model_info: dict[str, Any] | None, parameters: dict[str, Any],
+    output: str,
+) -> None:
+    """Raise IncompatibleOutputError (one sentence) when ``existing`` was made differently.
+
+    With model_info None only the input, model name and parameters are compared (the
+    cheap check before loading the model); with it, the model's revision/hashes too.
+    """
+    if existing is None:
+        return
+    old = identity(existing.get("input"), existing.get("model"), existing.get("parameters", {}))
+    new = identity(input_uri, model_info, parameters)
+    diffs = []
+    if old["input"] != new["input"]:
+        diffs.append(f"input {old['input']!r} -> {new['input']!r}")
+    for key in sorted(set(old["parameters"]) | set(new["parameters"])):
+        if old["parameters"].get(key) != new["parameters"].get(key):
+            diffs.append(f"{key} {old['parameters'].get(key)!r} -> {new['parameters'].get(key)!r}")
+    if model_info is not None and old["model"] is not None:
+        for key in sorted(set(old["model"]) | set(new["model"])):
+            if old["model"].get(key) != new["model"].get(key):
+                diffs.append(f"model {key} differs")
+    if diffs:
+        raise IncompatibleOutputError(
+            f"{output} holds labels made with different settings ({'; '.join(diffs)}): "
+            "rerun with the same settings to resume, or pass --overwrite to start over."
+        )
+
+
+def new_manifest(
+    input_uri: str, output: str, model_info: dict[str, Any], parameters: dict[str, Any], previous: dict | None
+) -> dict[str, Any]:
+    return {
+        "tool": "diffseg-labeler",
+        "version": package_version(),
+        "input": input_uri,
+        "output": output,
+        "model": model_identity(model_info),
+        "parameters": parameters,
+        "created_at": (previous or {}).get("created_at", time.time()),
+        "status": "running",
+        "runs": list((previous or {}).get("runs", [])),
+        "counts": (previous or {}).get("counts", {}),
+    }

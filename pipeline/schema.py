@@ -1,0 +1,58 @@
+"""The output table's Arrow schema (DESIGN.md, "Output") and the output folder's layout."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+SEGMENT = pa.struct(
+    [
+        ("id", pa.int32()),
+        ("area", pa.int64()),
+        ("bbox", pa.list_(pa.int32())),  # [x, y, w, h]
+        ("rle", RLE),  # COCO compressed RLE; null unless --rle
+    ]
+)
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("label_map", pa.binary()),
+        ("num_segments", pa.int32()),
+        ("segments", pa.list_(SEGMENT)),
+        ("error", pa.string()),
+    ]
+)
+# Columns that travel with each row to the sink but are not written.
+SHARD_ID = "_shard_id"
+SHARD_ROWS = "_shard_rows"  # rows in the row's shard; -1 while the reader does not know yet
+TIMING_COLUMNS = ("_t_decode", "_t_model", "_t_merge", "_t_encode")
+STAGE_NAMES = {"_t_decode": "read+decode", "_t_model": "model", "_t_merge": "merge", "_t_encode": "encode"}
+
+# Output folder layout. Everything but the committed Parquet files starts with "_",
+# which pyarrow/pandas/Spark dataset discovery skip: `pd.read_parquet(OUTPUT)` just works.
+MANIFEST = "_manifest.json"
+PLAN = "_plan.jsonl.gz"
+DONE_DIR = "_done"  # one marker per committed shard, written last
+TMP_DIR = "_inprogress"  # parts being written; never read
+METADATA_KEY = b"diffseg"
+
+
+def part_name(shard_id: int, part: int) -> str:
+    return f"labels-{shard_id:06d}-{part:03d}.parquet"
+
+
+def marker_name(shard_id: int) -> str:
+    return f"{shard_id:06d}.json"
+
+
+def shard_of_part(name: str) -> int | None:
+    """Shard id of a committed part file name, or None for anything else."""
+    base = name.rsplit("/", 1)[-1]
+    if not (base.startswith("labels-") and base.endswith(".parquet")):
+        return None
+    try:
+        return int(base.split("-")[1])
+    except (IndexError, ValueError):
+        return None

@@ -1,0 +1,156 @@
+"""The stateless CPU stages of the plan, as Ray Data batch functions.
+
+``read_decode``: one work shard in -> decoded rows out, in chunks (a generator, so a
+shard of 1,000 files never sits in memory at once). ``encode_rows``: label maps
+(raw uint16) -> the output columns. Both turn every per-image failure into an
+``error`` value; only a bug raises.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.encode import encode_label
+from pipeline.schema import SEGMENT, SHARD_ID, SHARD_ROWS
+from pipeline.sources import RawImage, read_source
+
+DECODE_CHUNK = 32
+
+
+def read_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    root: str,
+    image_size: int,
+    storage_options: dict[str, Any] | None = None,
+    image_column: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    chunk: int = DECODE_CHUNK,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Shards (columns shard_id, kind, paths) -> decoded rows, ``chunk`` at a time.
+
+    The shard's row count is only known at the end for tar and Parquet shards, so the
+    last chunk is held back and carries it (``_shard_rows``); earlier ones carry -1.
+    """
+    for shard_id, kind, paths in zip(batch["shard_id"], batch["kind"], batch["paths"]):
+        paths = [str(p) for p in paths]
+        held: dict[str, np.ndarray] | None = None
+        rows = 0
+        for chunk_rows in _chunks(_safe_read(kind, paths, root, storage_options, image_column), chunk):
+            start = time.perf_counter()
+            out = _decode_chunk(chunk_rows, image_size, max_pixels)
+            out["_t_decode"] = np.full(len(chunk_rows), (time.perf_counter() - start) / len(chunk_rows))
+            out[SHARD_ID] = np.full(len(chunk_rows), int(shard_id), dtype=np.int64)
+            out[SHARD_ROWS] = np.full(len(chunk_rows), -1, dtype=np.int64)
+            rows += len(chunk_rows)
+            if held is not None:
+                yield held
+            held = out
+        if held is not None:
+            held[SHARD_ROWS][:] = rows
+            yield held
+
+
+def _safe_read(
+    kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None
+) -> Iterator[RawImage]:
+    """read_source, but a shard that cannot be opened or breaks midway ends in one error row."""
+    try:
+        yield from read_source(kind, paths, root, storage_options, image_column)
+    except Exception as exc:  # noqa: BLE001 - corrupt tar / Parquet: say so in a row, go on
+        from pipeline.sources import relative_id
+
+        shard = relative_id(paths[0], root)
+        yield RawImage(f"{shard}/#shard-error", paths[0], None, f"shard error: {type(exc).__name__}: {exc}")
+
+
+def _chunks(items: Iterator[RawImage], size: int) -> Iterator[list[RawImage]]:
+    buf: list[RawImage] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _decode_chunk(raws: list[RawImage], image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+    n = len(raws)
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    errors: list[str | None] = []
+    for i, raw in enumerate(raws):
+        if raw.error is not None:
+            errors.append(raw.error)
+            continue
+        decoded = decode_image(raw.data, image_size, max_pixels)
+        raw.data = None
+        width[i], height[i] = decoded.width, decoded.height
+        if decoded.error is not None:
+            errors.append(decoded.error)
+        else:
+            pixels[i] = decoded.pixels
+            errors.append(None)
+    return {
+        "image_id": np.array([r.image_id for r in raws], dtype=object),
+        "source": np.array([r.source for r in raws], dtype=object),
+        "width": width,
+        "height": height,
+        "error": np.array(errors, dtype=object),
+        "pixels": pixels,
+    }
+
+
+def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
+    """Raw label maps -> the output columns (PNG, num_segments, segments) plus bookkeeping."""
+    start = time.perf_counter()
+    n = len(batch["image_id"])
+    label_maps: list[bytes | None] = []
+    num_segments: list[int | None] = []
+    segments: list[list[dict] | None] = []
+    errors = list(batch["error"])
+    for i in range(n):
+        raw = batch["label_raw"][i]
+        if errors[i] is not None or raw is None or len(raw) == 0:
+            label_maps.append(None)
+            num_segments.append(None)
+            segments.append(None)
+            if errors[i] is None:
+                errors[i] = "model error: no label map was produced"
+            continue
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        try:
+            labels = np.frombuffer(raw, dtype=np.uint16).reshape(h, w)
+            png, k, segs = encode_label(labels, rle)
+        except Exception as exc:  # noqa: BLE001
+            label_maps.append(None)
+            num_segments.append(None)
+            segments.append(None)
+            errors[i] = f"encode error: {type(exc).__name__}: {exc}"
+            continue
+        label_maps.append(png)
+        num_segments.append(k)
+        segments.append(segs)
+    per_row = (time.perf_counter() - start) / max(n, 1)
+    columns: dict[str, pa.Array] = {
+        "image_id": pa.array(list(batch["image_id"]), pa.string()),
+        "source": pa.array(list(batch["source"]), pa.string()),
+        "width": pa.array(batch["width"], pa.int32()),
+        "height": pa.array(batch["height"], pa.int32()),
+        "label_map": pa.array(label_maps, pa.binary()),
+        "num_segments": pa.array(num_segments, pa.int32()),
+        "segments": pa.array(segments, pa.list_(SEGMENT)),
+        "error": pa.array(errors, pa.string()),
+        SHARD_ID: pa.array(batch[SHARD_ID], pa.int64()),
+        SHARD_ROWS: pa.array(batch[SHARD_ROWS], pa.int64()),
+    }
+    for col in ("_t_decode", "_t_model", "_t_merge"):
+        columns[col] = pa.array(batch[col] if col in batch else np.zeros(n), pa.float64())
+    columns["_t_encode"] = pa.array(np.full(n, per_row), pa.float64())
+    return pa.table(columns)

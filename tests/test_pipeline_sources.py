@@ -1,0 +1,63 @@
+"""Listing and reading inputs: folders, globs, single files, tar and Parquet shards (no Ray)."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.sources import NoInputError, list_inputs, read_parquet, read_source, read_tar, relative_id
+from pipeline_helpers import encoded, make_photo_folder, photos, write_parquet_shard, write_tar_shard
+
+
+def test_folder_is_listed_recursively_sorted_and_hidden_files_skipped(tmp_path):
+    ids = make_photo_folder(tmp_path, copies=2)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "_tmp").mkdir()
+    (tmp_path / "_tmp" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "UPPER.JPG").write_bytes(b"x")
+    listing = list_inputs(str(tmp_path))
+    rel = [relative_id(p, listing.root) for p in listing.images]
+    assert rel == sorted(ids + ["UPPER.JPG"])
+    assert all(p.startswith("file://") for p in listing.images)
+    assert listing.parquets == listing.tars == []
+
+
+def test_glob_and_single_file_and_file_url(tmp_path):
+    make_photo_folder(tmp_path, copies=2)
+    listing = list_inputs(str(tmp_path / "set*" / "*.png"))
+    assert [relative_id(p, listing.root) for p in listing.images] == ["set0/coffee-0.png", "set1/coffee-1.png"]
+    single = list_inputs(f"file://{tmp_path}/set0/coffee-0.png")
+    assert [relative_id(p, single.root) for p in single.images] == ["coffee-0.png"]
+
+
+def test_no_input_matched_raises(tmp_path):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(NoInputError, match="No input matched"):
+        list_inputs(str(tmp_path))
+    with pytest.raises(NoInputError):
+        list_inputs(str(tmp_path / "missing"))
+
+
+def test_tar_members_become_rows_keyed_by_shard_and_key(tmp_path):
+    jpg = encoded(photos()["coffee"][:32, :32], "JPEG")
+    write_tar_shard(tmp_path / "shards" / "00000.tar", {"a/0001": jpg, "a/0002": jpg})
+    rows = list(read_tar(f"file://{tmp_path}/shards/00000.tar", f"file://{tmp_path}", None))
+    assert [r.image_id for r in rows] == ["shards/00000.tar/a/0001", "shards/00000.tar/a/0002"]
+    assert all(r.data == jpg and r.error is None for r in rows)
+
+
+@pytest.mark.parametrize("struct_column", [False, True])
+def test_parquet_rows_from_binary_or_struct_column(tmp_path, struct_column):
+    jpg = encoded(photos()["coffee"][:32, :32], "JPEG")
+    write_parquet_shard(tmp_path / "p.parquet", [jpg, jpg, jpg], struct_column=struct_column)
+    rows = list(read_parquet(f"file://{tmp_path}/p.parquet", f"file://{tmp_path}", None))
+    assert [r.image_id for r in rows] == ["p.parquet/0", "p.parquet/1", "p.parquet/2"]
+    assert all(r.data == jpg for r in rows)
+
+
+def test_missing_file_is_a_row_with_an_error_not_an_exception(tmp_path):
+    make_photo_folder(tmp_path)
+    listing = list_inputs(str(tmp_path))
+    paths = listing.images + [f"file://{tmp_path}/gone.jpg"]
+    rows = list(read_source("images", paths, listing.root, None))
+    assert [r.error is None for r in rows] == [True, True, True, False]
+    assert rows[-1].error.startswith("read error") and rows[-1].image_id == "gone.jpg"
