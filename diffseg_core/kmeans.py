@@ -17,7 +17,7 @@ from diffseg_core.merge import compact_labels, labels_from_proposals
 
 def lloyd(
     rows: torch.Tensor, centers: torch.Tensor, max_iter: int = 300, tol: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Lloyd's k-means from given initial centres.
 
     Args:
@@ -26,8 +26,9 @@ def lloyd(
             is at most ``tol * mean per-feature variance`` or labels stop changing.
 
     Returns:
-        (labels (N,), centers (K', D)): empty clusters are dropped and labels
-        renumbered 0..K'-1 in the order of the surviving centres.
+        (labels (N,), centers (K', D), inertia): empty clusters are dropped and
+        labels renumbered 0..K'-1 in the order of the surviving centres;
+        inertia is the sum of squared distances to the nearest centre.
     """
     rows = rows.float()
     centers = centers.float().clone()
@@ -48,10 +49,11 @@ def lloyd(
         if converged or shift <= threshold:
             break
     labels = _nearest(rows, row_sq, centers)
+    inertia = float(((rows - centers[labels]) ** 2).sum())
     kept = torch.unique(labels)
     remap = torch.full((len(centers),), -1, dtype=torch.long, device=rows.device)
     remap[kept] = torch.arange(len(kept), device=rows.device)
-    return remap[labels], centers[kept]
+    return remap[labels], centers[kept], inertia
 
 
 def kmeans_plus_plus(rows: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -76,16 +78,20 @@ def refine_proposals(aggregate_rows: torch.Tensor, proposals: torch.Tensor) -> t
 
     Returns the means of the non-empty clusters, (P', K).
     """
-    _, centers = lloyd(aggregate_rows, proposals)
+    _, centers, _ = lloyd(aggregate_rows, proposals)
     return centers
 
 
 def kmeans_constant(
-    maps: Mapping[int, torch.Tensor], k: int = 6, output_size: tuple[int, int] | None = None, seed: int = 0
+    maps: Mapping[int, torch.Tensor],
+    k: int = 6,
+    output_size: tuple[int, int] | None = None,
+    seed: int = 0,
+    n_init: int = 10,
 ) -> torch.Tensor:
     """K-Means-C baseline: k-means with a constant k on each image's aggregated attention rows."""
     batch = _batch_size(maps)
-    return kmeans_per_image(maps, [k] * batch, output_size=output_size, seed=seed)
+    return kmeans_per_image(maps, [k] * batch, output_size=output_size, seed=seed, n_init=n_init)
 
 
 def kmeans_per_image(
@@ -93,12 +99,15 @@ def kmeans_per_image(
     k: int | Sequence[int],
     output_size: tuple[int, int] | None = None,
     seed: int = 0,
+    n_init: int = 10,
 ) -> torch.Tensor:
     """K-Means-S baseline: k-means with k given per image (the number of ground-truth classes).
 
     Centroids are attention maps like DiffSeg's proposals, so labels come from
     the same NMS (bilinear upsample of the centroids + argmax) at output_size
     (default 8R x 8R, the image size of a Stable Diffusion latent of side R).
+    Like scikit-learn's classic KMeans, the best of ``n_init`` k-means++ runs
+    (lowest inertia) is kept.
 
     Returns int64 (B, H, W), labels renumbered 0..n-1.
     """
@@ -109,13 +118,16 @@ def kmeans_per_image(
         raise ValueError(f"kmeans_per_image: got {len(ks)} values of k for a batch of {batch}")
     if any(int(v) < 1 or int(v) > n for v in ks):
         raise ValueError(f"kmeans_per_image: every k must be in 1..{n}, got {ks}")
+    if n_init < 1:
+        raise ValueError(f"kmeans_per_image: n_init must be >= 1, got {n_init}")
     R = int(round(n**0.5))
     size = output_size or (8 * R, 8 * R)
     generator = torch.Generator().manual_seed(seed)
     out = []
     for b in range(batch):
         rows = aggregate[b]
-        _, centers = lloyd(rows, kmeans_plus_plus(rows, int(ks[b]), generator))
+        runs = (lloyd(rows, kmeans_plus_plus(rows, int(ks[b]), generator)) for _ in range(n_init))
+        _, centers, _ = min(runs, key=lambda run: run[2])
         out.append(compact_labels(labels_from_proposals(centers.view(-1, R, R), size)))
     return torch.stack(out)
 
