@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.labels import labels_at_size
+from pipeline.tasks import error_values
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class LabelActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        errors = list(batch["error"])
+        errors = error_values(batch["error"])
         ok = [i for i, e in enumerate(errors) if e is None]
         n = len(errors)
         out = {k: v for k, v in batch.items() if k != "pixels"}
@@ -120,7 +121,7 @@ class MergeActor:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        errors = list(batch["error"])
+        errors = error_values(batch["error"])
         n = len(errors)
         label_raw: list[bytes] = [b""] * n
         for i in range(n):

@@ -232,9 +232,10 @@ def build_dataset(
         batch_size=1,
         batch_format="numpy",
         num_cpus=task_cpus,
-        # Ray fuses a task map into a following actor map when their remote args match,
-        # which would decode inside the model actor; a remote-args fn keeps them apart.
-        ray_remote_args_fn=_no_fusion,
+        # A real request (a chunk of raw bytes + decoded pixels, twice over). It also keeps
+        # decoding out of the model actor: Ray fuses a task map into the next actor map
+        # only when their remote args are identical.
+        memory=_decode_memory(image_size),
         fn_kwargs={
             "root": root,
             "image_size": image_size,
@@ -389,8 +390,10 @@ def _default_actors(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float, re
     return max(1, int((cpus - reserve) // opts.cpus_per_actor))
 
 
-def _no_fusion() -> dict[str, Any]:
-    return {}
+def _decode_memory(image_size: int) -> int:
+    from pipeline.tasks import DECODE_CHUNK
+
+    return 64 * 2**20 + 2 * DECODE_CHUNK * image_size * image_size * 3
 
 
 def _run_options(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float) -> dict[str, Any]:

@@ -107,6 +107,11 @@ def _decode_chunk(raws: list[RawImage], image_size: int, max_pixels: int) -> dic
     }
 
 
+def error_values(column: Any) -> list[str | None]:
+    """An ``error`` column as str-or-None (Ray hands an all-null column back as NaN floats)."""
+    return [e if isinstance(e, str) else None for e in column]
+
+
 def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
     """Raw label maps -> the output columns (PNG, num_segments, segments) plus bookkeeping."""
     start = time.perf_counter()
@@ -114,7 +119,7 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
     label_maps: list[bytes | None] = []
     num_segments: list[int | None] = []
     segments: list[list[dict] | None] = []
-    errors = list(batch["error"])
+    errors = error_values(batch["error"])
     for i in range(n):
         raw = batch["label_raw"][i]
         if errors[i] is not None or raw is None or len(raw) == 0:

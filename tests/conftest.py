@@ -22,3 +22,15 @@ def tiny_sdxl_model_path(tmp_path_factory):
     from diffseg_core.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), variant="sdxl", seed=0)
+
+
+# --- pipeline tests (issue 4; owner: pipeline) --------------------------------------------
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, like CI) shared by every pipeline test; label() reuses it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
+    yield ray
+    ray.shutdown()

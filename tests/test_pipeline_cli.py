@@ -1,0 +1,44 @@
+"""The `diffseg label` command: happy path, and systemic failures that stop early with one sentence."""
+from __future__ import annotations
+
+import json
+
+from pipeline.cli import main
+from pipeline_helpers import make_photo_folder, read_output
+
+FAST_ARGS = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4"]
+
+
+def test_cli_labels_a_folder_and_prints_the_summary(ray_session, tmp_path, capsys):
+    ids = make_photo_folder(tmp_path / "in")
+    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), *FAST_ARGS, "--json", "--merge-on", "cpu"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labelled"] == 3 and summary["errors"] == 0 and summary["images_per_s"] > 0
+    assert {"list", "model check", "pipeline", "model (worker s)", "merge (worker s)"} <= set(summary["stage_seconds"])
+    assert sorted(read_output(str(tmp_path / "out")).column("image_id").to_pylist()) == ids
+
+
+def test_no_input_matched_exits_non_zero_with_one_sentence(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    assert main(["label", str(tmp_path / "in"), str(tmp_path / "out"), *FAST_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffseg label: error: No input matched") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_exits_before_any_model_work(tmp_path, capsys):
+    make_photo_folder(tmp_path / "in")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert main(["label", str(tmp_path / "in"), str(blocker / "out"), *FAST_ARGS]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_model_that_cannot_load_exits_non_zero(ray_session, tmp_path, capsys):
+    make_photo_folder(tmp_path / "in")
+    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("diffseg label: error: Cannot load model") and "\n" not in err
+    assert not list((tmp_path / "out").glob("*.parquet"))
