@@ -61,3 +61,27 @@ def test_missing_file_is_a_row_with_an_error_not_an_exception(tmp_path):
     rows = list(read_source("images", paths, listing.root, None))
     assert [r.error is None for r in rows] == [True, True, True, False]
     assert rows[-1].error.startswith("read error") and rows[-1].image_id == "gone.jpg"
+
+
+def test_tar_and_parquet_shards_end_to_end_with_cpu_merge(ray_session, tmp_path):
+    from pipeline import label
+    from pipeline_helpers import FAST, read_output
+
+    jpgs = {name: encoded(arr[::4, ::4], "JPEG") for name, arr in photos().items()}
+    write_tar_shard(tmp_path / "in" / "tars" / "00000.tar", {f"k{i}": b for i, b in enumerate(jpgs.values())})
+    write_tar_shard(tmp_path / "in" / "tars" / "00001.tar", {"x": b"garbage bytes", "y": jpgs["coffee"]})
+    write_parquet_shard(tmp_path / "in" / "pq" / "a.parquet", list(jpgs.values()), struct_column=False)
+    (tmp_path / "in" / "pq" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    summary = label(str(tmp_path / "in"), str(tmp_path / "out"), merge_on="cpu", rows_per_file=2, **FAST)
+    assert summary["complete"] and summary["shards"]["total"] == 4
+    rows = {r["image_id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert sorted(rows) == sorted(
+        ["tars/00000.tar/k0", "tars/00000.tar/k1", "tars/00000.tar/k2", "tars/00001.tar/x", "tars/00001.tar/y",
+         "pq/a.parquet/0", "pq/a.parquet/1", "pq/a.parquet/2", "pq/broken.parquet/#shard-error"])
+    assert rows["tars/00001.tar/x"]["error"].startswith("not an image")
+    assert rows["pq/broken.parquet/#shard-error"]["error"].startswith("shard error")
+    assert summary["labelled"] == 7 and summary["errors_by_kind"] == {"not an image": 1, "shard error": 1}
+    assert rows["pq/a.parquet/1"]["source"].endswith("/pq/a.parquet")
+    assert rows["pq/a.parquet/1"]["width"] == photos()["coffee"][::4, ::4].shape[1]
+    # A 3-row shard with rows_per_file=2 is written as two bounded parts under one marker.
+    assert len(list((tmp_path / "out").glob("labels-*.parquet"))) == 6

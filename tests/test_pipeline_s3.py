@@ -1,0 +1,56 @@
+"""Reading from and writing to s3:// against a real S3 server on loopback (moto)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import label
+from pipeline_helpers import FAST, encoded, photos, read_output, write_parquet_shard
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    import boto3
+    import s3fs
+
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **options["client_kwargs"]).create_bucket(Bucket="labels-bucket")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    yield fs, options
+    server.stop()
+
+
+def test_s3_images_and_parquet_in_s3_labels_out(ray_session, s3, tmp_path):
+    fs, options = s3
+    ids = []
+    for name, arr in photos().items():
+        fs.pipe(f"labels-bucket/in/photos/{name}.jpg", encoded(arr[::4, ::4], "JPEG"))
+        ids.append(f"photos/{name}.jpg")
+    fs.pipe("labels-bucket/in/photos/broken.png", b"\x89PNG not really")
+    write_parquet_shard(tmp_path / "rows.parquet", [encoded(photos()["coffee"][::8, ::8], "PNG")] * 3,
+                        struct_column=True)
+    fs.put(str(tmp_path / "rows.parquet"), "labels-bucket/in/rows.parquet")
+    fs.invalidate_cache()
+
+    summary = label("s3://labels-bucket/in", "s3://labels-bucket/out", storage_options=options, **FAST)
+    assert summary["complete"] and summary["images"] == 7 and summary["labelled"] == 6
+    assert summary["errors_by_kind"] == {"not an image": 1}
+    fs.invalidate_cache()
+    table = read_output("labels-bucket/out", filesystem=fs)
+    got = sorted(table.column("image_id").to_pylist())
+    assert got == sorted(ids + ["photos/broken.png", "rows.parquet/0", "rows.parquet/1", "rows.parquet/2"])
+    assert all(s.startswith("s3://labels-bucket/in/") for s in table.column("source").to_pylist())
+    manifest = json.loads(fs.cat("labels-bucket/out/_manifest.json"))
+    assert manifest["status"] == "complete" and manifest["input"] == "s3://labels-bucket/in"
+    assert not fs.exists("labels-bucket/out/_inprogress") or not fs.find("labels-bucket/out/_inprogress")
+
+    again = label("s3://labels-bucket/in", "s3://labels-bucket/out", storage_options=options, **FAST)
+    assert again["shards"]["written_this_run"] == 0 and again["images"] == 7
