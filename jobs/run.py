@@ -1,0 +1,58 @@
+"""The in-cluster entrypoint: ``python -m jobs.run SPEC_FILE_OR_JSON``.
+
+This is what a submitted job runs (the submitter passes the resolved spec as JSON, since
+its spec file is not on the cluster). It also works by hand on a head node with a spec
+file. It validates the spec, expands ``${VAR}`` in storage_options from the job's
+environment, calls ``pipeline.label`` (which joins the cluster: inside a Ray job,
+``RAY_ADDRESS`` is set) and prints the summary as JSON.
+
+Exit codes: 0 done, 1 finished but incomplete, 2 refused (bad spec, or the pipeline's
+one-sentence systemic error; the job then ends FAILED with that sentence in its logs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from jobs.spec import JobSpec, SpecError, expand_env_refs, load_spec, parse_spec
+
+
+def read_spec_argument(arg: str) -> JobSpec:
+    """A path to a spec file, or the spec itself as JSON/YAML text (what ``diffseg submit`` sends)."""
+    if arg.lstrip().startswith("{"):
+        return parse_spec(arg, source="<job spec>")
+    return load_spec(arg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip().split("\n\n")[0] if argv else "usage: python -m jobs.run SPEC_FILE_OR_JSON",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.plan import LabelError, label
+
+    try:
+        spec = read_spec_argument(argv[0])
+        options = dict(spec.options)
+        if options.get("storage_options"):
+            options["storage_options"] = expand_env_refs(options["storage_options"], os.environ)
+    except SpecError as exc:
+        print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"diffseg job {spec.name}: labelling {spec.input} -> {spec.output}", flush=True)
+    try:
+        summary = label(spec.input, spec.output, **options)
+    except LabelError as exc:
+        print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0 if summary.get("complete") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
