@@ -1,0 +1,232 @@
+"""``diffseg eval``: pixel accuracy and mIoU of pseudo-labels against ground truth (paper protocol).
+
+Per image: decode the label map, read its ground truth (pipeline.datasets_gt),
+bring the ground truth to the label's size if they differ (centre-crop to the
+label's aspect ratio, then nearest resize: the paper's crop-to-square + 512 px
+for square labels), and feed both to a ``SegmentationMetrics`` accumulator
+(per-image Hungarian matching). Workers send back ``to_dict()`` partials that the
+driver merges, so the scores are the dataset-level ones, not a mean of images.
+
+Small sets run in-process; larger ones (or ``use_ray=True``) read the label
+Parquet with Ray Data and score batches in an actor pool, each actor holding
+the ground-truth index once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from diffseg_core.metrics import SegmentationMetrics
+from pipeline.datasets_gt import GroundTruth, GroundTruthError, in_image_list, load_ground_truth, read_image_list
+from pipeline.image_index import center_crop_resize
+from pipeline.label_files import arrow_filesystem, committed_label_files, is_error, iter_label_batches, label_map
+
+EVAL_COLUMNS = ("image_id", "label_map", "error")
+RAY_THRESHOLD = 500  # rows; below this the Ray start-up costs more than it saves
+MAX_LISTED = 20  # ids kept per kind of problem, for the report
+
+
+@dataclass
+class EvalSpec:
+    """Everything a worker needs to score rows (pickled once per actor)."""
+
+    ground_truth: GroundTruth
+    image_list: set[str] | None = None
+
+
+def _empty_partial(spec: EvalSpec) -> dict[str, Any]:
+    gt = spec.ground_truth
+    return {
+        "metrics": SegmentationMetrics(gt.num_classes, -1).to_dict(),
+        "rows": 0, "in_list": 0, "label_errors": 0, "missing_gt": 0, "gt_errors": 0, "resized": 0,
+        "examples": {"label_errors": [], "missing_gt": [], "gt_errors": []},
+    }
+
+
+def score_rows(rows: Sequence[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]:
+    """Score label rows (dicts with image_id, label_map, error) -> a partial result (plain data)."""
+    gt = spec.ground_truth
+    metrics = SegmentationMetrics(gt.num_classes, -1)
+    out = _empty_partial(spec)
+    for row in rows:
+        out["rows"] += 1
+        image_id = row["image_id"]
+        if spec.image_list is not None and not in_image_list(image_id, spec.image_list):
+            continue
+        out["in_list"] += 1
+        if is_error(row):
+            _note(out, "label_errors", f"{image_id}: {row.get('error')}")
+            continue
+        uri = gt.find(image_id)
+        if uri is None:
+            _note(out, "missing_gt", image_id)
+            continue
+        try:
+            pred = label_map(row)
+            target = gt.load(uri)
+            if target.shape != pred.shape:
+                target = center_crop_resize(target, pred.shape, nearest=True)
+                out["resized"] += 1
+            metrics.update(pred, target)
+        except (GroundTruthError, OSError, ValueError) as exc:
+            _note(out, "gt_errors", f"{image_id}: {type(exc).__name__}: {exc}")
+    out["metrics"] = metrics.to_dict()
+    return out
+
+
+def _note(out: dict[str, Any], kind: str, text: str) -> None:
+    out[kind] += 1
+    if len(out["examples"][kind]) < MAX_LISTED:
+        out["examples"][kind].append(text)
+
+
+def merge_partials(partials: Sequence[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]:
+    """Sum the workers' partial results (accumulators merged with SegmentationMetrics.merge)."""
+    total = _empty_partial(spec)
+    metrics = SegmentationMetrics.from_dict(total["metrics"])
+    for part in partials:
+        metrics.merge(SegmentationMetrics.from_dict(part["metrics"]))
+        for key in ("rows", "in_list", "label_errors", "missing_gt", "gt_errors", "resized"):
+            total[key] += part[key]
+        for kind, items in part["examples"].items():
+            room = MAX_LISTED - len(total["examples"][kind])
+            total["examples"][kind].extend(items[:max(0, room)])
+    total["metrics"] = metrics.to_dict()
+    return total
+
+
+class _ScoreBatches:
+    """Ray Data callable class: a batch of label rows -> one row holding the batch's partial."""
+
+    def __init__(self, spec: EvalSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, batch: Any) -> dict[str, list]:
+        import json
+
+        part = score_rows(batch.to_pylist(), self.spec)
+        return {"partial": [json.dumps(part)]}
+
+
+def _run_ray(files: list[str], spec: EvalSpec, workers: int | None, ray_address: str | None,
+             storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    import json
+
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = workers or max(1, cpus - 1)
+    filesystem, paths = arrow_filesystem(files, storage_options)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(list(EVAL_COLUMNS))
+    ds = ds.map_batches(_ScoreBatches, fn_constructor_kwargs={"spec": spec}, batch_size=64,
+                        batch_format="pyarrow", compute=ActorPoolStrategy(size=size), num_cpus=1)
+    return [json.loads(r["partial"]) for r in ds.take_all()]
+
+
+def _count_rows(files: list[str], storage_options: dict[str, Any] | None) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.sources import open_fs
+
+    total = 0
+    for uri in files:
+        fs, path = open_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def evaluate(
+    labels: str,
+    ground_truth: str,
+    format: str,
+    *,
+    image_list: str | None = None,
+    categories: Sequence[str] | None = None,
+    coco_offset: int = 1,
+    num_classes: int | None = None,
+    ignore_values: Sequence[int] = (255,),
+    use_ray: bool | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score the committed labels under ``labels`` against ``ground_truth``; returns the report dict.
+
+    ``use_ray``: None decides by size (Ray from RAY_THRESHOLD rows), True/False forces it.
+    Raises GroundTruthError / NoLabelsError with one clear sentence on unusable input.
+    """
+    gt = load_ground_truth(format, ground_truth, categories=categories, coco_offset=coco_offset,
+                           num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options)
+    wanted = read_image_list(image_list, storage_options) if image_list else None
+    spec = EvalSpec(gt, wanted)
+    files = committed_label_files(labels, storage_options)
+    if use_ray is None:
+        use_ray = _count_rows(files, storage_options) >= RAY_THRESHOLD
+    if use_ray:
+        partials = _run_ray(files, spec, workers, ray_address, storage_options)
+    else:
+        partials = [score_rows(rows, spec) for rows in iter_label_batches(files, EVAL_COLUMNS, storage_options)]
+    return report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
+
+
+def report(total: dict[str, Any], spec: EvalSpec, format: str, *, used_ray: bool,
+           image_list: str | None) -> dict[str, Any]:
+    """The JSON-able result: scores, per-class IoU, what was skipped and why."""
+    metrics = SegmentationMetrics.from_dict(total["metrics"])
+    iou = metrics.iou_per_class()
+    names = spec.ground_truth.class_names
+    notes = list(spec.ground_truth.notes)
+    if total["resized"]:
+        notes.append(
+            f"{total['resized']} ground-truth map(s) differ in size from their label: centre-cropped to the "
+            "label's aspect ratio and resized (nearest) to the label's size, as the paper's preprocessing does"
+        )
+    out = {
+        "format": format,
+        "pixel_accuracy": metrics.pixel_accuracy(),
+        "miou": metrics.miou(),
+        "num_images": metrics.num_images,
+        "labelled_pixels": metrics.labelled_pixels,
+        "per_class_iou": {n: (None if math.isnan(v) else float(v)) for n, v in zip(names, iou)},
+        "label_rows": total["rows"],
+        "skipped": {k: total[k] for k in ("label_errors", "missing_gt", "gt_errors")},
+        "examples": total["examples"],
+        "gt_resized": total["resized"],
+        "ray": used_ray,
+        "notes": notes,
+        "metrics": metrics.to_dict(),
+    }
+    if image_list is not None:
+        out["image_list"] = {"path": image_list, "listed": len(spec.image_list or ()), "with_label_row": total["in_list"]}
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The table ``diffseg eval`` prints."""
+    def pct(v: float | None) -> str:
+        return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
+
+    sk = r["skipped"]
+    lines = [
+        f"{r['format']}: {r['num_images']} images scored, {r['labelled_pixels']} labelled pixels"
+        f" (skipped: {sk['label_errors']} label errors, {sk['missing_gt']} without ground truth,"
+        f" {sk['gt_errors']} unreadable ground truth)",
+    ]
+    if "image_list" in r:
+        il = r["image_list"]
+        lines.append(f"image list {il['path']}: {il['with_label_row']} of {il['listed']} listed images have a label row")
+    lines += [f"{'pixel accuracy':<18}{pct(r['pixel_accuracy'])} %", f"{'mIoU':<18}{pct(r['miou'])} %", "",
+              f"{'class':<18}IoU %"]
+    lines += [f"{name:<18}{pct(v)}" for name, v in r["per_class_iou"].items()]
+    for kind, items in r["examples"].items():
+        for item in items[:5]:
+            lines.append(f"{kind.replace('_', ' ')}: {item}")
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

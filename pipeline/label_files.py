@@ -1,0 +1,88 @@
+"""Read a labeling job's output: the committed Parquet parts and their rows.
+
+Only *committed* parts are read: when the output has a ``_done/`` folder (every
+output of ``diffseg label`` does), a part counts only if its shard has a marker,
+so the rows of a killed run's unfinished shard (which the next run deletes and
+redoes) are never evaluated, exported or trained on. Files under ``_``/``.``
+folders (``_inprogress/``, ...) are always skipped.
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.encode import decode_png
+from pipeline.resume import done_shards
+from pipeline.schema import DONE_DIR, shard_of_part
+from pipeline.sources import open_fs
+
+ROW_COLUMNS = ("image_id", "source", "width", "height", "label_map", "num_segments", "error")
+
+
+class NoLabelsError(RuntimeError):
+    """No committed label Parquet file under the given URL."""
+
+
+def committed_label_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted URIs of the committed Parquet parts under ``uri`` (a folder or one .parquet file)."""
+    fs, root = open_fs(uri, storage_options)
+    root = root.rstrip("/") or root
+    if root.endswith(".parquet") and fs.isfile(root):
+        return [fs.unstrip_protocol(root)]
+    if not fs.isdir(root):
+        raise NoLabelsError(f"No labels at {uri!r}: not a folder or a .parquet file.")
+    files = [
+        p for p in fs.find(root)
+        if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in _relative(p, root).split("/"))
+    ]
+    if fs.exists(f"{root}/{DONE_DIR}"):
+        done = done_shards(fs, root)
+        files = [p for p in files if shard_of_part(p) is None or shard_of_part(p) in done]
+    if not files:
+        raise NoLabelsError(f"No committed label Parquet files under {uri!r}.")
+    return [fs.unstrip_protocol(p) for p in sorted(files)]
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+
+
+def iter_label_batches(
+    files: Sequence[str],
+    columns: Sequence[str] = ROW_COLUMNS,
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 256,
+) -> Iterator[list[dict[str, Any]]]:
+    """Rows of the label files as lists of dicts (only ``columns``), a bounded batch at a time."""
+    for uri in files:
+        fs, path = open_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_size, columns=present):
+                yield batch.to_pylist()
+
+
+def label_map(row: dict[str, Any]) -> np.ndarray:
+    """The (H, W) int64 segment-id map of an ok row."""
+    return decode_png(row["label_map"])
+
+
+def is_error(row: dict[str, Any]) -> bool:
+    """A row with no label (its ``error`` says why)."""
+    return row.get("error") is not None or row.get("label_map") is None
+
+
+def arrow_filesystem(files: Sequence[str], storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """(pyarrow filesystem or None for local files, protocol-less paths): what Ray's read_parquet takes."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = open_fs(files[0], storage_options)
+    paths = [fs._strip_protocol(f) for f in files]
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None, paths
+    return PyFileSystem(FSSpecHandler(fs)), paths

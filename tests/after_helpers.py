@@ -1,0 +1,63 @@
+"""Test inputs for the after-labeling tests: label Parquet written directly in the pipeline's format.
+
+Rows are made with the pipeline's own encoder (pipeline.encode) and schema
+(pipeline.schema), committed the way the sink commits them (a part file, then a
+``_done/`` marker), so the readers see exactly what ``diffseg label`` writes,
+with no model and no Ray.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.encode import encode_label
+from pipeline.schema import DONE_DIR, MANIFEST, OUTPUT_SCHEMA, marker_name, part_name
+
+# (image_id, label map) for a labelled image, (image_id, "kind: detail") for an error row
+Row = tuple[str, Union[np.ndarray, str]]
+
+
+def label_table(rows: Sequence[Row], rle: bool = False) -> pa.Table:
+    cols: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    for image_id, value in rows:
+        cols["image_id"].append(image_id)
+        cols["source"].append(f"file:///input/{image_id}")
+        if isinstance(value, str):
+            for name, v in (("width", 0), ("height", 0), ("label_map", None), ("num_segments", None),
+                            ("segments", None), ("error", value)):
+                cols[name].append(v)
+            continue
+        png, n, segs = encode_label(np.asarray(value), rle)
+        cols["width"].append(int(value.shape[1]))
+        cols["height"].append(int(value.shape[0]))
+        cols["label_map"].append(png)
+        cols["num_segments"].append(n)
+        cols["segments"].append(segs)
+        cols["error"].append(None)
+    return pa.table(cols, schema=OUTPUT_SCHEMA)
+
+
+def write_labels(root: Path, shards: Sequence[Sequence[Row]], row_group_size: int | None = None,
+                 uncommitted: Sequence[Row] = ()) -> Path:
+    """One committed part + marker per shard; ``uncommitted`` rows go to a part with no marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DONE_DIR).mkdir(exist_ok=True)
+    for shard_id, rows in enumerate(shards):
+        pq.write_table(label_table(rows), root / part_name(shard_id, 0), row_group_size=row_group_size)
+        (root / DONE_DIR / marker_name(shard_id)).write_text(json.dumps({"shard_id": shard_id, "rows": len(rows)}))
+    if uncommitted:
+        pq.write_table(label_table(uncommitted), root / part_name(len(shards), 0))
+    (root / MANIFEST).write_text(json.dumps({"note": "written by tests/after_helpers.py"}))
+    return root
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
