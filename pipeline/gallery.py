@@ -1,0 +1,165 @@
+"""``diffseg show``: overlay PNGs and an ``index.html`` gallery to look at the pseudo-labels.
+
+Each overlay is the image and, beside it, the image blended with one colour per
+segment (a fixed palette: the same segment id always gets the same colour) and
+the segment boundaries in white. The page lists every image's segment count and
+every error row. It needs no server and no network: open it from disk.
+"""
+from __future__ import annotations
+
+import colorsys
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
+from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
+
+MAX_SIDE = 640  # overlay panels are downscaled to this longest side
+MAX_ERRORS_LISTED = 1000
+
+
+def palette(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 fixed colours, well apart: hues stepped by the golden ratio, two lightness levels."""
+    out = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        h = (i * 0.618033988749895) % 1.0
+        light = 0.55 if i % 2 == 0 else 0.42
+        out[i] = [round(255 * c) for c in colorsys.hls_to_rgb(h, light, 0.85)]
+    return out
+
+
+PALETTE = palette()
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another segment id."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    diff_x = labels[:, 1:] != labels[:, :-1]
+    diff_y = labels[1:, :] != labels[:-1, :]
+    edge[:, :-1] |= diff_x
+    edge[:, 1:] |= diff_x
+    edge[:-1, :] |= diff_y
+    edge[1:, :] |= diff_y
+    return edge
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H, 2W + gap, 3) uint8: the image, then the image with coloured segments and white boundaries."""
+    if image.shape[:2] != labels.shape:  # e.g. labels made at a square crop: show that crop
+        image = center_crop_resize(image, labels.shape, nearest=False)
+    h, w = labels.shape
+    scale = min(1.0, MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = center_crop_resize(image, size, nearest=False)
+        labels = center_crop_resize(labels, size, nearest=True)
+        h, w = size
+    colours = PALETTE[labels % len(PALETTE)]
+    blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    blend[boundaries(labels)] = 255
+    gap = max(2, w // 100)
+    out = np.full((h, 2 * w + gap, 3), 255, dtype=np.uint8)
+    out[:, :w] = image
+    out[:, w + gap :] = blend
+    return out
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>DiffSeg pseudo-labels: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 1em; }}
+figure {{ margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: .5em; background: #fafafa; }}
+figure img {{ width: 100%; height: auto; display: block; }}
+figcaption {{ font-size: .85em; margin-top: .3em; word-break: break-all; }}
+table {{ border-collapse: collapse; font-size: .85em; }}
+td, th {{ border: 1px solid #ddd; padding: .2em .5em; text-align: left; }}
+.err {{ color: #b00; }}
+</style></head>
+<body data-images="{n_images}">
+<h1>DiffSeg pseudo-labels</h1>
+<p>{summary}</p>
+<div class="grid">
+{figures}
+</div>
+<h2>Errors ({n_errors})</h2>
+{errors}
+<script>
+// Record each image's decoded width in the DOM, so a headless browser's --dump-dom shows what rendered.
+function record() {{
+  let ok = 0;
+  for (const img of document.images) {{
+    img.dataset.naturalWidth = img.naturalWidth;
+    if (img.complete && img.naturalWidth > 0) ok++;
+  }}
+  document.body.dataset.imagesLoaded = ok;
+}}
+window.addEventListener("load", record);
+</script>
+</body></html>
+"""
+
+
+def build_gallery(
+    labels_uri: str,
+    images_uri: str,
+    out_dir: str,
+    n: int = 64,
+    storage_options: dict[str, Any] | None = None,
+    image_column: str | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dir/index.html`` and up to ``n`` overlay PNGs (first ok rows in file order)."""
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    files = committed_label_files(labels_uri, storage_options)
+    chosen: list[dict[str, Any]] = []
+    errors: list[tuple[str, str]] = []
+    total = error_count = 0
+    for rows in iter_label_batches(files, ("image_id", "label_map", "num_segments", "error"), storage_options):
+        for row in rows:
+            total += 1
+            if is_error(row):
+                error_count += 1
+                if len(errors) < MAX_ERRORS_LISTED:
+                    errors.append((row["image_id"], str(row.get("error"))))
+            elif len(chosen) < n:
+                chosen.append(row)
+    index = ImageIndex.build(images_uri, storage_options, image_column)
+    position = {r["image_id"]: k for k, r in enumerate(chosen)}
+    figures: dict[int, str] = {}
+    image_errors = []
+    for image_id, data, error in index.read(position):
+        k = position[image_id]
+        row = chosen[k]
+        try:
+            if data is None:
+                raise OSError(error)
+            panel = overlay(decode_rgb(data), label_map(row))
+        except Exception as exc:  # noqa: BLE001 - a missing or broken source image: list it, go on
+            image_errors.append((image_id, f"image not shown: {exc}"))
+            continue
+        name = f"overlays/{k:05d}.png"
+        Image.fromarray(panel).save(out / name, optimize=False, compress_level=6)
+        figures[k] = (
+            f'<figure><img src="{name}" alt="{html.escape(image_id)}" loading="eager">'
+            f"<figcaption><b>{html.escape(image_id)}</b> &middot; {int(row['num_segments'] or 0)} segments</figcaption></figure>"
+        )
+    all_errors = errors + image_errors
+    error_html = "<p>None.</p>" if not all_errors else (
+        "<table><tr><th>image_id</th><th>error</th></tr>"
+        + "".join(f'<tr><td>{html.escape(i)}</td><td class="err">{html.escape(e)}</td></tr>' for i, e in all_errors)
+        + "</table>"
+        + (f"<p>... and {error_count - len(errors)} more.</p>" if error_count > len(errors) else "")
+    )
+    summary = (f"{total} label rows in {html.escape(labels_uri)}: {total - error_count} labelled, {error_count} error rows. "
+               f"Showing {len(figures)} (image | segments and boundaries).")
+    (out / "index.html").write_text(_PAGE.format(
+        title=html.escape(labels_uri), n_images=len(figures), summary=summary, figures="\n".join(figures[k] for k in sorted(figures)),
+        n_errors=error_count + len(image_errors), errors=error_html,
+    ))
+    return {"shown": len(figures), "rows": total, "errors": error_count, "images_not_shown": len(image_errors),
+            "index": str(out / "index.html")}
