@@ -1,0 +1,308 @@
+"""Attention extraction speed and memory: ours vs the naive keep-every-probability approach.
+
+Full-size SD 1.x architecture (SD 1.4's UNet and VAE configs) with RANDOM
+weights built from the configs: no download, and the figures are the same as
+with real weights because the work does not depend on the values.  The
+empty-prompt embedding is a random (1, 77, 768) tensor (no text encoder is
+needed to time the UNet).
+
+Methods, measured in the same run on the same modules:
+- ours: `AttentionExtractor` (attn1 probabilities head-averaged per chunk into
+  per-resolution float32 buffers, every other attention on SDPA, UNet stopped
+  after its last attn1); also without the early stop, to measure it.
+- naive: diffusers' default ``AttnProcessor`` (non-SDPA) on every attention
+  layer, every attn1 probability tensor (B*heads, N, N) kept for the whole
+  UNet call, averaged afterwards.
+
+CPU (here):   python benchmarks/extract_bench.py
+GPU:          python benchmarks/extract_bench.py --device cuda --dtype bf16 --batch-sizes 1,2,4,8,16,32,64
+
+Per image the VAE encoder costs 1.08 TFLOP and the UNet 0.68 TFLOP at 512 px;
+on an H100 (~800 TFLOP/s dense bf16) that bounds throughput near 450 images/s.
+GPU rows report the fraction of that bound reached.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from diffseg_core.attention_capture import install_capture, self_attention_layers  # noqa: E402
+from diffseg_core.extract import AttentionExtractor, resolve_dtype  # noqa: E402
+from diffseg_core.model_loading import LoadedModel  # noqa: E402
+
+BOUND_IMAGES_PER_S = 450.0  # H100, see the module docstring
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_sd14_architecture() -> LoadedModel:
+    """SD 1.4's UNet and VAE from their configs, random weights, float32 on CPU."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        act_fn="silu",
+        downsample_padding=1,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        mid_block_scale_factor=1,
+        norm_eps=1e-5,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        act_fn="silu",
+        sample_size=512,
+        scaling_factor=0.18215,
+    ).eval()
+    vae.decoder = None
+    vae.post_quant_conv = None
+    hidden = torch.randn(1, 77, 768)
+    return LoadedModel(unet=unet, vae=vae, encoder_hidden_states=hidden, source="config", resolved="sd14-config")
+
+
+# ----------------------------------------------------------------------------- naive baseline
+
+
+class KeepAllProbsProcessor:
+    """diffusers' default ``AttnProcessor`` (baddbmm + softmax + bmm), keeping every probability tensor."""
+
+    def __init__(self, store: list):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.store = store
+        self.inner = AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        original = attn.get_attention_scores
+
+        def keep(query, key, mask=None):
+            probs = original(query, key, mask)
+            self.store.append((attn.heads, probs))
+            return probs
+
+        attn.get_attention_scores = keep
+        try:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        finally:
+            del attn.get_attention_scores
+
+
+def naive_attention(extractor: AttentionExtractor, latents: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The naive approach: full UNet, every attn1 probability kept, averaged afterwards."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    unet = extractor.unet
+    store: list = []
+    attn1 = {id(m) for _, m in self_attention_layers(unet)}
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            m.set_processor(KeepAllProbsProcessor(store) if id(m) in attn1 else AttnProcessor())
+    try:
+        b = latents.shape[0]
+        t = torch.tensor(extractor.timestep, device=latents.device)
+        with torch.inference_mode():
+            unet(latents, t, encoder_hidden_states=extractor._hidden.expand(b, -1, -1), return_dict=False)
+            groups: dict[int, list[torch.Tensor]] = {}
+            for heads, probs in store:
+                n = probs.shape[-1]
+                groups.setdefault(int(round(n ** 0.5)), []).append(probs.view(b, heads, n, n).float().mean(1))
+            return {r: torch.stack(g).mean(0) for r, g in sorted(groups.items())}
+    finally:
+        store.clear()
+        install_capture(unet, extractor._state)  # put ours back
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def rss_kib(field: str) -> int:
+    try:
+        import psutil  # noqa: F401
+
+        if field == "VmRSS":
+            return psutil.Process().memory_info().rss // 1024
+    except ImportError:
+        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def peak_mib(device: torch.device, rss_before_kib: int) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
+    hwm = rss_kib("VmHWM")
+    return {"peak_rss_mib": hwm / 1024, "peak_above_start_mib": (hwm - rss_before_kib) / 1024}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_method(name, fn, device, iterations, batch):
+    """Warm up once, then time ``iterations`` calls; returns a result row."""
+    fn()
+    reset_peak(device)
+    before = rss_kib("VmRSS")
+    times = []
+    for _ in range(iterations):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    row = {"method": name, "batch": batch, "seconds_per_call": [round(t, 3) for t in times]}
+    best = min(times)
+    row["images_per_s"] = batch / best
+    row.update(peak_mib(device, before))
+    if device.type == "cpu" and batch:
+        row["peak_above_start_mib_per_image"] = row["peak_above_start_mib"] / batch
+    if device.type == "cuda":
+        row["peak_gpu_mib_per_image"] = row["peak_gpu_mib"] / batch
+    return row, out
+
+
+def _short(value):
+    """Four significant digits for printing (keeps tiny differences visible)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="fp32 (CPU default), fp16 or bf16")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8,16,32,64")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    if device.type == "cuda":
+        print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
+    t0 = time.perf_counter()
+    loaded = build_sd14_architecture()
+    ex = AttentionExtractor(loaded, model="sd14-architecture-random-weights", device=device, dtype=dtype,
+                            image_size=args.image_size)
+    del loaded
+    print(f"# built SD1.4-architecture UNet ({sum(p.numel() for p in ex.unet.parameters()) / 1e6:.0f} M params) "
+          f"+ VAE encoder with RANDOM weights in {time.perf_counter() - t0:.1f} s; "
+          f"{len(ex.layer_names)} attn1 layers; dtype {dtype}", flush=True)
+
+    rows = []
+    rng = np.random.RandomState(0)
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        images = rng.randint(0, 256, (batch, args.image_size, args.image_size, 3), dtype=np.uint8)
+        pixels = ex.to_pixels(images).to(device)
+        # A random-weight VAE maps every image to a nearly constant latent (std ~0.04), which makes
+        # the UNet's self-attention nearly uniform; unit-variance random latents (the scale of real
+        # SD latents) give non-trivial attention, so the ours-vs-naive comparison means something.
+        # The UNet's cost does not depend on the values.
+        gen = torch.Generator().manual_seed(batch)
+        side = args.image_size // ex.vae_scale_factor
+        latents = torch.randn(batch, 4, side, side, generator=gen).to(device, dtype)
+        try:
+            row, _ = time_method("vae_encode", lambda: ex.encode(pixels), device, args.iterations, batch)
+            rows.append(row)
+            vae_s = batch / row["images_per_s"]
+
+            ex.early_stop = True
+            row, ours = time_method("ours_unet", lambda: ex.attention(latents), device, args.iterations, batch)
+            rows.append(row)
+            ours_unet_s = batch / row["images_per_s"]
+            ex.early_stop = False
+            row, _ = time_method("ours_unet_no_early_stop", lambda: ex.attention(latents), device,
+                                 args.iterations, batch)
+            ex.early_stop = True
+            rows.append(row)
+            rows.append({"method": "ours_end_to_end (vae + unet)", "batch": batch,
+                         "images_per_s": batch / (vae_s + ours_unet_s)})
+            if not args.no_baseline:
+                try:
+                    row, naive = time_method("naive_unet", lambda: naive_attention(ex, latents), device,
+                                             args.iterations, batch)
+                    rows.append(row)
+                    naive_unet_s = batch / row["images_per_s"]
+                    err = max((ours[r] - naive[r]).abs().max().item() for r in ours)
+                    rows.append({"method": "naive_end_to_end (vae + unet)", "batch": batch,
+                                 "images_per_s": batch / (vae_s + naive_unet_s),
+                                 "max_abs_diff_vs_ours": err,
+                                 "max_prob_ours": {r: ours[r].max().item() for r in ours},
+                                 "uniform_prob": {r: 1 / r**2 for r in ours}})
+                    rows.append({"method": "ratio ours/naive", "batch": batch,
+                                 "unet_stage": naive_unet_s / ours_unet_s,
+                                 "end_to_end": (vae_s + naive_unet_s) / (vae_s + ours_unet_s)})
+                except torch.OutOfMemoryError:
+                    rows.append({"method": "naive_unet", "batch": batch, "error": "out of memory"})
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        except torch.OutOfMemoryError:
+            rows.append({"method": "ours", "batch": batch, "error": "out of memory"})
+            break
+        if device.type == "cuda":
+            for r in rows:
+                if r.get("batch") == batch and r["method"].startswith("ours_end_to_end"):
+                    r["fraction_of_450_bound"] = r["images_per_s"] / BOUND_IMAGES_PER_S
+        for r in rows:
+            if r.get("batch") == batch:
+                print(json.dumps(_short(r)), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
