@@ -1,0 +1,208 @@
+"""Train on pseudo-labels: (image, label map) pairs joined from the source images and the label shards.
+
+* :class:`PseudoLabelDataset`, a ``torch.utils.data.IterableDataset``. Every
+  (rank, DataLoader worker) pair reads a disjoint share, so across all ranks and
+  workers each labelled image is yielded exactly once per epoch. Error rows are
+  skipped. ``shard_by="row"`` (default) deals rows round-robin: balanced, and
+  right for image files, which are read one by one. ``shard_by="file"`` deals
+  whole label files: use it when the images sit in tar/Parquet shards, so each
+  such shard is streamed by one worker only (labels of one input shard are in
+  the same label files).
+* :func:`ray_dataset`, the same pairs as a ``ray.data.Dataset``
+  (columns ``image_id``, ``image`` (H, W, 3) uint8, ``label`` (H, W) int64).
+
+Images are decoded at their own size after EXIF orientation, the frame the
+labels were made in. A label of another size (e.g. made on a centre crop) gets
+the image centre-cropped and resized to it. ``size`` resizes both (the image
+bilinear, the label nearest) so that a DataLoader can stack a batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
+from pipeline.label_files import arrow_filesystem, committed_label_files, is_error, label_map
+from pipeline.sources import open_fs
+
+try:
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+except ImportError:  # pragma: no cover - torch is a dependency; keep the Ray path importable anyway
+    torch = None
+    IterableDataset = object  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
+READ_COLUMNS = ("image_id", "label_map", "error")
+
+
+def _as_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def make_pair(data: bytes, labels: np.ndarray, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode an image and bring it and its label map to one frame: (H, W, 3) uint8, (H, W) int64."""
+    image = decode_rgb(data)
+    if image.shape[:2] != labels.shape:
+        image = center_crop_resize(image, labels.shape, nearest=False)
+    if size is not None:
+        image = center_crop_resize(image, size, nearest=False)
+        labels = center_crop_resize(labels, size, nearest=True)
+    return image, labels
+
+
+def default_transform(image: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
+    """(3, H, W) float32 in [0, 1] and (H, W) int64 tensors."""
+    img = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).float().div_(255.0)
+    return img, torch.from_numpy(np.array(labels, dtype=np.int64, order="C"))
+
+
+class PseudoLabelDataset(IterableDataset):
+    """(image, label map) pairs of the committed, error-free rows under ``labels_uri``.
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised,
+    else 0/1. ``transform(image_uint8_hwc, labels_int64_hw)`` replaces the default
+    conversion to tensors; ``return_id=True`` yields (image_id, image, label). The image index (one listing of ``images_uri``) and the
+    label files' row counts are read once, here, and shipped to the workers.
+    """
+
+    def __init__(
+        self,
+        labels_uri: str,
+        images_uri: str,
+        *,
+        size: int | tuple[int, int] | None = None,
+        transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shard_by: str = "row",
+        return_id: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        image_column: str | None = None,
+    ) -> None:
+        if shard_by not in ("row", "file"):
+            raise ValueError(f"shard_by must be 'row' or 'file', not {shard_by!r}")
+        if rank is None or world_size is None:
+            dist = torch.distributed if torch is not None else None
+            if dist is not None and dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+            else:
+                rank, world_size = 0, 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size, self.shard_by = int(rank), int(world_size), shard_by
+        self.size = _as_size(size)
+        self.return_id = return_id
+        self.transform = transform or default_transform
+        self.storage_options = storage_options
+        self.files = committed_label_files(labels_uri, storage_options)
+        self.row_groups = [_row_group_sizes(f, storage_options) for f in self.files]
+        self.index = ImageIndex.build(images_uri, storage_options, image_column)
+
+    def _slot(self) -> tuple[int, int]:
+        """(this reader's id, number of readers) over ranks x DataLoader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _my_rows(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(file, row group, row indexes in it) this reader owns."""
+        me, readers = self._slot()
+        base = 0
+        for f, sizes in enumerate(self.row_groups):
+            for rg, n in enumerate(sizes):
+                if self.shard_by == "file":
+                    rows = list(range(n)) if f % readers == me else []
+                else:
+                    first = (me - base) % readers
+                    rows = list(range(first, n, readers))
+                base += n
+                if rows:
+                    yield f, rg, rows
+
+    def __iter__(self) -> Iterator[Any]:
+        for f, rg, rows in self._my_rows():
+            fs, path = open_fs(self.files[f], self.storage_options)
+            with fs.open(path, "rb") as fh:
+                table = pq.ParquetFile(fh).read_row_group(rg, columns=list(READ_COLUMNS))
+            records = table.take(rows).to_pylist()
+            ok = {r["image_id"]: r for r in records if not is_error(r)}
+            for image_id, data, error in self.index.read(ok):
+                if data is None:
+                    logger.warning("skipping %s: %s", image_id, error)
+                    continue
+                try:
+                    image, labels = make_pair(data, label_map(ok[image_id]), self.size)
+                except Exception as exc:  # noqa: BLE001 - an undecodable source image: skip it
+                    logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
+                    continue
+                pair = self.transform(image, labels)
+                yield (image_id, *pair) if self.return_id else pair
+
+
+def _row_group_sizes(uri: str, storage_options: dict[str, Any] | None) -> list[int]:
+    fs, path = open_fs(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+class _JoinImages:
+    """Ray Data callable class: label rows -> (image_id, image, label) rows; holds the image index once."""
+
+    def __init__(self, index: ImageIndex, size: tuple[int, int] | None) -> None:
+        self.index, self.size = index, size
+
+    def __call__(self, batch: Any) -> dict[str, list]:
+        rows = {r["image_id"]: r for r in batch.to_pylist() if not is_error(r)}
+        out: dict[str, list] = {"image_id": [], "image": [], "label": []}
+        for image_id, data, error in self.index.read(rows):
+            if data is None:
+                logger.warning("skipping %s: %s", image_id, error)
+                continue
+            try:
+                image, labels = make_pair(data, label_map(rows[image_id]), self.size)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
+                continue
+            out["image_id"].append(image_id)
+            out["image"].append(image)
+            out["label"].append(labels)
+        return out
+
+
+def ray_dataset(
+    labels_uri: str,
+    images_uri: str,
+    *,
+    size: int | tuple[int, int] | None = None,
+    concurrency: int = 1,
+    batch_size: int = 32,
+    storage_options: dict[str, Any] | None = None,
+    image_column: str | None = None,
+):
+    """A lazy ``ray.data.Dataset`` of the pairs (columns image_id, image, label). Needs ``ray.init()``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    files = committed_label_files(labels_uri, storage_options)
+    index = ImageIndex.build(images_uri, storage_options, image_column)
+    filesystem, paths = arrow_filesystem(files, storage_options)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(list(READ_COLUMNS))
+    return ds.map_batches(
+        _JoinImages, fn_constructor_kwargs={"index": index, "size": _as_size(size)}, batch_size=batch_size,
+        batch_format="pyarrow", compute=ActorPoolStrategy(size=concurrency), num_cpus=1,
+    )
+
+
+def iter_pairs(labels_uri: str, images_uri: str, **kwargs: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Plain-numpy pairs in one process (for scripts and notebooks): ``PseudoLabelDataset`` without torch tensors."""
+    yield from PseudoLabelDataset(labels_uri, images_uri, transform=lambda i, l: (i, l), **kwargs)
+
+
+__all__ = ["PseudoLabelDataset", "ray_dataset", "iter_pairs", "make_pair", "default_transform"]
