@@ -97,8 +97,9 @@ def _submit(args: argparse.Namespace) -> int:
     from jobs.submit import submit
 
     spec = load_spec(args.spec)
+    resolved = spec.printable()  # also expands ${VAR}s: an unset one is refused before any cluster call
     if args.dry_run:
-        print(json.dumps(spec.printable(), indent=2, default=str))
+        print(json.dumps(resolved, indent=2, default=str))
         return 0
     cluster = connect(args.address)
     done = submit(cluster, spec)

@@ -66,7 +66,7 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
     for job in jobs:
         if not _is_live(job):
             continue
-        if job in mine:
+        if (job.submission_id or "").startswith(prefix):
             raise SubmitRefused(f"Job {job.submission_id} of this spec is still {_status(job)}; follow it with "
                                 f"`diffseg logs {job.submission_id} --follow` or stop it with "
                                 f"`diffseg stop {job.submission_id}`.")
@@ -85,7 +85,8 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
         metadata=metadata,
         **spec.driver,
     )
-    previous = sorted(((j.submission_id, _status(j)) for j in mine), key=lambda t: t[0])
+    previous = sorted(((j.submission_id, _status(j)) for j in mine),
+                      key=lambda t: int(t[0][len(prefix):]) if t[0][len(prefix):].isdigit() else 0)
     return Submitted(submission_id, attempt, previous)
 
 
