@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 
 from diffseg_core.metrics import SegmentationMetrics
 from pipeline.datasets_gt import GroundTruth, GroundTruthError, in_image_list, load_ground_truth, read_image_list

@@ -1,0 +1,138 @@
+"""``diffseg eval | export | show``: the subcommands for after labeling.
+
+``pipeline.cli`` wires them in with ``add_subcommands(sub)`` on its subparsers;
+each parser sets ``handler``, which takes the parsed args and returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipeline.datasets_gt import FORMATS
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``eval``, ``export`` and ``show`` to an argparse subparsers object."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    e = subparsers.add_parser(
+        "eval", formatter_class=fmt, help="pixel accuracy and mIoU against ground truth (paper protocol)",
+        description="Score pseudo-labels against ground truth with the paper's protocol: per-image Hungarian "
+        "matching of segments to classes, TP/FP/FN summed over the dataset. Ground truth of another size than "
+        "its label is centre-cropped to the label's aspect ratio and resized (nearest) to it.",
+    )
+    e.add_argument("labels", help="output folder of `diffseg label` (or one .parquet file)")
+    e.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs)")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    e.add_argument("--image-list", default=None,
+                   help="score only these images (one id or file stem a line, e.g. Coco164kFull_Stuff_Coarse_7.txt)")
+    e.add_argument("--categories", nargs="+", default=None,
+                   help="coco-stuff-27: annotation JSON(s) with the categories (instances_*.json + stuff_*.json); "
+                   "default: found next to the ground truth")
+    e.add_argument("--coco-offset", type=int, default=1,
+                   help="coco-stuff-27: category id = pixel value + this (1 for stuffthingmaps)")
+    e.add_argument("--num-classes", type=int, default=None, help="masks: number of classes (values 0..N-1)")
+    e.add_argument("--ignore-value", type=int, nargs="*", default=[255], help="masks: pixel values to ignore")
+    e.add_argument("--ray", dest="use_ray", action="store_true", default=None,
+                   help="score on Ray (default: from 500 label rows)")
+    e.add_argument("--no-ray", dest="use_ray", action="store_false", help="score in this process")
+    e.add_argument("--workers", type=int, default=None, help="Ray actors scoring (default: CPUs - 1)")
+    e.add_argument("--ray-address", default=None)
+    e.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    e.set_defaults(handler=run_eval)
+
+    x = subparsers.add_parser(
+        "export", formatter_class=fmt, help="export labels to COCO JSON (RLE) or label-map PNGs",
+        description="Export pseudo-labels: --to coco OUT.json writes COCO instances JSON, one RLE annotation per "
+        "segment, category 'segment'; --to png DIR writes one label-map PNG per image. Error rows are skipped.",
+    )
+    x.add_argument("labels", help="output folder of `diffseg label`")
+    x.add_argument("--to", required=True, nargs=2, metavar=("{coco,png}", "DEST"),
+                   help="coco OUT.json, or png DIR")
+    x.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    x.set_defaults(handler=run_export)
+
+    s = subparsers.add_parser(
+        "show", formatter_class=fmt, help="overlay PNGs and an index.html gallery",
+        description="Draw the first N labelled images with their segments and boundaries, and write "
+        "OUT/index.html listing segment counts and every error row.",
+    )
+    s.add_argument("labels", help="output folder of `diffseg label`")
+    s.add_argument("--images", required=True, help="the input the labels were made from (same URL as for label)")
+    s.add_argument("--out", required=True, help="folder for index.html and overlays/")
+    s.add_argument("--n", type=int, default=64, help="images to draw")
+    s.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column")
+    s.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    s.set_defaults(handler=run_show)
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"diffseg {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+_USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, RuntimeError)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate, format_report
+
+    try:
+        result = evaluate(
+            args.labels, args.ground_truth, args.format, image_list=args.image_list, categories=args.categories,
+            coco_offset=args.coco_offset, num_classes=args.num_classes, ignore_values=args.ignore_value,
+            use_ray=args.use_ray, workers=args.workers, ray_address=args.ray_address,
+            storage_options=args.storage_options,
+        )
+    except _USER_ERRORS as exc:
+        return _fail("eval", exc)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0 if result["num_images"] else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_coco, export_png
+
+    kind, dest = args.to
+    try:
+        if kind == "coco":
+            counts = export_coco(args.labels, dest, args.storage_options)
+            print(f"wrote {dest}: {counts['images']} images, {counts['annotations']} segments "
+                  f"({counts['errors']} error rows skipped)")
+        elif kind == "png":
+            counts = export_png(args.labels, dest, args.storage_options)
+            print(f"wrote {counts['images']} label maps under {dest} ({counts['errors']} error rows skipped"
+                  + (f", {counts['collisions']} ids with the same PNG path skipped" if counts["collisions"] else "")
+                  + ")")
+        else:
+            return _fail("export", ValueError(f"--to must be coco or png, not {kind!r}"))
+    except _USER_ERRORS as exc:
+        return _fail("export", exc)
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from pipeline.gallery import build_gallery
+
+    try:
+        result = build_gallery(args.labels, args.images, args.out, n=args.n, storage_options=args.storage_options,
+                               image_column=args.image_column)
+    except _USER_ERRORS as exc:
+        return _fail("show", exc)
+    print(f"wrote {result['index']}: {result['shown']} images shown, {result['errors']} error rows listed"
+          + (f", {result['images_not_shown']} source images unreadable" if result["images_not_shown"] else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m pipeline.after_cli``) until pipeline.cli wires the subcommands in."""
+    parser = argparse.ArgumentParser(prog="diffseg")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
