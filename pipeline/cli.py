@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per model call")
     r.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
     r.add_argument("--cpus-per-actor", type=float, default=_DEFAULTS.cpus_per_actor,
-                   help="CPU actors: CPUs (and torch threads) each")
+                   help="CPU actors: CPUs Ray reserves for each")
+    r.add_argument("--threads-per-actor", type=int, default=None,
+                   help="CPU actors: torch threads each (default: CPUs / actors)")
     r.add_argument("--merge-on", choices=["gpu", "cpu"], default=_DEFAULTS.merge_on,
                    help="gpu: merge inside the model actor; cpu: ship float16 attention to CPU merge actors")
     r.add_argument("--merge-actors", type=int, default=_DEFAULTS.merge_actors, help="CPU merge actors (--merge-on cpu)")
@@ -67,7 +69,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"labelled {summary['labelled']} of {summary['images']} images into {summary['output']}"
         f" ({summary['errors']} errors){'' if summary['complete'] else ' - INCOMPLETE, rerun to finish'}",
-        f"this run: {summary['this_run']['images']} images at {summary['images_per_s']} images/s, "
+        f"this run: {summary['this_run']['images']} images at {summary['images_per_s']} images/s "
+        f"({summary['steady_images_per_s']} after start-up), "
         f"{summary['shards']['written_this_run']} shards written, "
         f"{summary['shards']['skipped_already_done']} already done",
     ]

@@ -51,7 +51,8 @@ class LabelOptions:
     actors: int | None = None  # model actors; default: one per GPU, or CPUs - 1 without GPUs
     batch_size: int = 8
     gpus_per_actor: float | None = None  # default 1 when the cluster has GPUs, else 0 (CPU actors)
-    cpus_per_actor: float = 1.0  # CPU actors only: also the torch threads each uses
+    cpus_per_actor: float = 1.0  # CPU actors only: CPUs Ray reserves for each
+    threads_per_actor: int | None = None  # CPU actors: torch threads; default CPUs / actors (decode is light)
     dtype: str | None = None  # default fp16 on GPU, fp32 on CPU
     image_size: int | None = None  # default: the model's native size (512 for SD 1.x)
     timestep: int = 300
@@ -260,7 +261,7 @@ def build_dataset(
             "revision": opts.revision,
             "merge_on": opts.merge_on,
             "diffseg_kwargs": opts.diffseg_kwargs(),
-            "threads": None if use_gpu else max(1, int(opts.cpus_per_actor)),
+            "threads": None if use_gpu else (opts.threads_per_actor or max(1, int(cpus // actors))),
         },
     )
     if opts.merge_on == "cpu":
@@ -326,6 +327,7 @@ def summarize(
         "complete": len(markers) == len(shards) and not sink.open,
         "seconds": round(time.time() - started, 3),
         "images_per_s": round(sink.rows / pipeline_s, 3) if pipeline_s > 0 else 0.0,
+        "steady_images_per_s": round(sink.steady_rate(), 3),
         "stage_seconds": stage,
     }
 

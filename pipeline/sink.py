@@ -75,12 +75,18 @@ class ShardSink:
         self.stage_seconds: Counter = Counter()
         self.write_seconds = 0.0
         self.duplicates = 0
+        self._first_batch: tuple[float, int] | None = None  # (arrival time, rows)
+        self._last_arrival = 0.0
 
     # ------------------------------------------------------------------ intake
     def add(self, batch: pa.Table) -> None:
         """Take a batch of rows (output columns plus shard bookkeeping and timings)."""
         if batch.num_rows == 0:
             return
+        now = time.perf_counter()
+        if self._first_batch is None:
+            self._first_batch = (now, batch.num_rows)
+        self._last_arrival = now
         for col in TIMING_COLUMNS:
             if col in batch.column_names:
                 self.stage_seconds[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
@@ -150,6 +156,12 @@ class ShardSink:
         self.errors.update(shard.errors)
         self.committed.append(shard_id)
         del self.open[shard_id]
+
+    def steady_rate(self) -> float:
+        """Rows/s from the first batch's arrival to the last's: throughput without start-up."""
+        if self._first_batch is None or self._last_arrival <= self._first_batch[0]:
+            return 0.0
+        return (self.rows - self._first_batch[1]) / (self._last_arrival - self._first_batch[0])
 
     def incomplete(self) -> dict[int, tuple[int, int]]:
         """Shards still open: {shard_id: (rows seen, rows expected or -1)}."""
