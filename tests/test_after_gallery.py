@@ -15,7 +15,7 @@ from after_helpers import write_labels
 from pipeline.after_cli import main as after_main
 from pipeline.gallery import PALETTE, boundaries, overlay
 
-APT_INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium"
+APT_INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"
 
 
 @pytest.fixture(scope="session")
