@@ -4,7 +4,7 @@ This is what a submitted job runs (the submitter passes the resolved spec as JSO
 its spec file is not on the cluster). It also works by hand on a head node with a spec
 file. It validates the spec, expands ``${VAR}`` in storage_options from the job's
 environment, calls ``pipeline.label`` (which joins the cluster: inside a Ray job,
-``RAY_ADDRESS`` is set) and prints the summary as JSON.
+``RAY_ADDRESS`` is set) and prints the summary, readable and as one line of JSON.
 
 Exit codes: 0 done, 1 finished but incomplete, 2 refused (bad spec, or the pipeline's
 one-sentence systemic error; the job then ends FAILED with that sentence in its logs).
@@ -18,6 +18,8 @@ import sys
 from typing import Sequence
 
 from jobs.spec import JobSpec, SpecError, expand_env_refs, load_spec, parse_spec
+
+SUMMARY_PREFIX = "diffseg job summary: "  # then the summary as one line of JSON (easy to grep from job logs)
 
 
 def read_spec_argument(arg: str) -> JobSpec:
@@ -50,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabelError as exc:
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    print(json.dumps(summary, indent=2, default=str), flush=True)
+    from pipeline.cli import format_summary
+
+    print(format_summary(summary), flush=True)
+    print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)
     return 0 if summary.get("complete") else 1
 
 
