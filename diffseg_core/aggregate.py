@@ -77,12 +77,18 @@ def aggregate_attention(
         raise ValueError(f"out: expected float32 {tuple(finest.shape)} on {finest.device}, got {out.dtype} {tuple(out.shape)}")
     # Renormalising at the finest level changes nothing for exact input, but the
     # reference does it and it keeps float16 input exactly normalised.
-    torch.mul(finest, (w[R] / row_sums[R]).unsqueeze(-1), out=out)
-    if coarse is not None:
-        f = R // coarse_r
-        out.view(batch, coarse_r, f, coarse_r, f, R * R).add_(
-            coarse.view(batch, coarse_r, 1, coarse_r, 1, R * R)
-        )
+    scale = (w[R] / row_sums[R]).unsqueeze(-1)  # (B, R*R, 1)
+    if coarse is None:
+        return torch.mul(finest, scale, out=out)
+    # out = coarse (repeated over the query grid) + finest * scale, in one pass.
+    f = R // coarse_r
+    grid = (batch, coarse_r, f, coarse_r, f)
+    torch.addcmul(
+        coarse.view(batch, coarse_r, 1, coarse_r, 1, R * R).expand(*grid, R * R),
+        finest.reshape(*grid, R * R),
+        scale.reshape(*grid, 1),
+        out=out.view(*grid, R * R),
+    )
     return out
 
 
