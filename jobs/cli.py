@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, Sequence
 
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
-_ADDRESS_HELP = "job server, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+_ADDRESS_HELP = "job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)"
 
 
 def add_job_commands(sub: Any) -> None:

@@ -60,7 +60,8 @@ def find_token(environ: Mapping[str, str] | None = None) -> Token | None:
 
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
-    address = address or environ.get("RAY_ADDRESS")
+    # the order of Ray's own `ray job` commands
+    address = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
     if not address:
         raise ClusterError("No Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS.")
     return address.rstrip("/")

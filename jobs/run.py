@@ -31,10 +31,12 @@ def read_spec_argument(arg: str) -> JobSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().split("\n\n")[0] if argv else "usage: python -m jobs.run SPEC_FILE_OR_JSON",
-              file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m jobs.run SPEC_FILE_OR_JSON", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.plan import LabelError, label
 
@@ -46,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if spec.runtime_env:
+        # `diffseg submit` applies runtime_env through Ray and never sends it here.
+        print("note: the spec's runtime_env is ignored when run by hand; this node's environment is used",
+              flush=True)
     print(f"diffseg job {spec.name}: labelling {spec.input} -> {spec.output}", flush=True)
     try:
         summary = label(spec.input, spec.output, **options)

@@ -173,7 +173,7 @@ def head():
 @pytest.fixture
 def with_token(head, monkeypatch):
     """This test's environment holds the head's token the way Ray documents: RAY_AUTH_TOKEN_PATH."""
-    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_AUTH_MODE"):
+    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
     return head
@@ -211,7 +211,7 @@ def submitted_id(out: str) -> str:
 
 
 def test_without_the_token_the_user_gets_one_sentence(head, tmp_path, monkeypatch, capsys):
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_AUTH_MODE"):
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token here
     spec = spec_file(tmp_path, "no-token", tmp_path / "in", tmp_path / "out")

@@ -148,11 +148,14 @@ def test_bad_spec_is_refused_before_contacting_any_cluster(tmp_path, capsys):
 
 def test_no_address_is_one_sentence(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert cli.main(["status", "some-job"]) == 2
     assert capsys.readouterr().err.strip() == (
         "diffseg status: error: No Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS.")
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
     assert resolve_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://jobs:8265")  # Ray's `ray job` order
+    assert resolve_address(None) == "http://jobs:8265" and resolve_address("http://x:1") == "http://x:1"
 
 
 def test_unreachable_cluster_is_one_sentence(tmp_path, capsys):
