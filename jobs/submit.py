@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from jobs.connect import Cluster, ClusterError
+from jobs.connect import Cluster
 from jobs.spec import JobSpec, entrypoint_command
 
 META_SPEC = "diffseg_spec"
@@ -90,4 +90,4 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
     return Submitted(submission_id, attempt, previous)
 
 
-__all__ = ["Submitted", "SubmitRefused", "ClusterError", "submit", "normalize_output"]
+__all__ = ["Submitted", "SubmitRefused", "submit", "normalize_output"]
