@@ -183,27 +183,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_method(name, fn, device, iterations, batch):
-    """Warm up once, then time ``iterations`` calls; returns a result row."""
-    fn()
-    reset_peak(device)
-    before = rss_kib("VmRSS")
-    times = []
-    for _ in range(iterations):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    row = {"method": name, "batch": batch, "seconds_per_call": [round(t, 3) for t in times]}
-    best = min(times)
-    row["images_per_s"] = batch / best
-    row.update(peak_mib(device, before))
-    if device.type == "cpu" and batch:
-        row["peak_above_start_mib_per_image"] = row["peak_above_start_mib"] / batch
-    if device.type == "cuda":
-        row["peak_gpu_mib_per_image"] = row["peak_gpu_mib"] / batch
-    return row, out
+def measure(methods: dict, device: torch.device, iterations: int, batch: int, warmup: bool = True):
+    """Time each method ``iterations`` times, interleaved round by round (fairer on a shared
+    machine), after one warm-up call each.  Best time and the highest peak memory per method.
+    """
+    rows = {name: {"method": name, "batch": batch, "seconds_per_call": [], "cpu_seconds_per_call": []}
+            for name in methods}
+    outputs = {}
+    rounds = iterations + (1 if warmup else 0)
+    for i in range(rounds):
+        for name, fn in methods.items():
+            reset_peak(device)
+            before = rss_kib("VmRSS")
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            outputs[name] = fn()
+            sync(device)
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if warmup and i == 0:
+                continue
+            row = rows[name]
+            row["seconds_per_call"].append(round(elapsed, 3))
+            # process CPU time: less sensitive than wall time to other jobs on a shared machine
+            row["cpu_seconds_per_call"].append(round(cpu, 3))
+            for key, value in peak_mib(device, before).items():
+                row[key] = max(row.get(key, 0.0), value)
+    for row in rows.values():
+        row["images_per_s"] = batch / min(row["seconds_per_call"])
+        key = "peak_gpu_mib" if device.type == "cuda" else "peak_above_start_mib"
+        row[key + "_per_image"] = row[key] / batch
+    return rows, outputs
 
 
 def _short(value):
@@ -223,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--chunk-mib", type=int, default=None,
+                   help="bound on one chunk of float32 attention probabilities (default: the extractor's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
 
@@ -235,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
     t0 = time.perf_counter()
     loaded = build_sd14_architecture()
+    extra = {"chunk_bytes": args.chunk_mib * 2**20} if args.chunk_mib else {}
     ex = AttentionExtractor(loaded, model="sd14-architecture-random-weights", device=device, dtype=dtype,
-                            image_size=args.image_size)
+                            image_size=args.image_size, **extra)
     del loaded
     print(f"# built SD1.4-architecture UNet ({sum(p.numel() for p in ex.unet.parameters()) / 1e6:.0f} M params) "
           f"+ VAE encoder with RANDOM weights in {time.perf_counter() - t0:.1f} s; "
-          f"{len(ex.layer_names)} attn1 layers; dtype {dtype}", flush=True)
+          f"{len(ex.layer_names)} attn1 layers; dtype {dtype}; chunk {ex._state.chunk_bytes / 2**20:.0f} MiB",
+          flush=True)
 
     rows = []
     rng = np.random.RandomState(0)
@@ -255,40 +268,57 @@ def main(argv: list[str] | None = None) -> int:
         side = args.image_size // ex.vae_scale_factor
         latents = torch.randn(batch, 4, side, side, generator=gen).to(device, dtype)
         try:
-            row, _ = time_method("vae_encode", lambda: ex.encode(pixels), device, args.iterations, batch)
-            rows.append(row)
-            vae_s = batch / row["images_per_s"]
+            def ours():
+                ex.early_stop = True
+                return ex.attention(latents)
 
-            ex.early_stop = True
-            row, ours = time_method("ours_unet", lambda: ex.attention(latents), device, args.iterations, batch)
-            rows.append(row)
-            ours_unet_s = batch / row["images_per_s"]
-            ex.early_stop = False
-            row, _ = time_method("ours_unet_no_early_stop", lambda: ex.attention(latents), device,
-                                 args.iterations, batch)
-            ex.early_stop = True
-            rows.append(row)
-            rows.append({"method": "ours_end_to_end (vae + unet)", "batch": batch,
-                         "images_per_s": batch / (vae_s + ours_unet_s)})
-            if not args.no_baseline:
+            def ours_full():
+                ex.early_stop = False
                 try:
-                    row, naive = time_method("naive_unet", lambda: naive_attention(ex, latents), device,
-                                             args.iterations, batch)
-                    rows.append(row)
-                    naive_unet_s = batch / row["images_per_s"]
-                    err = max((ours[r] - naive[r]).abs().max().item() for r in ours)
-                    rows.append({"method": "naive_end_to_end (vae + unet)", "batch": batch,
-                                 "images_per_s": batch / (vae_s + naive_unet_s),
-                                 "max_abs_diff_vs_ours": err,
-                                 "max_prob_ours": {r: ours[r].max().item() for r in ours},
-                                 "uniform_prob": {r: 1 / r**2 for r in ours}})
-                    rows.append({"method": "ratio ours/naive", "batch": batch,
-                                 "unet_stage": naive_unet_s / ours_unet_s,
-                                 "end_to_end": (vae_s + naive_unet_s) / (vae_s + ours_unet_s)})
-                except torch.OutOfMemoryError:
-                    rows.append({"method": "naive_unet", "batch": batch, "error": "out of memory"})
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    return ex.attention(latents)
+                finally:
+                    ex.early_stop = True
+
+            methods = {"vae_encode": lambda: ex.encode(pixels), "ours_unet": ours,
+                       "ours_unet_no_early_stop": ours_full}
+            if not args.no_baseline:
+                methods["naive_unet"] = lambda: naive_attention(ex, latents)
+            try:
+                timed, outs = measure(methods, device, args.iterations, batch)
+                naive_oom = False
+            except torch.OutOfMemoryError:
+                if args.no_baseline:
+                    raise
+                gc.collect()
+                torch.cuda.empty_cache()
+                methods.pop("naive_unet")
+                timed, outs = measure(methods, device, args.iterations, batch)
+                naive_oom = True
+            rows.extend(timed.values())
+            vae_s = batch / timed["vae_encode"]["images_per_s"]
+            ours_unet_s = batch / timed["ours_unet"]["images_per_s"]
+            full_s = batch / timed["ours_unet_no_early_stop"]["images_per_s"]
+            rows.append({"method": "ours_end_to_end (vae + unet)", "batch": batch,
+                         "images_per_s": batch / (vae_s + ours_unet_s),
+                         "early_stop_saving": 1 - ours_unet_s / full_s})
+            if naive_oom:
+                rows.append({"method": "naive_unet", "batch": batch, "error": "out of memory"})
+            elif "naive_unet" in timed:
+                naive_unet_s = batch / timed["naive_unet"]["images_per_s"]
+                ours_maps, naive_maps = outs["ours_unet"], outs["naive_unet"]
+                rows.append({"method": "naive_end_to_end (vae + unet)", "batch": batch,
+                             "images_per_s": batch / (vae_s + naive_unet_s),
+                             "max_abs_diff_vs_ours": max((ours_maps[r] - naive_maps[r]).abs().max().item()
+                                                         for r in ours_maps),
+                             "max_prob_ours": {r: ours_maps[r].max().item() for r in ours_maps},
+                             "uniform_prob": {r: 1 / r**2 for r in ours_maps}})
+                cpu = {k: min(timed[k]["cpu_seconds_per_call"]) for k in timed}
+                rows.append({"method": "ratio ours/naive", "batch": batch,
+                             "unet_stage": naive_unet_s / ours_unet_s,
+                             "end_to_end": (vae_s + naive_unet_s) / (vae_s + ours_unet_s),
+                             "unet_stage_cpu_time": cpu["naive_unet"] / cpu["ours_unet"],
+                             "end_to_end_cpu_time": (cpu["vae_encode"] + cpu["naive_unet"])
+                             / (cpu["vae_encode"] + cpu["ours_unet"])})
         except torch.OutOfMemoryError:
             rows.append({"method": "ours", "batch": batch, "error": "out of memory"})
             break

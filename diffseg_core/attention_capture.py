@@ -167,6 +167,8 @@ class SelfAttentionCaptureProcessor:
         out = torch.empty_like(query) if need_output else None
 
         head_chunk, query_chunk = _chunks(batch_size, heads, seq_len, self.state.chunk_bytes)
+        if attn.upcast_attention:  # e.g. SD 2.1-v: fp16 QK^T overflows, score in fp32 like diffusers
+            query, key = query.float(), key.float()
         query = query * attn.scale  # scale before the product, as SDPA does (fp16 range)
         key_t = key.transpose(-1, -2)
         for h0 in range(0, heads, head_chunk):
