@@ -268,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                    image_size=image_size, **common)
             marginal = (args.images - small_n) / max(pipe["wall_s"] - pipe_small["wall_s"], 1e-9)
             print(f"\nthroughput, {args.images} images ({args.max_side} px photographs):")
-            print(f"  bare loop : end-to-end {bare['end_to_end_images_per_s']:.2f} img/s "
-                  f"(load {bare['load_s']:.1f} s), loop alone {bare['steady_images_per_s']:.2f} img/s")
-            print(f"  pipeline  : end-to-end {pipe['end_to_end_images_per_s']:.2f} img/s "
+            print(f"  bare loop : end-to-end {bare['end_to_end_images_per_s']:.4g} img/s "
+                  f"(load {bare['load_s']:.1f} s), loop alone {bare['steady_images_per_s']:.4g} img/s")
+            print(f"  pipeline  : end-to-end {pipe['end_to_end_images_per_s']:.4g} img/s "
                   f"(wall {pipe['wall_s']:.1f} s; {small_n} images: {pipe_small['wall_s']:.1f} s), "
-                  f"marginal {marginal:.2f} img/s")
+                  f"marginal {marginal:.4g} img/s")
             print(f"  ratio pipeline/bare: end-to-end "
                   f"{pipe['end_to_end_images_per_s'] / bare['end_to_end_images_per_s']:.2f}, "
                   f"marginal vs loop alone {marginal / bare['steady_images_per_s']:.2f}")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_child("pipeline", folder=folder, out=work / f"out-mem-{n}", model=args.model,
                                 image_size=64, **{**common, "num_points": 4, "rows_per_file": 1000})
                 print(f"  {n:6d} images: peak PSS {res['peak_pss_mib']:.0f} MiB (driver + Ray), "
-                      f"wall {res['wall_s']:.1f} s, steady {res['steady_images_per_s']:.1f} img/s")
+                      f"wall {res['wall_s']:.1f} s")
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -119,8 +119,6 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     out_fs, out_root = open_fs(output, opts.storage_options)
     out_root = out_root.rstrip("/") or out_root
     _check_writable(out_fs, out_root, output)
-    if opts.overwrite:
-        _remove_previous_output(out_fs, out_root)
 
     ray = _init_ray(opts.ray_address)
     resources = ray.cluster_resources()
@@ -132,6 +130,8 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     times["model check"] = time.perf_counter() - t
     image_size = int(model_info["image_size"])
     parameters = opts.label_parameters(image_size, dtype)
+    if opts.overwrite:  # only now: a run that cannot even load its model must not delete labels
+        _remove_previous_output(out_fs, out_root)
     previous = read_manifest(out_fs, out_root)
     try:
         check_compatible(previous, listing.root, model_info, parameters, output)

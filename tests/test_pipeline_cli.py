@@ -42,3 +42,14 @@ def test_model_that_cannot_load_exits_non_zero(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("diffseg label: error: Cannot load model") and "\n" not in err
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_overwrite_with_a_model_that_cannot_load_keeps_the_earlier_labels(ray_session, tmp_path, capsys):
+    make_photo_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_manifest.json").write_text("{}")
+    (out / "labels-000000-000.parquet").write_bytes(b"earlier labels")
+    code = main(["label", str(tmp_path / "in"), str(out), "--model", str(tmp_path / "missing"), "--overwrite"])
+    assert code == 2 and "Cannot load model" in capsys.readouterr().err
+    assert (out / "labels-000000-000.parquet").read_bytes() == b"earlier labels"

@@ -85,6 +85,7 @@ def test_killed_run_then_rerun_gives_every_image_exactly_once(ray_session, tmp_p
         proc.wait()
     killed_at = len(list((out / "_done").glob("*.json")))
     assert killed_at >= 3, "the run never committed a shard"
+    print(f"killed with {killed_at} of 18 shards committed")
     summary = label(str(src), str(out), rows_per_file=1, batch_size=1, model="tiny-random", image_size=64,
                     num_points=4)
     assert summary["complete"] and summary["images"] == 18
