@@ -54,30 +54,34 @@ def aggregate_attention(
             largest, mismatched batch sizes or devices, NaN/inf, negative
             values, or maps that do not sum to 1.
     """
-    head_means, row_sums = validate_maps(maps)
-    resolutions = sorted(head_means, reverse=True)
+    batch, device = _check_structure(maps)
+    resolutions = sorted(maps, reverse=True)
     R = resolutions[0]
     w = _normalised_weights(resolutions, weights)
+    if out is None:
+        out = torch.empty((batch, R * R, R * R), dtype=torch.float32, device=device)
+    elif out.shape != (batch, R * R, R * R) or out.dtype != torch.float32 or out.device != device:
+        raise ValueError(
+            f"out: expected float32 {(batch, R * R, R * R)} on {device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
 
     # Coarse levels, folded from coarsest upwards on their own query grids, so
-    # the expensive (B, R*R, R*R) tensor is written by one broadcast add.
+    # the expensive (B, R*R, R*R) tensor is written by one pass below.
     coarse: torch.Tensor | None = None  # (B, r, r, R*R) on the current grid r
     coarse_r = 0
     for r in sorted(resolutions[1:]):
-        level = _upsample_keys(head_means[r], r, R).mul_(w[r]).view(-1, r, r, R * R)
+        level_sum = _head_sum(maps[r])
+        _check_values(maps[r], level_sum, r)
+        level = _upsample_keys(level_sum, r, R, w[r]).view(-1, r, r, R * R)
         if coarse is not None:
             level += _repeat_queries(coarse, r // coarse_r)
         coarse, coarse_r = level, r
 
-    finest = head_means[R]
-    batch = finest.shape[0]
-    if out is None:
-        out = torch.empty_like(finest)
-    elif out.shape != finest.shape or out.dtype != torch.float32 or out.device != finest.device:
-        raise ValueError(f"out: expected float32 {tuple(finest.shape)} on {finest.device}, got {out.dtype} {tuple(out.shape)}")
-    # Renormalising at the finest level changes nothing for exact input, but the
-    # reference does it and it keeps float16 input exactly normalised.
-    scale = (w[R] / row_sums[R]).unsqueeze(-1)  # (B, R*R, 1)
+    # Heads are summed straight into ``out``. Dividing each row by its sum
+    # (the reference renormalises anyway) also divides by the head count.
+    finest = _head_sum(maps[R], out=out)
+    scale = (w[R] / _check_values(maps[R], finest, R)).unsqueeze(-1)  # (B, R*R, 1)
     if coarse is None:
         return torch.mul(finest, scale, out=out)
     # out = coarse (repeated over the query grid) + finest * scale, in one pass.
@@ -92,26 +96,19 @@ def aggregate_attention(
     return out
 
 
-def validate_maps(maps: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Check the input of :func:`aggregate_attention`.
-
-    Returns the head-averaged float32 maps and their row sums, per resolution.
-
-    The finiteness and row-sum checks run on the head average: a NaN or inf
-    in any head survives the mean, and a head mean that sums to 1 is what the
-    method needs.
-    """
+def _check_structure(maps: Mapping[int, torch.Tensor]) -> tuple[int, torch.device]:
+    """Shapes, keys, batch sizes, devices and dtypes of the input; returns (batch, device)."""
     if not isinstance(maps, Mapping) or len(maps) == 0:
         raise ValueError("attention maps: expected a non-empty dict {resolution: tensor}, got an empty or non-dict input")
     batch: int | None = None
     device: torch.device | None = None
-    out: dict[int, torch.Tensor] = {}
     for key, value in maps.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"attention maps[{key!r}]: expected a torch.Tensor, got {type(value).__name__}")
         if value.ndim not in (3, 4):
             raise ValueError(
-                f"attention maps[{key!r}]: expected shape (B, heads, r*r, r*r) or (B, r*r, r*r), got {tuple(value.shape)}"
+                f"attention maps[{key!r}]: expected shape (B, heads, r*r, r*r) or (B, r*r, r*r), "
+                f"got {tuple(value.shape)}"
             )
         seq = value.shape[-1]
         if value.shape[-2] != seq:
@@ -119,8 +116,10 @@ def validate_maps(maps: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Ten
         r = math.isqrt(seq)
         if r * r != seq:
             raise ValueError(f"attention maps[{key!r}]: sequence length {seq} is not a square (r*r) number")
-        if int(key) != r:
-            raise ValueError(f"attention maps[{key!r}]: key says resolution {key} but the sequence length {seq} is {r}x{r}")
+        if not isinstance(key, int) or key != r:
+            raise ValueError(
+                f"attention maps[{key!r}]: key says resolution {key} but the sequence length {seq} is {r}x{r}"
+            )
         if batch is None:
             batch, device = value.shape[0], value.device
         elif value.shape[0] != batch:
@@ -129,30 +128,38 @@ def validate_maps(maps: Mapping[int, torch.Tensor]) -> tuple[dict[int, torch.Ten
             raise ValueError(f"attention maps: tensors on different devices ({device} and {value.device})")
         if not value.is_floating_point():
             raise ValueError(f"attention maps[{r}]: expected a floating-point tensor, got {value.dtype}")
-        out[r] = _head_mean(value)
+        if value.ndim == 4 and value.shape[1] == 0:
+            raise ValueError(f"attention maps[{r}]: zero heads")
     if batch == 0:
         raise ValueError("attention maps: batch size is 0")
-
-    R = max(out)
-    bad = sorted(r for r in out if R % r)
+    R = max(maps)
+    bad = sorted(r for r in maps if R % r)
     if bad:
         raise ValueError(f"attention maps: resolutions {bad} do not divide the largest resolution {R}")
-    row_sums: dict[int, torch.Tensor] = {}
-    for r, m in out.items():
-        sums = m.sum(-1)
-        if not bool(torch.isfinite(sums).all()):
-            raise ValueError(f"attention maps[{r}]: contains NaN or inf")
-        deviation = (sums - 1).abs()
-        if float(deviation.max()) > ROW_SUM_TOLERANCE:
-            worst = float(sums.flatten()[deviation.argmax()])
-            raise ValueError(
-                f"attention maps[{r}]: every map (row) must be a probability distribution summing to 1, "
-                f"but one sums to {worst:.6g}"
-            )
-        if float(m.amin()) < 0:
-            raise ValueError(f"attention maps[{r}]: contains negative values")
-        row_sums[r] = sums
-    return out, row_sums
+    return batch, device
+
+
+def _check_values(value: torch.Tensor, head_sum: torch.Tensor, r: int) -> torch.Tensor:
+    """Finite, non-negative maps that sum to 1; returns the (B, r*r) row sums of ``head_sum``.
+
+    Checked on the head sum, which costs no extra pass over the heads: a NaN or
+    inf in any head survives the sum, and so does a negative value unless other
+    heads outweigh it, which softmax output cannot do.
+    """
+    heads = value.shape[1] if value.ndim == 4 else 1
+    sums = head_sum.sum(-1)
+    if not bool(torch.isfinite(sums).all()):
+        raise ValueError(f"attention maps[{r}]: contains NaN or inf")
+    deviation = (sums - heads).abs()
+    if float(deviation.max()) > ROW_SUM_TOLERANCE * heads:
+        worst = float(sums.flatten()[deviation.argmax()]) / heads
+        raise ValueError(
+            f"attention maps[{r}]: every map (row) must be a probability distribution summing to 1, "
+            f"but one sums to {worst:.6g}"
+        )
+    if float(head_sum.amin()) < 0:
+        raise ValueError(f"attention maps[{r}]: contains negative values")
+    return sums
 
 
 def anchor_grid(R: int, num_points: int) -> torch.Tensor:
@@ -171,13 +178,20 @@ def anchor_grid(R: int, num_points: int) -> torch.Tensor:
     return (coords[:, None] * R + coords[None, :]).reshape(-1)
 
 
-def _head_mean(value: torch.Tensor) -> torch.Tensor:
-    if value.ndim == 4:
-        if value.shape[1] == 0:
-            raise ValueError("attention maps: zero heads")
-        # Accumulate in float32 without first copying every head to float32.
-        return value.mean(1, dtype=torch.float32)
-    return value.to(torch.float32)
+def _head_sum(value: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over heads in float32; a head-less float32 input is returned as it is."""
+    if value.ndim == 3:
+        return value if value.dtype == torch.float32 else torch.as_tensor(value, dtype=torch.float32)
+    heads = value.shape[1]
+    if out is None:
+        out = torch.empty(value.shape[:1] + value.shape[2:], dtype=torch.float32, device=value.device)
+    if value.dtype == torch.float32 and 1 < heads <= 4:
+        # A few passes of adds beat torch's reduction over an outer axis on CPU.
+        torch.add(value[:, 0], value[:, 1], out=out)
+        for h in range(2, heads):
+            out += value[:, h]
+        return out
+    return torch.sum(value, 1, dtype=torch.float32, out=out)
 
 
 def _normalised_weights(resolutions: list[int], weights: Weights) -> dict[int, float]:
@@ -201,11 +215,11 @@ def _normalised_weights(resolutions: list[int], weights: Weights) -> dict[int, f
     return {r: v / total for r, v in raw.items()}
 
 
-def _upsample_keys(m: torch.Tensor, r: int, R: int) -> torch.Tensor:
-    """(B, r*r, r*r) -> (B, r*r, R*R): bilinear on the key axes, then renormalised."""
+def _upsample_keys(m: torch.Tensor, r: int, R: int, weight: float) -> torch.Tensor:
+    """(B, r*r, r*r) -> (B, r*r, R*R): bilinear on the key axes, renormalised to sum ``weight``."""
     batch = m.shape[0]
     up = resize_bilinear(m.reshape(batch, r * r, r, r), (R, R)).reshape(batch, r * r, R * R)
-    return up.div_(up.sum(-1, keepdim=True))
+    return up.mul_(weight / up.sum(-1, keepdim=True))
 
 
 def _repeat_queries(level: torch.Tensor, factor: int) -> torch.Tensor:
