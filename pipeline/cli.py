@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--storage-options", type=json.loads, default=None,
                    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    from pipeline.after_cli import add_subcommands  # eval, export, show: each sets args.handler
+
+    add_subcommands(sub)
     return parser
 
 
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
         return 0
-    return 2  # pragma: no cover
+    return args.handler(args)
 
 
 if __name__ == "__main__":
