@@ -30,8 +30,11 @@ def entropy_terms(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[tor
 
     ``out`` (shaped like x) receives the logarithms, computed in place.
     """
-    log_x = torch.clamp_min(x, EPS, out=out) if out is not None else x.clamp_min(EPS)
-    log_x.log_()
+    if float(x.amin()) > 0:  # the usual case: one pass instead of clamp + log
+        log_x = torch.log(x, out=out) if out is not None else x.log()
+    else:
+        log_x = torch.clamp_min(x, EPS, out=out) if out is not None else x.clamp_min(EPS)
+        log_x.log_()
     return log_x, torch.einsum("...k,...k->...", x, log_x)
 
 
@@ -74,11 +77,34 @@ def merge_with_anchors(
         rows, log_rows, h_rows = aggregate[b], log_agg[b], h_agg[b]
         anchor_terms = (log_rows[anchors], h_rows[anchors])
         distance = symmetric_kl(rows[anchors], rows, anchor_terms, (log_rows, h_rows))
-        close = (distance < tau).to(rows.dtype)
+        # Anchors inside one uniform region often select the very same rows:
+        # average each distinct selection once.
+        selections, which = unique_rows(distance < tau)
+        selections = selections.to(rows.dtype)
+        means = selections @ rows
         # An anchor is always within tau of itself, so no count is zero.
-        torch.mm(close, rows, out=proposals[b])
-        proposals[b] /= close.sum(-1, keepdim=True)
+        means /= selections.sum(-1, keepdim=True)
+        proposals[b] = means[which]
     return proposals
+
+
+def unique_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of a (M, N) bool matrix, and for each row the index of its distinct row.
+
+    As ``torch.unique(mask, dim=0, return_inverse=True)`` (in another order),
+    but grouped by a random projection of each row and then verified exactly:
+    one matrix-vector product instead of a sort of whole rows.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(mask.shape[1], dtype=torch.float64, generator=generator).to(mask.device)
+    _, which = torch.unique(mask.to(torch.float64) @ weights, return_inverse=True)
+    rows = torch.arange(len(mask), device=mask.device)
+    first = torch.full((int(which.max()) + 1,), len(mask), dtype=torch.long, device=mask.device)
+    first.scatter_reduce_(0, which, rows, reduce="amin")
+    distinct = mask[first]
+    if bool((distinct[which] != mask).any()):  # a hash collision: never seen, but stay exact
+        distinct, which = torch.unique(mask, dim=0, return_inverse=True)
+    return distinct, which
 
 
 def merge_proposals(proposals: torch.Tensor, tau: float) -> torch.Tensor:

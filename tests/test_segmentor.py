@@ -292,3 +292,17 @@ def test_rows_summing_to_one_within_float16_rounding_are_accepted():
     m = _valid(8).half()
     assert DiffSeg(num_points=4).segment({8: m}).shape == (1, 64, 64)
     assert math.isclose(float(aggregate_attention({8: m}).sum(-1).mean()), 1.0, rel_tol=1e-6)
+
+
+def test_unique_rows_groups_identical_rows_exactly():
+    from diffseg_core.merge import unique_rows
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(5, 300, generator=g) > 0.5
+    picks = torch.tensor([3, 0, 3, 1, 4, 4, 2, 0])
+    mask = base[picks]
+    distinct, which = unique_rows(mask)
+    assert len(distinct) == 5
+    assert torch.equal(distinct[which], mask)
+    assert which[0] == which[2] and which[4] == which[5] and which[1] == which[7]
+    assert len(set(which.tolist())) == 5
