@@ -231,11 +231,29 @@ class AttentionExtractor:
                 device=str(self.device),
                 timestep=self.timestep,
                 image_size=self.image_size,
+                attention_resolutions=self.attention_resolutions,
                 self_attention_layers=len(self.layer_names),
                 random_weights=self._random_weights,
             )
             self._info = info
         return dict(self._info)
+
+    @property
+    def attention_resolutions(self) -> list[int]:
+        """Side lengths of the self-attention maps this model gives at ``image_size``, largest first.
+
+        From the UNet's config, without running it: the latent side, halved
+        (rounding up, as a stride-2 convolution does) once per down block.
+        """
+        config = self.unet.config
+        sides = [self.image_size // self.vae_scale_factor]
+        for _ in config.down_block_types[1:]:
+            sides.append((sides[-1] + 1) // 2)
+        found = {side for side, kind in zip(sides, config.down_block_types) if "CrossAttn" in kind}
+        found |= {side for side, kind in zip(reversed(sides), config.up_block_types) if "CrossAttn" in kind}
+        if config.mid_block_type and "CrossAttn" in config.mid_block_type:
+            found.add(sides[-1])
+        return sorted(found, reverse=True)
 
     # ------------------------------------------------------------------ the work
 

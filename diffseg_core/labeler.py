@@ -19,7 +19,19 @@ from diffseg_core.extract import DEFAULT_MODEL, AttentionExtractor
 from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.segmentor import DiffSeg
 
-__all__ = ["Labeler", "image_sizes"]
+__all__ = ["Labeler", "anchor_grid_problem", "image_sizes"]
+
+
+def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any, image_size: int) -> str | None:
+    """Why DiffSeg's anchor grid cannot run on this model's attention, or None if it can."""
+    finest = max(resolutions) if resolutions else 0
+    if num_points <= finest:
+        return None
+    return (
+        f"num_points={num_points} needs self-attention maps of at least {num_points} x {num_points}, "
+        f"but model {str(model)!r} at image size {image_size} gives {finest} x {finest}: "
+        f"use num_points {finest} or less, or a larger image size"
+    )
 
 
 def image_sizes(images: Any) -> list[tuple[int, int]]:
@@ -65,6 +77,11 @@ class Labeler:
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
             revision=revision, allow_unsafe_weights=allow_unsafe_weights,
         )
+        problem = anchor_grid_problem(
+            diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size
+        )
+        if problem:
+            raise ValueError(problem)
         return cls(extractor, diffseg)
 
     def __call__(self, images: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:

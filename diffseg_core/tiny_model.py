@@ -12,6 +12,9 @@ rename, so they never see a half-written model.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -24,8 +27,6 @@ __all__ = ["TINY_RANDOM", "build_tiny_model", "resolve_model", "tiny_model_cache
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
-# Bump when the tiny configs change, so stale caches are not reused.
-_TINY_VERSION = 1
 _MAX_LENGTH = 77  # CLIP's model_max_length, as in real SD tokenizers
 
 
@@ -36,8 +37,18 @@ def tiny_model_cache_dir() -> Path:
 
 
 def tiny_random_path() -> Path:
-    """Where ``resolve_model("tiny-random")`` keeps the built model (it may not exist yet)."""
-    return tiny_model_cache_dir() / f"sd1-v{_TINY_VERSION}"
+    """Where ``resolve_model("tiny-random")`` keeps the built model (it may not exist yet).
+
+    The folder is named by a fingerprint of the builder's own source, so a
+    change to the tiny configs builds a new model instead of reusing a stale one.
+    """
+    return tiny_model_cache_dir() / f"sd1-{_builder_fingerprint()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _builder_fingerprint() -> str:
+    source = inspect.getsource(build_tiny_model) + inspect.getsource(_write_tokenizer_source)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
 def resolve_model(name: str) -> str:

@@ -281,6 +281,7 @@ def build_dataset(
 def probe_model(opts: LabelOptions, dtype: str) -> dict[str, Any]:
     """Load the model once, on CPU in the driver: fails fast, and gives its provenance."""
     from diffseg_core.extract import AttentionExtractor
+    from diffseg_core.labeler import anchor_grid_problem
 
     try:
         extractor = AttentionExtractor.from_pretrained(
@@ -290,6 +291,9 @@ def probe_model(opts: LabelOptions, dtype: str) -> dict[str, Any]:
         info = extractor.model_info
     except Exception as exc:  # noqa: BLE001 - ModelLoadError, bad dtype/size, missing files, ...
         raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(exc)}") from None
+    problem = anchor_grid_problem(opts.num_points, extractor.attention_resolutions, opts.model, extractor.image_size)
+    if problem:
+        raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
     del extractor
     gc.collect()
     return info

@@ -86,3 +86,20 @@ def test_diffseg_from_pretrained_alias(tmp_path, monkeypatch, tiny_model_path):
     labels = lab([_image(33, 65)])
     assert labels[0].shape == (33, 65)
     assert isinstance(lab.extractor(np.stack([_image(8, 8)]))[16], torch.Tensor)
+
+
+def test_attention_resolutions_are_known_before_running(tiny_model_path, tiny_sdxl_model_path):
+    from diffseg_core.extract import AttentionExtractor
+
+    for path in (tiny_model_path, tiny_sdxl_model_path):
+        for size in (None, 64):
+            extractor = AttentionExtractor.from_pretrained(path, image_size=size)
+            maps = extractor(np.zeros((1, 20, 30, 3), dtype=np.uint8))
+            assert extractor.attention_resolutions == sorted(maps, reverse=True)
+            assert extractor.model_info["attention_resolutions"] == extractor.attention_resolutions
+
+
+def test_anchor_grid_larger_than_the_attention_is_a_clear_error(tiny_model_path):
+    with pytest.raises(ValueError, match=r"num_points=16 needs .* at least 16 x 16.* gives 8 x 8"):
+        Labeler.from_pretrained(tiny_model_path, image_size=64)
+    assert Labeler.from_pretrained(tiny_model_path, image_size=64, num_points=8).diffseg.num_points == 8

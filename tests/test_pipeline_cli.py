@@ -53,3 +53,14 @@ def test_overwrite_with_a_model_that_cannot_load_keeps_the_earlier_labels(ray_se
     code = main(["label", str(tmp_path / "in"), str(out), "--model", str(tmp_path / "missing"), "--overwrite"])
     assert code == 2 and "Cannot load model" in capsys.readouterr().err
     assert (out / "labels-000000-000.parquet").read_bytes() == b"earlier labels"
+
+
+def test_anchor_grid_larger_than_the_attention_stops_before_labelling(ray_session, tmp_path, capsys):
+    # tiny-random at 64 px gives 8 x 8 attention: the default 16 x 16 anchor grid cannot run.
+    make_photo_folder(tmp_path / "in")
+    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "tiny-random", "--image-size", "64"])
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("diffseg label: error: DiffSeg cannot run on this model: num_points=16 needs")
+    assert "at least 16 x 16" in last and "gives 8 x 8" in last
+    assert not list((tmp_path / "out").glob("*.parquet"))

@@ -104,3 +104,16 @@ def test_tiny_random_name_loads_through_the_extractor(tmp_path, monkeypatch, cap
     info = ex.model_info
     assert info["model"] == "tiny-random" and info["random_weights"] is True
     assert ex.image_size == 128
+
+
+def test_a_stale_cache_from_another_builder_is_not_reused(tmp_path, monkeypatch):
+    """The cache folder is named by the builder's fingerprint: an older build
+    (other configs) left in the cache must not be picked up."""
+    from diffseg_core.tiny_model import tiny_model_cache_dir, tiny_random_path
+
+    monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path))
+    stale = tiny_model_cache_dir() / "sd1-v1"
+    stale.mkdir(parents=True)
+    (stale / "model_index.json").write_text("{}")
+    assert tiny_random_path() != stale
+    assert tiny_random_path().name.startswith("sd1-") and len(tiny_random_path().name) == 16
