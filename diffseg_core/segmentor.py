@@ -96,7 +96,15 @@ class DiffSeg:
         return torch.stack([compact_labels(labels_from_proposals(p, size)) for p in proposals])
 
     def proposals(self, maps: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Merged proposals per image, each (K_b, R, R): what NMS turns into labels."""
+        """Merged proposals per image, each (K_b, R, R): what NMS turns into labels.
+
+        On a CPU the images of a batch go one at a time: one image's working
+        set (aggregate and its logarithms, 128 MB at R = 64) stays in a large
+        last-level cache, a batch's does not, and batching buys nothing there.
+        """
+        batch = _batch_size(maps)
+        if batch is not None and batch > 1 and _device(maps).type == "cpu":
+            return [p for b in range(batch) for p in self.proposals({r: m[b : b + 1] for r, m in maps.items()})]
         with self._scratch.lock:
             out = self._scratch.get("aggregate", _aggregate_shape(maps))
             return self.proposals_from_aggregate(aggregate_attention(maps, self.weights, out=out))
@@ -183,6 +191,20 @@ class _Scratch:
             buffer = torch.empty(shape, dtype=torch.float32, device=device)
             self._buffers[role] = buffer
         return buffer
+
+
+def _batch_size(maps: Mapping[int, torch.Tensor]) -> int | None:
+    """The batch size if the input is well-formed enough to tell, else None
+    (aggregate_attention then says what is wrong)."""
+    try:
+        sizes = {m.shape[0] for m in maps.values() if m.ndim in (3, 4)}
+    except (AttributeError, TypeError):
+        return None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _device(maps: Mapping[int, torch.Tensor]) -> torch.device:
+    return next(iter(maps.values())).device
 
 
 def _aggregate_shape(maps: Mapping[int, torch.Tensor]) -> tuple[torch.Size, torch.device] | None:
