@@ -47,14 +47,18 @@ def test_rle_is_coco_and_decodes_to_the_segment():
         assert mask_utils.area(rle) == seg["area"]
 
 
-def test_chunked_upsampling_matches_core_labels_from_proposals():
-    from diffseg_core.merge import labels_from_proposals
+def test_label_maps_are_cores_labels_as_uint16(monkeypatch):
+    import diffseg_core.merge as merge
 
     torch.manual_seed(0)
     proposals = torch.rand(6, 8, 8)
     for size in [(1, 1), (7, 3), (301, 157)]:
-        expected = labels_from_proposals(proposals, size).numpy()
-        assert (labels_at_size(proposals, size, max_elements=1000) == expected).all()
+        expected = merge.labels_from_proposals(proposals, size).numpy()
+        got = labels_at_size(proposals, size)
+        assert got.dtype == np.uint16 and (got == expected).all()
+    # A huge image is done in bands of rows: same labels.
+    monkeypatch.setattr(merge, "NMS_BAND_ELEMENTS", 6 * 157 * 5)
+    assert (labels_at_size(proposals, (301, 157)) == merge.labels_from_proposals(proposals, (301, 157)).numpy()).all()
 
 
 def _rows(shard_id, ids, total, error=None):
