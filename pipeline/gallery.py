@@ -17,6 +17,8 @@ from PIL import Image
 
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
 from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
+from pipeline.manifest import read_manifest
+from pipeline.sources import open_fs
 
 MAX_SIDE = 640  # overlay panels are downscaled to this longest side
 MAX_ERRORS_LISTED = 1000
@@ -79,10 +81,11 @@ figcaption {{ font-size: .85em; margin-top: .3em; word-break: break-all; }}
 table {{ border-collapse: collapse; font-size: .85em; }}
 td, th {{ border: 1px solid #ddd; padding: .2em .5em; text-align: left; }}
 .err {{ color: #b00; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: .5em .8em; border-radius: 6px; }}
 </style></head>
 <body data-images="{n_images}">
 <h1>DiffSeg pseudo-labels</h1>
-<p>{summary}</p>
+{warning}<p>{summary}</p>
 <div class="grid">
 {figures}
 </div>
@@ -102,6 +105,20 @@ window.addEventListener("load", record);
 </script>
 </body></html>
 """
+
+
+def _random_weights_warning(labels_uri: str, storage_options: dict[str, Any] | None) -> str:
+    """A banner when the run's manifest says its model had random weights (tiny-random)."""
+    try:
+        fs, root = open_fs(labels_uri, storage_options)
+        model = (read_manifest(fs, root) or {}).get("model") or {}
+    except Exception:  # noqa: BLE001 - no or unreadable manifest: nothing to warn about
+        return ""
+    if not model.get("random_weights"):
+        return ""
+    name = html.escape(str(model.get("model", "the model")))
+    return (f'<p class="warning"><b>These labels come from {name}, a model with random weights:</b> '
+            "they exercise the pipeline and mean nothing.</p>\n")
 
 
 def build_gallery(
@@ -158,7 +175,7 @@ def build_gallery(
     summary = (f"{total} label rows in {html.escape(labels_uri)}: {total - error_count} labelled, {error_count} error rows. "
                f"Showing {len(figures)} (image | segments and boundaries).")
     (out / "index.html").write_text(_PAGE.format(
-        title=html.escape(labels_uri), n_images=len(figures), summary=summary, figures="\n".join(figures[k] for k in sorted(figures)),
+        title=html.escape(labels_uri), n_images=len(figures), summary=summary, warning=_random_weights_warning(labels_uri, storage_options), figures="\n".join(figures[k] for k in sorted(figures)),
         n_errors=error_count + len(image_errors), errors=error_html,
     ))
     return {"shown": len(figures), "rows": total, "errors": error_count, "images_not_shown": len(image_errors),

@@ -99,3 +99,23 @@ def test_gallery_renders_in_chromium(gallery, chromium, tmp_path, capsys):
     assert pixels.shape[:2] == (900, 1200) and pixels.std() > 20  # not a blank page
     if os.environ.get("DIFFSEG_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["DIFFSEG_KEEP_SCREENSHOT"])
+
+
+def test_gallery_says_when_labels_come_from_random_weights(gallery, tmp_path):
+    import json
+
+    from pipeline.gallery import build_gallery
+
+    root, labels = gallery
+    images = str(root / "images")
+    # No manifest (or a real model): no banner.
+    build_gallery(str(labels), images, str(tmp_path / "plain"), n=1)
+    assert "random weights" not in (tmp_path / "plain" / "index.html").read_text()
+    manifest = Path(labels) / "_manifest.json"
+    try:
+        manifest.write_text(json.dumps({"model": {"model": "tiny-random", "random_weights": True}}))
+        build_gallery(str(labels), images, str(tmp_path / "random"), n=1)
+        page = (tmp_path / "random" / "index.html").read_text()
+        assert "These labels come from tiny-random, a model with random weights" in page
+    finally:
+        manifest.unlink(missing_ok=True)
