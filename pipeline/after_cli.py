@@ -41,6 +41,17 @@ def add_subcommands(subparsers: Any) -> None:
     e.add_argument("--workers", type=int, default=None, help="Ray actors scoring (default: CPUs - 1)")
     e.add_argument("--ray-address", default=None)
     e.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    e.add_argument("--baselines", action="store_true",
+                   help="also score the paper's K-Means-C (k = 6) and K-Means-S (k = ground-truth classes per "
+                   "image) from the same attention: re-runs the extractor on each scored image of --images, "
+                   "in this process only (even when the labels are scored on Ray)")
+    e.add_argument("--images", default=None, help="--baselines: the input the labels were made from (same URL as for label)")
+    e.add_argument("--model", default=None,
+                   help="--baselines: model for the attention (default: the labels' _manifest.json, else SD v1.4)")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="--baselines: model input size (default: the labels' _manifest.json, else the model's native)")
+    e.add_argument("--image-column", default=None, help="--baselines, Parquet inputs: the image-bytes column")
+    e.add_argument("--baseline-batch-size", type=int, default=4, help="--baselines: images per extractor call")
     e.set_defaults(handler=run_eval)
 
     x = subparsers.add_parser(
@@ -84,7 +95,8 @@ def run_eval(args: argparse.Namespace) -> int:
             args.labels, args.ground_truth, args.format, image_list=args.image_list, categories=args.categories,
             coco_offset=args.coco_offset, num_classes=args.num_classes, ignore_values=args.ignore_value,
             use_ray=args.use_ray, workers=args.workers, ray_address=args.ray_address,
-            storage_options=args.storage_options,
+            storage_options=args.storage_options, baselines=args.baselines, images=args.images, model=args.model,
+            image_size=args.image_size, image_column=args.image_column, baseline_batch_size=args.baseline_batch_size,
         )
     except _USER_ERRORS as exc:
         return _fail("eval", exc)

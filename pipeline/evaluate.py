@@ -155,12 +155,23 @@ def evaluate(
     workers: int | None = None,
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    baselines: bool = False,
+    images: str | None = None,
+    model: str | None = None,
+    image_size: int | None = None,
+    image_column: str | None = None,
+    baseline_batch_size: int = 4,
 ) -> dict[str, Any]:
     """Score the committed labels under ``labels`` against ``ground_truth``; returns the report dict.
 
     ``use_ray``: None decides by size (Ray from RAY_THRESHOLD rows), True/False forces it.
+    ``baselines``: also score K-Means-C / K-Means-S from the attention of the source images
+    under ``images`` (pipeline.baselines; in-process), reported under ``"baselines"``.
     Raises GroundTruthError / NoLabelsError with one clear sentence on unusable input.
     """
+    if baselines and not images:
+        raise ValueError("--baselines needs --images INPUT: the images the labels were made from "
+                         "(the label files hold no attention to cluster).")
     gt = load_ground_truth(format, ground_truth, categories=categories, coco_offset=coco_offset,
                            num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options)
     wanted = read_image_list(image_list, storage_options) if image_list else None
@@ -172,7 +183,16 @@ def evaluate(
         partials = _run_ray(files, spec, workers, ray_address, storage_options)
     else:
         partials = [score_rows(rows, spec) for rows in iter_label_batches(files, EVAL_COLUMNS, storage_options)]
-    return report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
+    result = report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
+    if baselines:
+        from pipeline.baselines import compute_baselines, read_labels_manifest
+
+        result["baselines"] = compute_baselines(
+            files, gt, images, image_list=wanted, model=model, image_size=image_size,
+            manifest=read_labels_manifest(labels, storage_options), batch_size=baseline_batch_size,
+            image_column=image_column, storage_options=storage_options,
+        )
+    return result
 
 
 def report(total: dict[str, Any], spec: EvalSpec, format: str, *, used_ray: bool,
@@ -221,11 +241,21 @@ def format_report(r: dict[str, Any]) -> str:
     if "image_list" in r:
         il = r["image_list"]
         lines.append(f"image list {il['path']}: {il['with_label_row']} of {il['listed']} listed images have a label row")
-    lines += [f"{'pixel accuracy':<18}{pct(r['pixel_accuracy'])} %", f"{'mIoU':<18}{pct(r['miou'])} %", "",
-              f"{'class':<18}IoU %"]
+    lines += [f"{'pixel accuracy':<18}{pct(r['pixel_accuracy'])} %", f"{'mIoU':<18}{pct(r['miou'])} %", ""]
+    if "baselines" in r:
+        b = r["baselines"]
+        lines.append(f"{'method':<18}{'ACC %':>6}{'mIoU %':>8}   images")
+        rows = [("DiffSeg", r)] + [(name, b["methods"][name]) for name in b["methods"]]
+        lines += [f"{name:<18}{pct(m['pixel_accuracy']):>6}{pct(m['miou']):>8}   {m['num_images']}" for name, m in rows]
+        lines += [f"(baselines from the attention of {b['model']} at {b['image_size']} px; "
+                  f"K-Means-C k = {b['k_constant']}, K-Means-S k = ground-truth classes per image)", ""]
+    lines.append(f"{'class':<18}IoU %")
     lines += [f"{name:<18}{pct(v)}" for name, v in r["per_class_iou"].items()]
     for kind, items in r["examples"].items():
         for item in items[:5]:
             lines.append(f"{kind.replace('_', ' ')}: {item}")
-    lines += [f"note: {n}" for n in r["notes"]]
+    for kind, items in r.get("baselines", {}).get("examples", {}).items():
+        for item in items[:5]:
+            lines.append(f"baselines, {kind.replace('_', ' ')}: {item}")
+    lines += [f"note: {n}" for n in r["notes"] + r.get("baselines", {}).get("notes", [])]
     return "\n".join(lines)
