@@ -12,7 +12,7 @@ Layout (every section but ``input``/``output`` is optional)::
     input: s3://bucket/images/        # absolute path or URL (the cluster resolves it)
     output: s3://bucket/labels/
     model: tiny-random                # or a mapping: name, revision, dtype, image_size, timestep
-    method: {kl_threshold, num_points, iterations, refine}
+    method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
     resources: {actors, batch_size, gpus_per_actor, cpus_per_actor, merge_on, merge_actors,
                 driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, image_column, max_pixels, storage_options}
@@ -143,6 +143,7 @@ _METHOD = {
     "num_points": (_int(1), "num_points"),
     "iterations": (_int(1), "iterations"),
     "refine": (_bool, "refine"),
+    "paper_preprocess": (_bool, "paper_preprocess"),
 }
 _RESOURCES = {
     "actors": (_optional(_int(1)), "actors"),

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-points", type=int, default=_DEFAULTS.num_points, help="anchor grid side")
     d.add_argument("--iterations", type=int, default=_DEFAULTS.iterations)
     d.add_argument("--refine", action="store_true", help="k-means refinement of the proposals")
+    d.add_argument("--paper-preprocess", action="store_true",
+                   help="the paper's protocol: centre-crop each image to a square, resize to the image size, "
+                   "and label at that size (S x S) instead of the image's own")
     r = p.add_argument_group("resources")
     r.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
     r.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per model call")

@@ -3,7 +3,9 @@
 Every failure is per image and ends as an error string ``"<kind>: <detail>"``;
 the kinds (the text before the colon) are what the run summary counts.
 The width and height recorded are the image's own, after EXIF orientation:
-the label map is produced at that size, not at S x S.
+the label map is produced at that size, not at S x S. With ``paper_preprocess``
+(the paper's protocol) the image is first centre-cropped to a square (after EXIF
+orientation) and the recorded size is S x S: the label map is made at S x S.
 """
 from __future__ import annotations
 
@@ -25,13 +27,19 @@ _EXIF_ORIENTATION = 0x0112
 @dataclass
 class Decoded:
     pixels: np.ndarray | None  # (S, S, 3) uint8, or None on error
-    width: int  # after EXIF orientation; 0 when unknown
+    width: int  # after EXIF orientation (S with paper_preprocess); 0 when unknown
     height: int
     error: str | None = None
 
 
-def decode_image(data: bytes | None, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Bytes -> (S, S, 3) uint8 RGB (first frame, EXIF-oriented, alpha on white), or an error."""
+def decode_image(
+    data: bytes | None, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, paper_preprocess: bool = False
+) -> Decoded:
+    """Bytes -> (S, S, 3) uint8 RGB (first frame, EXIF-oriented, alpha on white), or an error.
+
+    ``paper_preprocess``: centre-crop to a square (after EXIF orientation) before the
+    resize, and record width = height = S (the size the label map is then made at).
+    """
     if data is None:
         return Decoded(None, 0, 0, "read error: no bytes")
     if len(data) == 0:
@@ -53,6 +61,8 @@ def decode_image(data: bytes | None, image_size: int, max_pixels: int = DEFAULT_
                     img.draft("RGB", (image_size, image_size))  # DCT-domain downscale: big JPEGs decode fast
                 img.load()
                 rgb = to_rgb(ImageOps.exif_transpose(img))
+                if paper_preprocess:
+                    rgb = center_crop_square(rgb)
                 pixels = np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BICUBIC), dtype=np.uint8)
     except Image.DecompressionBombError as exc:
         return Decoded(None, width, height, f"decompression bomb: {exc}")
@@ -66,7 +76,25 @@ def decode_image(data: bytes | None, image_size: int, max_pixels: int = DEFAULT_
         return Decoded(None, width, height, f"decode error: MemoryError: {exc}")
     if pixels.shape != (image_size, image_size, 3):  # pragma: no cover - defensive
         return Decoded(None, width, height, f"decode error: unexpected decoded shape {pixels.shape}")
+    if paper_preprocess:
+        return Decoded(pixels, image_size, image_size)
     return Decoded(pixels, width, height)
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+    """The centred square of side min(width, height): the paper's crop, before its resize.
+
+    Same window as ``pipeline.image_index.center_crop_resize`` with a square size
+    (offsets ``(long - short) // 2``), so ``diffseg eval`` crops ground truth where
+    the labeler cropped the image. That function is not reused here: it resizes
+    images bilinearly on numpy arrays, and the labeler's resize stays PIL bicubic.
+    """
+    w, h = img.size
+    side = min(w, h)
+    if w == h:
+        return img
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

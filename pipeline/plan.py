@@ -69,11 +69,12 @@ class LabelOptions:
     storage_options: dict[str, Any] | None = None
     image_column: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    paper_preprocess: bool = False  # the paper's protocol: centre-crop to a square, label at S x S
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
         kl = list(self.kl_threshold) if isinstance(self.kl_threshold, (list, tuple)) else float(self.kl_threshold)
-        return {
+        parameters = {
             "image_size": image_size,
             "dtype": dtype,
             "timestep": self.timestep,
@@ -87,6 +88,9 @@ class LabelOptions:
             "image_column": self.image_column,
             "revision": self.revision,
         }
+        if self.paper_preprocess:  # only when on: outputs made before the option stay resumable
+            parameters["paper_preprocess"] = True
+        return parameters
 
     def diffseg_kwargs(self) -> dict[str, Any]:
         kl = self.kl_threshold
@@ -243,6 +247,7 @@ def build_dataset(
             "storage_options": opts.storage_options,
             "image_column": opts.image_column,
             "max_pixels": opts.max_pixels,
+            "paper_preprocess": bool(opts.paper_preprocess),
         },
     )
     ds = ds.map_batches(

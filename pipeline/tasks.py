@@ -30,6 +30,7 @@ def read_decode(
     image_column: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chunk: int = DECODE_CHUNK,
+    paper_preprocess: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Shards (columns shard_id, kind, paths) -> decoded rows, ``chunk`` at a time.
 
@@ -42,7 +43,7 @@ def read_decode(
         rows = 0
         for chunk_rows in _chunks(_safe_read(kind, paths, root, storage_options, image_column), chunk):
             start = time.perf_counter()
-            out = _decode_chunk(chunk_rows, image_size, max_pixels)
+            out = _decode_chunk(chunk_rows, image_size, max_pixels, paper_preprocess)
             out["_t_decode"] = np.full(len(chunk_rows), (time.perf_counter() - start) / len(chunk_rows))
             out[SHARD_ID] = np.full(len(chunk_rows), int(shard_id), dtype=np.int64)
             out[SHARD_ROWS] = np.full(len(chunk_rows), -1, dtype=np.int64)
@@ -79,7 +80,9 @@ def _chunks(items: Iterator[RawImage], size: int) -> Iterator[list[RawImage]]:
         yield buf
 
 
-def _decode_chunk(raws: list[RawImage], image_size: int, max_pixels: int) -> dict[str, np.ndarray]:
+def _decode_chunk(
+    raws: list[RawImage], image_size: int, max_pixels: int, paper_preprocess: bool = False
+) -> dict[str, np.ndarray]:
     n = len(raws)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     width = np.zeros(n, dtype=np.int32)
@@ -89,7 +92,7 @@ def _decode_chunk(raws: list[RawImage], image_size: int, max_pixels: int) -> dic
         if raw.error is not None:
             errors.append(raw.error)
             continue
-        decoded = decode_image(raw.data, image_size, max_pixels)
+        decoded = decode_image(raw.data, image_size, max_pixels, paper_preprocess)
         raw.data = None
         width[i], height[i] = decoded.width, decoded.height
         if decoded.error is not None:
