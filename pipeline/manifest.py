@@ -75,7 +75,7 @@ def check_compatible(
         diffs.append(f"input {old['input']!r} -> {new['input']!r}")
     for key in sorted(set(old["parameters"]) | set(new["parameters"])):
         if old["parameters"].get(key) != new["parameters"].get(key):
-            diffs.append(f"{key} {old['parameters'].get(key)!r} -> {new['parameters'].get(key)!r}")
+            diffs.append(f"{key} {_shown(old['parameters'].get(key))} -> {_shown(new['parameters'].get(key))}")
     if model_info is not None and old["model"] is not None:
         for key in sorted(set(old["model"]) | set(new["model"])):
             if old["model"].get(key) != new["model"].get(key):
@@ -85,6 +85,11 @@ def check_compatible(
             f"{output} holds labels made with different settings ({'; '.join(diffs)}): "
             "rerun with the same settings to resume, or pass --overwrite to start over."
         )
+
+
+def _shown(value: Any) -> str:
+    """A parameter as a person reads it; an option left out of the parameters was off."""
+    return "off" if value is None else repr(value)
 
 
 def new_manifest(

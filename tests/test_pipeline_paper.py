@@ -83,7 +83,7 @@ def test_paper_preprocess_labels_at_the_square_size_and_refuses_a_rerun_without_
     for part in out.glob("*.parquet"):
         assert json.loads(pq.read_schema(part).metadata[b"diffseg"])["parameters"]["paper_preprocess"] is True
 
-    with pytest.raises(LabelError, match="paper_preprocess"):
+    with pytest.raises(LabelError, match="paper_preprocess True -> off"):
         label(str(src), str(out), **FAST)
 
 
