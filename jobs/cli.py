@@ -50,14 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The pipeline's parser with the job commands added, so ``diffseg --help`` lists them all."""
     from pipeline import cli as pipeline_cli
 
-    parser = pipeline_cli.build_parser()
-    # pipeline.cli exposes only the whole parser; find its subcommand group to add ours.
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if sub is None:  # pragma: no cover - a pipeline parser without subcommands
-        parser = argparse.ArgumentParser(prog="diffseg", description="DiffSeg pseudo-labels at scale.")
-        sub = parser.add_subparsers(dest="command", required=True)
-    add_job_commands(sub)
-    return parser
+    return pipeline_cli.build_parser(extra=add_job_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
@@ -16,7 +16,8 @@ def _kl_threshold(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The ``diffseg`` parser; ``extra(subparsers)`` may add commands (jobs.cli adds the job commands)."""
     parser = argparse.ArgumentParser(prog="diffseg", description="DiffSeg pseudo-labels at scale.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.after_cli import add_subcommands  # eval, export, show: each sets args.handler
 
     add_subcommands(sub)
+    if extra is not None:
+        extra(sub)
     return parser
 
 
