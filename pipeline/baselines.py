@@ -29,6 +29,7 @@ from pipeline.datasets_gt import GroundTruth, GroundTruthError, in_image_list
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
 from pipeline.label_files import is_error, iter_label_batches, label_map
 from pipeline.schema import MANIFEST
+from pipeline.tasks import chunked
 from pipeline.sources import open_fs
 
 METHODS = ("K-Means-C", "K-Means-S")
@@ -125,17 +126,6 @@ def crop_to_aspect(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(image[top : top + ch, left : left + cw])
 
 
-def _batches(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def compute_baselines(
     labels_files: list[str],
     gt: GroundTruth,
@@ -209,7 +199,7 @@ def compute_baselines(
                 continue
             yield item, rgb, target
 
-    for batch in _batches(decoded(), batch_size):
+    for batch in chunked(decoded(), batch_size):
         maps = extractor([rgb for _, rgb, _ in batch])
         n_rows = max(int(m.shape[1]) for m in maps.values())  # aggregate rows: the largest resolution
         for b, (item, _, target) in enumerate(batch):

@@ -8,7 +8,7 @@ shard of 1,000 files never sits in memory at once). ``encode_rows``: label maps
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,8 @@ from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.encode import encode_label
 from pipeline.schema import SEGMENT, SHARD_ID, SHARD_ROWS
 from pipeline.sources import RawImage, read_source
+
+T = TypeVar("T")
 
 DECODE_CHUNK = 32
 
@@ -41,7 +43,7 @@ def read_decode(
         paths = [str(p) for p in paths]
         held: dict[str, np.ndarray] | None = None
         rows = 0
-        for chunk_rows in _chunks(_safe_read(kind, paths, root, storage_options, image_column), chunk):
+        for chunk_rows in chunked(_safe_read(kind, paths, root, storage_options, image_column), chunk):
             start = time.perf_counter()
             out = _decode_chunk(chunk_rows, image_size, max_pixels, paper_preprocess)
             out["_t_decode"] = np.full(len(chunk_rows), (time.perf_counter() - start) / len(chunk_rows))
@@ -69,8 +71,9 @@ def _safe_read(
         yield RawImage(f"{shard}/#shard-error", paths[0], None, f"shard error: {type(exc).__name__}: {exc}")
 
 
-def _chunks(items: Iterator[RawImage], size: int) -> Iterator[list[RawImage]]:
-    buf: list[RawImage] = []
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    buf: list[T] = []
     for item in items:
         buf.append(item)
         if len(buf) == size:
