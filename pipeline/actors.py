@@ -94,8 +94,11 @@ class LabelActor:
 
         return aggregate_attention(self.extractor(pixels), self.diffseg.weights)
 
+    @torch.inference_mode()
     def _labels(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[bytes]:
-        proposals = self.diffseg.proposals_from_aggregate(self._aggregate_tensor(pixels))
+        # DiffSeg.proposals, not aggregate + proposals_from_aggregate by hand: it
+        # reuses its work buffers and walks a CPU batch one image at a time.
+        proposals = self.diffseg.proposals(self.extractor(pixels))
         return [labels_at_size(p, size).tobytes() for p, size in zip(proposals, sizes)]
 
     def _aggregate(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
