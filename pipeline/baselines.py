@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from diffseg_core.metrics import SegmentationMetrics
-from pipeline.datasets_gt import GroundTruth, GroundTruthError, in_image_list
+from pipeline.datasets_gt import GroundTruth, GroundTruthError, listed_rows, rows_with_ground_truth
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import is_error, iter_label_batches, label_map
+from pipeline.label_files import iter_label_batches, label_map
 from pipeline.schema import MANIFEST
 from pipeline.tasks import chunked
 from pipeline.sources import open_fs
@@ -91,20 +91,12 @@ def _scored_items(files: list[str], gt: GroundTruth, image_list: set[str] | None
     """The rows evaluate.score_rows scores (same filters), as (id, label size, ground-truth URI)."""
     items = []
     for rows in iter_label_batches(files, ("image_id", "label_map", "error"), storage_options):
-        for row in rows:
-            image_id = row["image_id"]
-            if image_list is not None and not in_image_list(image_id, image_list):
-                continue
-            if is_error(row):
-                continue
-            uri = gt.find(image_id)
-            if uri is None:
-                continue
+        for row, uri in rows_with_ground_truth(listed_rows(rows, image_list), gt):
             try:
                 shape = label_map(row).shape
             except (OSError, ValueError):
                 continue
-            items.append(_Item(image_id, (int(shape[0]), int(shape[1])), uri))
+            items.append(_Item(row["image_id"], (int(shape[0]), int(shape[1])), uri))
     return items
 
 

@@ -24,11 +24,12 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from pipeline.label_files import is_error
 from pipeline.sources import IMAGE_EXTENSIONS, open_fs
 
 FORMATS = ("coco-stuff-27", "cityscapes", "masks")
@@ -241,6 +242,34 @@ def read_image_list(path: str, storage_options: dict[str, Any] | None = None) ->
     fs, p = open_fs(path, storage_options)
     with fs.open(p, "r") as f:
         return {line.strip() for line in f if line.strip()}
+
+
+def listed_rows(rows: Iterable[dict[str, Any]], image_list: set[str] | None) -> list[dict[str, Any]]:
+    """The label rows an image list keeps (all of them without a list)."""
+    return [row for row in rows if image_list is None or in_image_list(row["image_id"], image_list)]
+
+
+def rows_with_ground_truth(
+    rows: Iterable[dict[str, Any]], gt: GroundTruth, note: Callable[[str, str], None] | None = None
+) -> Iterator[tuple[dict[str, Any], str]]:
+    """(row, ground-truth URI) for every row that is scored; ``note(kind, text)`` hears of
+    each row passed over: "label_errors" (an error row) or "missing_gt" (no ground truth).
+
+    The one definition of which rows are scored, shared by DiffSeg's scores and the
+    k-means baselines', so both cover the same images.
+    """
+    for row in rows:
+        image_id = row["image_id"]
+        if is_error(row):
+            if note:
+                note("label_errors", f"{image_id}: {row.get('error')}")
+            continue
+        uri = gt.find(image_id)
+        if uri is None:
+            if note:
+                note("missing_gt", image_id)
+            continue
+        yield row, uri
 
 
 def in_image_list(image_id: str, wanted: set[str]) -> bool:

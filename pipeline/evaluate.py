@@ -19,9 +19,11 @@ from typing import Any, Sequence
 
 
 from diffseg_core.metrics import SegmentationMetrics
-from pipeline.datasets_gt import GroundTruth, GroundTruthError, in_image_list, load_ground_truth, read_image_list
+from pipeline.datasets_gt import (
+    GroundTruth, GroundTruthError, listed_rows, load_ground_truth, read_image_list, rows_with_ground_truth,
+)
 from pipeline.image_index import center_crop_resize
-from pipeline.label_files import arrow_filesystem, committed_label_files, is_error, iter_label_batches, label_map
+from pipeline.label_files import arrow_filesystem, committed_label_files, iter_label_batches, label_map
 
 EVAL_COLUMNS = ("image_id", "label_map", "error")
 RAY_THRESHOLD = 500  # rows; below this the Ray start-up costs more than it saves
@@ -50,19 +52,11 @@ def score_rows(rows: Sequence[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]
     gt = spec.ground_truth
     metrics = SegmentationMetrics(gt.num_classes, -1)
     out = _empty_partial(spec)
-    for row in rows:
-        out["rows"] += 1
+    listed = listed_rows(rows, spec.image_list)
+    out["rows"] += len(rows)
+    out["in_list"] += len(listed)
+    for row, uri in rows_with_ground_truth(listed, gt, note=lambda kind, text: _note(out, kind, text)):
         image_id = row["image_id"]
-        if spec.image_list is not None and not in_image_list(image_id, spec.image_list):
-            continue
-        out["in_list"] += 1
-        if is_error(row):
-            _note(out, "label_errors", f"{image_id}: {row.get('error')}")
-            continue
-        uri = gt.find(image_id)
-        if uri is None:
-            _note(out, "missing_gt", image_id)
-            continue
         try:
             pred = label_map(row)
             target = gt.load(uri)
