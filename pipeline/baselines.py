@@ -17,10 +17,8 @@ even when the DiffSeg labels themselves are scored on Ray.
 """
 from __future__ import annotations
 
-import json
-import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -28,9 +26,7 @@ from diffseg_core.metrics import SegmentationMetrics
 from pipeline.datasets_gt import GroundTruth, GroundTruthError, listed_rows, rows_with_ground_truth
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
 from pipeline.label_files import iter_label_batches, label_map
-from pipeline.schema import MANIFEST
 from pipeline.tasks import chunked
-from pipeline.sources import open_fs
 
 METHODS = ("K-Means-C", "K-Means-S")
 K_CONSTANT = 6  # the paper's K-Means-C
@@ -42,23 +38,6 @@ class _Item:
     image_id: str
     size: tuple[int, int]  # (H, W) of the label map
     gt_uri: str
-
-
-def read_labels_manifest(labels: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The ``_manifest.json`` next to the labels (the folder, or the folder of one .parquet file), or None."""
-    try:
-        fs, root = open_fs(labels, storage_options)
-        root = root.rstrip("/") or root
-        if root.endswith(".parquet"):
-            root = posixpath.dirname(root)
-        path = f"{root}/{MANIFEST}"
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "r") as f:
-            manifest = json.load(f)
-        return manifest if isinstance(manifest, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def extractor_settings(manifest: dict[str, Any] | None, model: str | None, image_size: int | None) -> dict[str, Any]:

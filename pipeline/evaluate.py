@@ -179,7 +179,8 @@ def evaluate(
         partials = [score_rows(rows, spec) for rows in iter_label_batches(files, EVAL_COLUMNS, storage_options)]
     result = report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
     if baselines:
-        from pipeline.baselines import compute_baselines, read_labels_manifest
+        from pipeline.baselines import compute_baselines
+        from pipeline.manifest import read_labels_manifest
 
         result["baselines"] = compute_baselines(
             files, gt, images, image_list=wanted, model=model, image_size=image_size,

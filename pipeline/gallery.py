@@ -17,8 +17,7 @@ from PIL import Image
 
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
 from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
-from pipeline.manifest import read_manifest
-from pipeline.sources import open_fs
+from pipeline.manifest import read_labels_manifest
 
 MAX_SIDE = 640  # overlay panels are downscaled to this longest side
 MAX_ERRORS_LISTED = 1000
@@ -109,11 +108,7 @@ window.addEventListener("load", record);
 
 def _random_weights_warning(labels_uri: str, storage_options: dict[str, Any] | None) -> str:
     """A banner when the run's manifest says its model had random weights (tiny-random)."""
-    try:
-        fs, root = open_fs(labels_uri, storage_options)
-        model = (read_manifest(fs, root) or {}).get("model") or {}
-    except Exception:  # noqa: BLE001 - no or unreadable manifest: nothing to warn about
-        return ""
+    model = (read_labels_manifest(labels_uri, storage_options) or {}).get("model") or {}
     if not model.get("random_weights"):
         return ""
     name = html.escape(str(model.get("model", "the model")))

@@ -8,12 +8,14 @@ model, label parameters); run options such as actor count or batch size may chan
 from __future__ import annotations
 
 import json
+import posixpath
 import time
 from typing import Any
 
 import fsspec
 
 from pipeline.schema import MANIFEST
+from pipeline.sources import open_fs
 
 # model_info keys that describe where a model ran, not what it computes.
 _VOLATILE_MODEL_KEYS = frozenset({"device"})
@@ -46,6 +48,20 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | 
         return None
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def read_labels_manifest(labels: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The manifest of a labels URI (the output folder, or one .parquet file in it), or
+    None when there is none or it cannot be read: for the tools that only look at labels."""
+    try:
+        fs, root = open_fs(labels, storage_options)
+        root = root.rstrip("/") or root
+        if root.endswith(".parquet"):
+            root = posixpath.dirname(root)
+        manifest = read_manifest(fs, root)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
