@@ -348,11 +348,22 @@ def _validate(data: dict[str, Any], source: str, base_dir: Path | None, default_
     if isinstance(kl, list) and "iterations" in options and options["iterations"] != len(kl):
         raise _fail(source, "method.iterations", f"is {options['iterations']} but kl_threshold lists {len(kl)} "
                                                   "values (one per iteration); drop iterations or make them agree.")
+    _check_label_options(options, source)
     runtime_env = _runtime_env(sections["runtime_env"], source, base_dir)
     raw = {"name": name, "input": data["input"], "output": data["output"],
            **{s: sections[s] for s in ("model", "method", "resources", "io") if sections[s]}}
     return JobSpec(name=name, input=data["input"], output=data["output"], options=options, driver=driver,
                    runtime_env=runtime_env, source=source, raw=raw)
+
+
+def _check_label_options(options: dict[str, Any], source: str) -> None:
+    """What pipeline.label itself would refuse (e.g. DiffSeg's bounds), refused before submission."""
+    from pipeline.plan import LabelError, LabelOptions, validate_options
+
+    try:
+        validate_options(LabelOptions(**options))
+    except LabelError as exc:
+        raise SpecError(f"{source}: {exc}") from None
 
 
 def _check_storage_options(opts: dict[str, Any] | None, source: str, prefix: str = "io.storage_options") -> None:

@@ -107,7 +107,7 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     Raises LabelError (one clear sentence) on systemic failures.
     """
     opts = LabelOptions(**options)
-    _validate(opts)
+    validate_options(opts)
     started = time.time()
     times: dict[str, float] = {}
 
@@ -344,7 +344,13 @@ def summarize(
 # ---------------------------------------------------------------------------- helpers
 
 
-def _validate(opts: LabelOptions) -> None:
+def validate_options(opts: LabelOptions) -> None:
+    """Raise LabelError (one sentence) for options no run can use; cheap, before any work.
+
+    DiffSeg's own constructor judges the method parameters, so the bounds live in one place.
+    """
+    from diffseg_core.segmentor import DiffSeg
+
     if opts.merge_on not in ("gpu", "cpu"):
         raise LabelError(f"--merge-on must be 'gpu' or 'cpu', not {opts.merge_on!r}.")
     for name in ("batch_size", "rows_per_file", "merge_actors", "num_points", "iterations"):
@@ -353,6 +359,10 @@ def _validate(opts: LabelOptions) -> None:
             raise LabelError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}.")
     if opts.actors is not None and opts.actors < 1:
         raise LabelError(f"--actors must be a positive integer, not {opts.actors!r}.")
+    try:
+        DiffSeg(**opts.diffseg_kwargs())
+    except ValueError as exc:
+        raise LabelError(f"DiffSeg parameters: {exc}.") from None
 
 
 def _check_writable(fs: Any, root: str, output: str) -> None:

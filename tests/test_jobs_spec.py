@@ -214,3 +214,13 @@ def test_jobs_run_refuses_a_bad_spec_with_one_sentence(capsys):
     assert main(['{"input": "/x", "output": "/y", "method": {"num_points": 0}}']) == 2
     err = capsys.readouterr().err.strip()
     assert err == "diffseg job: error: <job spec>: method.num_points: must be an integer >= 1, not 0."
+
+
+def test_method_parameters_diffseg_refuses_are_refused_before_submission(tmp_path):
+    # The spec's own checks allow num_points 1; DiffSeg needs a grid of at least 2 x 2.
+    path = write(tmp_path, GOOD + "method: {num_points: 1}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: DiffSeg parameters: num_points must be an integer >= 2")
+    assert "\n" not in message

@@ -64,3 +64,12 @@ def test_anchor_grid_larger_than_the_attention_stops_before_labelling(ray_sessio
     assert last.startswith("diffseg label: error: DiffSeg cannot run on this model: num_points=16 needs")
     assert "at least 16 x 16" in last and "gives 8 x 8" in last
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_diffseg_parameters_no_run_can_use_stop_before_the_model_loads(tmp_path, capsys):
+    make_photo_folder(tmp_path / "in")
+    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tmp_path / "no-model"),
+                 "--num-points", "1"])
+    assert code == 2  # refused for num_points, not for the (missing) model: checked first
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "diffseg label: error: DiffSeg parameters: num_points must be an integer >= 2, got 1."
