@@ -90,8 +90,7 @@ def kmeans_constant(
     n_init: int = 10,
 ) -> torch.Tensor:
     """K-Means-C baseline: k-means with a constant k on each image's aggregated attention rows."""
-    batch = _batch_size(maps)
-    return kmeans_per_image(maps, [k] * batch, output_size=output_size, seed=seed, n_init=n_init)
+    return kmeans_per_image(maps, k, output_size=output_size, seed=seed, n_init=n_init)
 
 
 def kmeans_per_image(
@@ -135,9 +134,3 @@ def kmeans_per_image(
 def _nearest(rows: torch.Tensor, row_sq: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     dist = row_sq - 2 * rows @ centers.T + (centers * centers).sum(1)[None]
     return dist.argmin(1)
-
-
-def _batch_size(maps: Mapping[int, torch.Tensor]) -> int:
-    if not isinstance(maps, Mapping) or not maps:
-        raise ValueError("attention maps: expected a non-empty dict {resolution: tensor}")
-    return int(next(iter(maps.values())).shape[0])
