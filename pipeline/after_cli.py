@@ -116,7 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
         elif kind == "png":
             counts = export_png(args.labels, dest, args.storage_options)
             print(f"wrote {counts['images']} label maps under {dest} ({counts['errors']} error rows skipped"
-                  + (f", {counts['collisions']} ids with the same PNG path skipped" if counts["collisions"] else "")
+                  + (f", {counts['collisions']} given a ~N suffix: their PNG path was another id's" if counts["collisions"] else "")
                   + ")")
         else:
             return _fail("export", ValueError(f"--to must be coco or png, not {kind!r}"))

@@ -14,6 +14,7 @@ Error rows are skipped and counted.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import posixpath
@@ -98,27 +99,50 @@ def png_relpath(image_id: str) -> str:
     return "/".join(parts)
 
 
+PNG_INDEX = "_index.csv"  # image_id -> PNG path, for ids that sanitising changed or made collide
+
+
+def distinct_path(rel: str, taken: set[str]) -> str:
+    """``rel``, or ``stem~2.png``, ``stem~3.png``, ... when another id already has that path.
+
+    Compared case-folded: ``A.png`` and ``a.png`` are one file on macOS and Windows disks.
+    """
+    stem, ext = posixpath.splitext(rel)
+    candidate, n = rel, 1
+    while candidate.casefold() in taken:
+        n += 1
+        candidate = f"{stem}~{n}{ext}"
+    taken.add(candidate.casefold())
+    return candidate
+
+
 def export_png(labels_uri: str, out_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One label-map PNG per ok row (the stored PNG bytes, 8- or 16-bit), at ``out_dir/png_relpath(id)``.
 
-    Two ids that map to the same path (``a.jpg`` and ``a.png``): the second is skipped and counted.
+    Every ok row gets its own file: ids that map to one path (``a.jpg`` and ``a.png``,
+    ``k:1`` and ``k_1`` after sanitising, ``A.jpg`` and ``a.jpg``) get ``~2``, ``~3``, ...
+    in label-file order (counted as ``collisions``). ``out_dir/_index.csv`` lists
+    ``image_id,png`` for every file written, so each PNG leads back to its image.
     """
     files = committed_label_files(labels_uri, storage_options)
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"images": 0, "errors": 0, "collisions": 0}
-    written: set[str] = set()
-    for rows in iter_label_batches(files, ("image_id", "label_map", "error"), storage_options):
-        for row in rows:
-            if is_error(row):
-                counts["errors"] += 1
-                continue
-            rel = png_relpath(row["image_id"])
-            if rel in written:
-                counts["collisions"] += 1
-                continue
-            written.add(rel)
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(row["label_map"])
-            counts["images"] += 1
+    taken: set[str] = {PNG_INDEX.casefold()}
+    with open(root / PNG_INDEX, "w", newline="", encoding="utf-8") as index_file:
+        index = csv.writer(index_file)
+        index.writerow(["image_id", "png"])
+        for rows in iter_label_batches(files, ("image_id", "label_map", "error"), storage_options):
+            for row in rows:
+                if is_error(row):
+                    counts["errors"] += 1
+                    continue
+                wanted = png_relpath(row["image_id"])
+                rel = distinct_path(wanted, taken)
+                counts["collisions"] += rel != wanted
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(row["label_map"])
+                index.writerow([row["image_id"], rel])
+                counts["images"] += 1
     return counts

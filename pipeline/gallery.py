@@ -141,25 +141,28 @@ def build_gallery(
             elif len(chosen) < n:
                 chosen.append(row)
     index = ImageIndex.build(images_uri, storage_options, image_column)
-    position = {r["image_id"]: k for k, r in enumerate(chosen)}
+    positions: dict[str, list[int]] = {}  # image_id -> its rows among the chosen (ids repeat in old outputs)
+    for k, r in enumerate(chosen):
+        positions.setdefault(r["image_id"], []).append(k)
     figures: dict[int, str] = {}
     image_errors = []
-    for image_id, data, error in index.read(position):
-        k = position[image_id]
-        row = chosen[k]
-        try:
-            if data is None:
-                raise OSError(error)
-            panel = overlay(decode_rgb(data), label_map(row))
-        except Exception as exc:  # noqa: BLE001 - a missing or broken source image: list it, go on
-            image_errors.append((image_id, f"image not shown: {exc}"))
-            continue
-        name = f"overlays/{k:05d}.png"
-        Image.fromarray(panel).save(out / name, optimize=False, compress_level=6)
-        figures[k] = (
-            f'<figure><img src="{name}" alt="{html.escape(image_id)}" loading="eager">'
-            f"<figcaption><b>{html.escape(image_id)}</b> &middot; {int(row['num_segments'] or 0)} segments</figcaption></figure>"
-        )
+    for image_id, data, error in index.read(positions):
+        for k in positions[image_id]:
+            row = chosen[k]
+            try:
+                if data is None:
+                    raise OSError(error)
+                panel = overlay(decode_rgb(data), label_map(row))
+            except Exception as exc:  # noqa: BLE001 - a missing or broken source image: list it, go on
+                image_errors.append((image_id, f"image not shown: {exc}"))
+                continue
+            # Files are named by position, never by id: an id may hold any character.
+            name = f"overlays/{k:05d}.png"
+            Image.fromarray(panel).save(out / name, optimize=False, compress_level=6)
+            figures[k] = (
+                f'<figure><img src="{name}" alt="{html.escape(image_id)}" loading="eager">'
+                f"<figcaption><b>{html.escape(image_id)}</b> &middot; {int(row['num_segments'] or 0)} segments</figcaption></figure>"
+            )
     all_errors = errors + image_errors
     error_html = "<p>None.</p>" if not all_errors else (
         "<table><tr><th>image_id</th><th>error</th></tr>"

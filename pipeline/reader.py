@@ -130,19 +130,32 @@ class PseudoLabelDataset(IterableDataset):
             fs, path = open_fs(self.files[f], self.storage_options)
             with fs.open(path, "rb") as fh:
                 table = pq.ParquetFile(fh).read_row_group(rg, columns=list(READ_COLUMNS))
-            records = table.take(rows).to_pylist()
-            ok = {r["image_id"]: r for r in records if not is_error(r)}
-            for image_id, data, error in self.index.read(ok):
-                if data is None:
-                    logger.warning("skipping %s: %s", image_id, error)
-                    continue
-                try:
-                    image, labels = make_pair(data, label_map(ok[image_id]), self.size)
-                except Exception as exc:  # noqa: BLE001 - an undecodable source image: skip it
-                    logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
-                    continue
+            for image_id, image, labels in join_pairs(self.index, table.take(rows).to_pylist(), self.size):
                 pair = self.transform(image, labels)
                 yield (image_id, *pair) if self.return_id else pair
+
+
+def join_pairs(
+    index: ImageIndex, records: list[dict[str, Any]], size: tuple[int, int] | None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(image_id, image, labels) for each ok label row: every row its own pair, ids matched
+    exactly (an id is text, never a pattern); a source image that is missing or does not
+    decode is skipped with a warning."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if not is_error(r):
+            by_id.setdefault(r["image_id"], []).append(r)
+    for image_id, data, error in index.read(by_id):
+        if data is None:
+            logger.warning("skipping %s: %s", image_id, error)
+            continue
+        for row in by_id[image_id]:
+            try:
+                image, labels = make_pair(data, label_map(row), size)
+            except Exception as exc:  # noqa: BLE001 - an undecodable source image: skip it
+                logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
+                continue
+            yield image_id, image, labels
 
 
 def _row_group_sizes(uri: str, storage_options: dict[str, Any] | None) -> list[int]:
@@ -159,17 +172,8 @@ class _JoinImages:
         self.index, self.size = index, size
 
     def __call__(self, batch: Any) -> dict[str, list]:
-        rows = {r["image_id"]: r for r in batch.to_pylist() if not is_error(r)}
         out: dict[str, list] = {"image_id": [], "image": [], "label": []}
-        for image_id, data, error in self.index.read(rows):
-            if data is None:
-                logger.warning("skipping %s: %s", image_id, error)
-                continue
-            try:
-                image, labels = make_pair(data, label_map(rows[image_id]), self.size)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
-                continue
+        for image_id, image, labels in join_pairs(self.index, batch.to_pylist(), self.size):
             out["image_id"].append(image_id)
             out["image"].append(image)
             out["label"].append(labels)

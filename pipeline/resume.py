@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import fsspec
 
 from pipeline.schema import DONE_DIR, PLAN, TMP_DIR, shard_of_part
-from pipeline.sources import Listing
+from pipeline.sources import Listing, read_literal
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,11 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
     paths = [p for p in fs.ls(done_dir, detail=False) if p.endswith(".json")]
     if not paths:
         return []
-    contents = fs.cat(paths)
-    return [json.loads(contents[p]) for p in sorted(contents)]
+    contents = read_literal(fs, sorted(paths))  # never fs.cat: it reads "out[2]/..." as a glob
+    for data in contents:
+        if isinstance(data, BaseException):
+            raise data
+    return [json.loads(data) for data in contents]
 
 
 def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, done: set[int]) -> list[str]:

@@ -5,6 +5,11 @@ Three kinds of input, mixed freely under one root:
   * Parquet files with an image-bytes column (image_id = ``<file>/<key or row>``),
   * WebDataset-style tar shards (image_id = ``<tar>/<key>``).
 
+Every input object gets exactly one row and ids are unique within a shard: a
+repeated tar member or Parquet key becomes ``key#2``, ``key#3``, ... (stable: the
+order of the file decides). Listed files are read by their literal path, never
+through fsspec's glob expansion (``bracket[1].png`` is a name, not a pattern).
+
 Listing uses one ``find``/``glob`` call, never a per-file ``info``: on a bucket
 of millions of objects that is the difference between seconds and hours.
 Reading happens inside Ray tasks (``read_shard``), one work shard at a time.
@@ -13,7 +18,8 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
@@ -74,7 +80,8 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> List
     """
     fs, path = open_fs(url, storage_options)
     path = path.rstrip("/") or path
-    if any(c in path for c in _GLOB_CHARS):
+    # A name that exists as written is taken literally (a folder "shots[1]"), never as a pattern.
+    if any(c in path for c in _GLOB_CHARS) and not fs.exists(path):
         root = _glob_root(path)
         found = [p for p in fs.glob(path) if not _is_hidden(p, root)]
     elif input_kind(path) is not None and not fs.isdir(path):
@@ -137,9 +144,11 @@ class RawImage:
 def read_image_files(
     paths: list[str], root: str, storage_options: dict[str, Any] | None, chunk: int = 32
 ) -> Iterator[RawImage]:
-    """Read whole files, ``chunk`` at a time (one concurrent ``cat`` per chunk on object stores).
+    """Read whole files, ``chunk`` at a time (one concurrent batched read per chunk on object stores).
 
-    A missing or unreadable file becomes a row with an error; the shard goes on.
+    Paths are read as written (``cat_ranges``): fsspec's ``cat`` would expand a name such
+    as ``bracket[1].png`` as a glob. A missing or unreadable file becomes a row with an
+    error; the shard goes on.
     """
     if not paths:
         return
@@ -148,12 +157,11 @@ def read_image_files(
         group = paths[start : start + chunk]
         stripped = [fs._strip_protocol(p) for p in group]
         try:
-            contents = fs.cat(stripped, on_error="return")
-        except Exception as exc:  # noqa: BLE001 - e.g. a backend without batched cat: report per file
-            contents = {p: exc for p in stripped}
-        for uri, key in zip(group, stripped):
+            contents = read_literal(fs, stripped)
+        except Exception as exc:  # noqa: BLE001 - e.g. a backend without batched reads: report per file
+            contents = [exc] * len(stripped)
+        for uri, data in zip(group, contents):
             image_id = relative_id(uri, root)
-            data = contents.get(key)
             if data is None:
                 data = FileNotFoundError(uri)
             if isinstance(data, BaseException):
@@ -162,11 +170,48 @@ def read_image_files(
                 yield RawImage(image_id, uri, bytes(data))
 
 
+def read_literal(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
+    """The whole contents of each (protocol-less) path, in order, an exception in place of a
+    file that cannot be read. Never a glob: ``cat_ranges`` reads each path as written
+    (concurrently on object stores), where ``cat``/``rm``/``copy`` on a list expand ``[*?``."""
+    return fs.cat_ranges(list(paths), None, None, on_error="return")
+
+
+@dataclass
+class UniqueKeys:
+    """Distinct keys for the rows of one shard, the same on every read of the same file.
+
+    The first ``k`` stays ``k``; a repeat becomes ``k#2``, then ``k#3``, ... (skipping any
+    that is already a key of its own), so that every row of a tar with repeated member
+    names or a Parquet file with repeated keys gets its own id and its shard can commit.
+    """
+
+    taken: set[str] = field(default_factory=set)
+    repeats: Counter = field(default_factory=Counter)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.taken
+
+    def claim(self, key: str) -> str:
+        unique = key
+        while unique in self.taken:
+            self.repeats[key] += 1
+            unique = f"{key}#{self.repeats[key] + 1}"
+        self.taken.add(unique)
+        return unique
+
+
 def read_tar(uri: str, root: str, storage_options: dict[str, Any] | None) -> Iterator[RawImage]:
-    """Stream a WebDataset-style tar: one row per image member, key = member name minus extension."""
+    """Stream a WebDataset-style tar: one row per image member, key = member name minus extension.
+
+    The same key with two image extensions (``a.jpg``, ``a.png``) keeps both: the second
+    is keyed by its full name. A member name that repeats (appended or concatenated
+    shards) gets ``key#2``, ``key#3``, ... in the order of the tar (see UniqueKeys).
+    """
     shard = relative_id(uri, root)
     fs, _ = open_fs(uri, storage_options)
-    seen: set[str] = set()
+    keys = UniqueKeys()
+    names: set[str] = set()
     with fs.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile() or input_kind(member.name) != "image":
@@ -175,10 +220,10 @@ def read_tar(uri: str, root: str, storage_options: dict[str, Any] | None) -> Ite
             if base.startswith((".", "_")):
                 continue
             key = posixpath.splitext(member.name)[0]
-            if key in seen:  # the same key with two image extensions: keep both, distinctly
+            if key in keys and member.name not in names:  # another image extension of one key
                 key = member.name
-            seen.add(key)
-            image_id = f"{shard}/{key}"
+            names.add(member.name)
+            image_id = f"{shard}/{keys.claim(key)}"
             try:
                 fobj = tar.extractfile(member)
                 data = fobj.read() if fobj is not None else b""
@@ -191,7 +236,11 @@ def read_tar(uri: str, root: str, storage_options: dict[str, Any] | None) -> Ite
 def read_parquet(
     uri: str, root: str, storage_options: dict[str, Any] | None, image_column: str | None = None
 ) -> Iterator[RawImage]:
-    """One row per Parquet row; reads row group by row group, only the image (and key) columns."""
+    """One row per Parquet row; reads row group by row group, only the image (and key) columns.
+
+    Key: the key column's value (the row number where it is null, or without a key
+    column); a key that repeats gets ``key#2``, ``key#3``, ... in row order (UniqueKeys).
+    """
     shard = relative_id(uri, root)
     fs, _ = open_fs(uri, storage_options)
     with fs.open(uri, "rb") as f:
@@ -208,7 +257,7 @@ def read_parquet(
         ):
             key_column = None
         columns = [column] + ([key_column] if key_column else [])
-        seen: set[str] = set()
+        unique = UniqueKeys()
         row = 0
         for rg in range(pf.num_row_groups):
             table = pf.read_row_group(rg, columns=columns)
@@ -216,10 +265,7 @@ def read_parquet(
             keys = table.column(key_column).to_pylist() if key_column else [None] * len(images)
             for value, key in zip(images, keys):
                 key = str(key) if key is not None else str(row)
-                if key in seen:
-                    key = f"{key}#{row}"
-                seen.add(key)
-                image_id = f"{shard}/{key}"
+                image_id = f"{shard}/{unique.claim(key)}"
                 data, error = _image_value(value)
                 yield RawImage(image_id, uri, data, error)
                 row += 1
