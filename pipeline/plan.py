@@ -366,6 +366,11 @@ def validate_options(opts: LabelOptions) -> None:
 
 
 def _check_writable(fs: Any, root: str, output: str) -> None:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if any(c in root for c in "*?[") and "file" not in protocols:
+        # s3fs/gcsfs expand such a name as a glob in rm/mv/copy; local folders are handled literally
+        raise LabelError(f"Output {output!r}: an object-store folder whose name holds '*', '?' or '[' is read as "
+                         "a pattern by its client (fsspec); choose an output name without them.")
     probe = f"{root}/_write_check.tmp"
     try:
         fs.makedirs(root, exist_ok=True)

@@ -54,3 +54,21 @@ def test_s3_images_and_parquet_in_s3_labels_out(ray_session, s3, tmp_path):
 
     again = label("s3://labels-bucket/in", "s3://labels-bucket/out", storage_options=options, **FAST)
     assert again["shards"]["written_this_run"] == 0 and again["images"] == 7
+
+
+def test_s3_names_that_look_like_globs_are_read_literally(ray_session, s3):
+    from pipeline.plan import LabelError
+
+    fs, options = s3
+    names = ["bracket[1].png", "star*.png", "q?.png", "plain.png"]
+    for i, name in enumerate(names):  # distinct sizes: a row's size says which object it was read from
+        fs.pipe(f"labels-bucket/odd[1]/{name}", encoded(photos()["coffee"][::8, ::8][: 20 + i], "PNG"))
+    fs.invalidate_cache()
+    summary = label("s3://labels-bucket/odd[1]", "s3://labels-bucket/odd-out", storage_options=options, **FAST)
+    assert summary["complete"] and summary["labelled"] == 4 and summary["errors"] == 0
+    fs.invalidate_cache()
+    rows = read_output("labels-bucket/odd-out", filesystem=fs).to_pylist()
+    assert sorted((r["image_id"], r["height"]) for r in rows) == sorted(
+        (name, 20 + i) for i, name in enumerate(names))
+    with pytest.raises(LabelError, match=r"holds '\*', '\?' or '\[' is read as a pattern"):
+        label("s3://labels-bucket/odd[1]", "s3://labels-bucket/out[2]", storage_options=options, **FAST)
