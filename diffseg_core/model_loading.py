@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Every way to opt in, for a message that reaches Python, CLI and job-spec users alike.
+UNSAFE_WEIGHTS_HOW = ("pass allow_unsafe_weights=True (`diffseg label --allow-unsafe-weights`, or "
+                      "`allow_unsafe_weights: true` under `model:` in a job spec)")
 
 
 class ModelLoadError(OSError):
@@ -134,7 +137,7 @@ def _load_single_file(name: str, path: Path, allow_unsafe: bool, config: str | N
         raise ModelLoadError(
             name,
             f"'{path.suffix}' checkpoints are pickle files that can run code; "
-            "convert to .safetensors or pass allow_unsafe_weights=True.",
+            f"convert to .safetensors, or accept that risk: {UNSAFE_WEIGHTS_HOW}.",
         )
     is_sdxl = _single_file_is_sdxl(name, path) if path.suffix == ".safetensors" else False
     cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
@@ -279,7 +282,7 @@ def _check_weights(name: str, folder: Path, allow_unsafe: bool) -> None:
         raise ModelLoadError(
             name,
             f"'{folder.name}' has only pickle weights ({', '.join(sorted(unsafe))}), no .safetensors; "
-            "pass allow_unsafe_weights=True to load them.",
+            f"to load them anyway (they can run code), {UNSAFE_WEIGHTS_HOW}.",
         )
     if not unsafe:
         raise ModelLoadError(name, f"'{folder.name}' has no weights file.")

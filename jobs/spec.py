@@ -30,13 +30,20 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-# Secret-looking names: their values are never printed, and never accepted as literals
-# in storage_options (use ${VAR} there and put VAR in runtime_env.env_vars).
-SECRET_NAME = re.compile(r"(secret|token|passw|credential|private|(^|_)key($|_)|session)", re.IGNORECASE)
-_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# Secrets: a secret-looking storage_options name is never accepted as a literal (use ${VAR}
+# there and put VAR in runtime_env.env_vars), a URL with a credential in it is refused
+# anywhere, and a dry run masks every env var value but ${VAR} references and harmless settings.
+from pipeline.credentials import (
+    ENV_REF as _ENV_REF,
+    looks_secret,
+    masked_storage_options,
+    shown_env_value,
+    url_credential_problem,
+    url_credentials_in,
+)
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-MASK = "****"
 
 
 class SpecError(ValueError):
@@ -137,6 +144,7 @@ _MODEL: dict[str, tuple[Callable[[Any], Any], str | None]] = {
     "dtype": (_optional(_choice("fp32", "fp16", "bf16")), "dtype"),
     "image_size": (_optional(_int(8)), "image_size"),
     "timestep": (_int(0), "timestep"),
+    "allow_unsafe_weights": (_bool, "allow_unsafe_weights"),  # pickle weights (.bin/.ckpt) can run code
 }
 _METHOD = {
     "kl_threshold": (_kl_threshold, "kl_threshold"),
@@ -229,23 +237,35 @@ class JobSpec:
         return env
 
     def printable(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The resolved job for ``--dry-run``: secrets masked, ``${VAR}`` shown as written."""
-        env = self.ray_runtime_env(environ)
+        """The resolved job for ``--dry-run``: ``${VAR}`` shown as written, every other env var
+        value masked unless it is a known-harmless setting, storage_options strings masked
+        unless harmless (see pipeline.credentials)."""
+        env = self.ray_runtime_env(environ)  # expands ${VAR}s: an unset one is refused here
         if "env_vars" in env:
-            env["env_vars"] = {k: (self.runtime_env["env_vars"][k] if _ENV_REF.match(str(self.runtime_env["env_vars"][k]))
-                                   else MASK if SECRET_NAME.search(k) else v)
-                               for k, v in env["env_vars"].items()}
+            env["env_vars"] = {k: shown_env_value(k, self.runtime_env["env_vars"][k]) for k in env["env_vars"]}
+        options = dict(self.options)
+        if options.get("storage_options"):
+            options["storage_options"] = masked_storage_options(options["storage_options"])
+        shown = JobSpec(self.name, self.input, self.output, options, self.driver, self.runtime_env, self.source,
+                        raw=_masked_raw(self.raw))
         return {
             "name": self.name,
             "source": self.source,
             "submission_id_prefix": self.submission_prefix,
             "input": self.input,
             "output": self.output,
-            "options": self.options,
+            "options": options,
             "driver": self.driver,
             "runtime_env": env,
-            "entrypoint": entrypoint_command(self),
+            "entrypoint": entrypoint_command(shown),
         }
+
+
+def _masked_raw(raw: dict[str, Any]) -> dict[str, Any]:
+    io = raw.get("io") or {}
+    if not io.get("storage_options"):
+        return raw
+    return {**raw, "io": {**io, "storage_options": masked_storage_options(io["storage_options"])}}
 
 
 def entrypoint_command(spec: JobSpec) -> str:
@@ -304,6 +324,10 @@ def _validate(data: dict[str, Any], source: str, base_dir: Path | None, default_
             _str(data[key])
         except _Bad as exc:
             raise _fail(source, key, f"must be {exc}.") from None
+        problem = url_credential_problem(data[key])
+        if problem:
+            raise _fail(source, key, f"is {problem}; give the cluster its credentials through its own environment "
+                                     "(IAM role, runtime_env.env_vars with ${VAR}), never in the URL.")
         if not (_URL.match(data[key]) or os.path.isabs(data[key])):
             raise _fail(source, key, f"{data[key]!r} must be an absolute path or a URL (s3://, gs://, file://...): "
                                      "the job runs in the cluster, not in this folder.")
@@ -370,17 +394,27 @@ def _check_storage_options(opts: dict[str, Any] | None, source: str, prefix: str
     """Credentials as literals would travel in the job's command line: ask for ${VAR} instead."""
     if not opts:
         return
+    if prefix == "io.storage_options":
+        found = next(url_credentials_in(opts, prefix), None)
+        if found:
+            raise _fail(source, found[0], f"is {found[1]}; write the credential as ${{SOME_VAR}} in its own option "
+                                          "(key, secret, ...) and put SOME_VAR in runtime_env.env_vars.")
     for k, v in opts.items():
         key = f"{prefix}.{k}"
         if isinstance(v, dict):
             _check_storage_options(v, source, key)
-        elif SECRET_NAME.search(str(k)) and not (isinstance(v, str) and _ENV_REF.match(v)) and v not in (None, False):
+        elif looks_secret(str(k)) and not (isinstance(v, str) and _ENV_REF.match(v)) and v not in (None, False):
             raise _fail(source, key, "looks like a credential; write it as ${SOME_VAR} and put SOME_VAR in "
                                      "runtime_env.env_vars (or use the provider's own environment variables).")
 
 
 def _runtime_env(env: dict[str, Any], source: str, base_dir: Path | None) -> dict[str, Any]:
     env = dict(env)
+    for key in ("working_dir", "pip", "py_modules"):  # e.g. git+https://user:TOKEN@host/repo in pip
+        found = next(url_credentials_in(env.get(key), f"runtime_env.{key}"), None) if key in env else None
+        if found:
+            raise _fail(source, found[0], f"is {found[1]}; the cluster's job list shows it to anyone who can "
+                                          "read it: use a credential helper or a package index the cluster can reach.")
     for key in ("working_dir",):
         if key in env and not _URL.match(env[key]):
             path = Path(env[key]).expanduser()

@@ -39,6 +39,7 @@ class LabelActor:
         merge_on: str,
         diffseg_kwargs: dict[str, Any],
         threads: int | None = None,
+        allow_unsafe_weights: bool = False,
     ):
         from diffseg_core.extract import AttentionExtractor
         from diffseg_core.segmentor import DiffSeg
@@ -46,7 +47,8 @@ class LabelActor:
         if threads:
             torch.set_num_threads(threads)
         self.extractor = AttentionExtractor.from_pretrained(
-            model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision
+            model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
+            allow_unsafe_weights=allow_unsafe_weights,
         )
         self.diffseg = DiffSeg(**diffseg_kwargs)
         self.merge_on = merge_on

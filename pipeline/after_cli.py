@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any
 
+from pipeline.credentials import storage_options_json
 from pipeline.datasets_gt import FORMATS
 
 
@@ -40,7 +41,7 @@ def add_subcommands(subparsers: Any) -> None:
     e.add_argument("--no-ray", dest="use_ray", action="store_false", help="score in this process")
     e.add_argument("--workers", type=int, default=None, help="Ray actors scoring (default: CPUs - 1)")
     e.add_argument("--ray-address", default=None)
-    e.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    e.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     e.add_argument("--baselines", action="store_true",
                    help="also score the paper's K-Means-C (k = 6) and K-Means-S (k = ground-truth classes per "
                    "image) from the same attention: re-runs the extractor on each scored image of --images, "
@@ -62,7 +63,7 @@ def add_subcommands(subparsers: Any) -> None:
     x.add_argument("labels", help="output folder of `diffseg label`")
     x.add_argument("--to", required=True, nargs=2, metavar=("{coco,png}", "DEST"),
                    help="coco OUT.json, or png DIR")
-    x.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    x.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     x.set_defaults(handler=run_export)
 
     s = subparsers.add_parser(
@@ -75,7 +76,7 @@ def add_subcommands(subparsers: Any) -> None:
     s.add_argument("--out", required=True, help="folder for index.html and overlays/")
     s.add_argument("--n", type=int, default=64, help="images to draw")
     s.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column")
-    s.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
+    s.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     s.set_defaults(handler=run_show)
 
 

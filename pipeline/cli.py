@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from pipeline.credentials import storage_options_json
 from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
 _DEFAULTS = LabelOptions()
@@ -35,6 +36,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     m.add_argument("--image-size", type=int, default=None, help="model input size S (default: the model's native size)")
     m.add_argument("--timestep", type=int, default=_DEFAULTS.timestep)
+    m.add_argument("--allow-unsafe-weights", action="store_true",
+                   help="load pickle weights (.bin, .ckpt) when a model has no .safetensors: such files can run "
+                   "code, use only models you trust (recorded in the manifest)")
     d = p.add_argument_group("DiffSeg")
     d.add_argument("--kl-threshold", type=_kl_threshold, default=_DEFAULTS.kl_threshold,
                    help="tau; comma-separated for one per iteration")
@@ -63,8 +67,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     o.add_argument("--overwrite", action="store_true", help="delete earlier labels in OUTPUT and start over")
     o.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: guessed)")
     o.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="refuse larger images (bombs)")
-    o.add_argument("--storage-options", type=json.loads, default=None,
-                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    o.add_argument("--storage-options", type=storage_options_json, default=None,
+                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\' '
+                   "(never printed; no credentials inside URLs)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
     from pipeline.after_cli import add_subcommands  # eval, export, show: each sets args.handler
 

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.credentials import refuse_url_credentials
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.manifest import (
     IncompatibleOutputError,
@@ -70,6 +71,7 @@ class LabelOptions:
     image_column: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     paper_preprocess: bool = False  # the paper's protocol: centre-crop to a square, label at S x S
+    allow_unsafe_weights: bool = False  # load pickle weights (.bin/.ckpt: they can run code)
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
@@ -90,6 +92,8 @@ class LabelOptions:
         }
         if self.paper_preprocess:  # only when on: outputs made before the option stay resumable
             parameters["paper_preprocess"] = True
+        if self.allow_unsafe_weights:  # likewise
+            parameters["allow_unsafe_weights"] = True
         return parameters
 
     def diffseg_kwargs(self) -> dict[str, Any]:
@@ -108,6 +112,10 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     """
     opts = LabelOptions(**options)
     validate_options(opts)
+    try:
+        refuse_url_credentials(input, output, opts.storage_options)  # they would reach the manifest and logs
+    except ValueError as exc:
+        raise LabelError(str(exc)) from None
     started = time.time()
     times: dict[str, float] = {}
 
@@ -267,6 +275,7 @@ def build_dataset(
             "merge_on": opts.merge_on,
             "diffseg_kwargs": opts.diffseg_kwargs(),
             "threads": None if use_gpu else (opts.threads_per_actor or max(1, int(cpus // actors))),
+            "allow_unsafe_weights": bool(opts.allow_unsafe_weights),
         },
     )
     if opts.merge_on == "cpu":
@@ -291,7 +300,7 @@ def probe_model(opts: LabelOptions, dtype: str) -> dict[str, Any]:
     try:
         extractor = AttentionExtractor.from_pretrained(
             opts.model, device="cpu", dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
-            revision=opts.revision,
+            revision=opts.revision, allow_unsafe_weights=bool(opts.allow_unsafe_weights),
         )
         info = extractor.model_info
     except Exception as exc:  # noqa: BLE001 - ModelLoadError, bad dtype/size, missing files, ...
