@@ -60,6 +60,8 @@ def extractor_settings(manifest: dict[str, Any] | None, model: str | None, image
         # revision and timestep only make sense for the recorded model
         "revision": (params.get("revision") or info.get("revision")) if from_manifest else None,
         "timestep": int(params.get("timestep", 300)) if recorded_model is not None else 300,
+        # the labeling run's opt-in to pickle weights holds for the same model, not for another
+        "allow_unsafe_weights": bool(params.get("allow_unsafe_weights")) if from_manifest else False,
         "source": "manifest" if from_manifest else ("given" if model is not None else "default"),
         "notes": notes,
     }
@@ -137,6 +139,7 @@ def compute_baselines(
         extractor = AttentionExtractor.from_pretrained(
             settings["model"], device=device, dtype=dtype, image_size=settings["image_size"],
             timestep=settings["timestep"], revision=settings["revision"],
+            allow_unsafe_weights=settings["allow_unsafe_weights"],
         )
     metrics = {name: SegmentationMetrics(gt.num_classes, -1) for name in METHODS}
     per_image: list[dict[str, Any]] = []

@@ -17,7 +17,7 @@ import pytest
 from jobs import cli as jobs_cli
 from jobs.spec import SpecError, load_spec
 from pipeline.credentials import MASK, looks_secret, url_credential_problem
-from pipeline_helpers import FAST, make_photo_folder
+from pipeline_helpers import make_photo_folder
 
 GOOD = "input: /data/in\noutput: /data/out\nmodel: tiny-random\n"
 
@@ -217,3 +217,12 @@ def test_the_spec_key_turns_the_flag_on(tmp_path):
         load_spec(_spec(tmp_path, GOOD.replace("model: tiny-random\n", "")
                         + "model: {name: /models/sd, allow_unsafe_weights: 'yes'}\n"))
 
+
+
+def test_eval_baselines_reuse_the_labels_opt_in_for_their_own_model_only():
+    from pipeline.baselines import extractor_settings
+
+    manifest = {"model": {"model": "/models/sd-bin"}, "parameters": {"image_size": 64, "allow_unsafe_weights": True}}
+    assert extractor_settings(manifest, None, None)["allow_unsafe_weights"] is True
+    assert extractor_settings(manifest, "/models/other", None)["allow_unsafe_weights"] is False
+    assert extractor_settings({"model": {"model": "m"}, "parameters": {}}, None, None)["allow_unsafe_weights"] is False
