@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.credentials import url_credential_problem
+
 DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
 _HOW = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at the token file, or put it in ~/.ray/auth_token "
         "(`ray get-auth-token` on the head node prints it)")
@@ -64,6 +66,10 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
     address = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
     if not address:
         raise ClusterError("No Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS.")
+    problem = url_credential_problem(address)
+    if problem:  # it would be repeated by every error message about the cluster
+        raise ClusterError(f"The Ray cluster address is {problem}; give the address alone and the token through "
+                           "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
     return address.rstrip("/")
 
 

@@ -154,6 +154,14 @@ def test_specs_with_credentials_where_they_would_be_shown_are_refused(section, k
     assert secret not in out + err_text and key in err_text
 
 
+def test_a_cluster_address_with_a_password_is_refused_unechoed(tmp_path, capfd, monkeypatch):
+    secret = _secret()
+    monkeypatch.setenv("RAY_ADDRESS", f"http://admin:{secret}@127.0.0.1:9")
+    assert jobs_cli.main(["status", "some-job"]) == 2
+    out, err = capfd.readouterr()
+    assert secret not in out + err and "password in it" in err and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------- pickle weights
 
 
