@@ -11,7 +11,8 @@ Layout (every section but ``input``/``output`` is optional)::
     name: my-run                      # default: the file's stem
     input: s3://bucket/images/        # absolute path or URL (the cluster resolves it)
     output: s3://bucket/labels/
-    model: tiny-random                # or a mapping: name, revision, dtype, image_size, timestep
+    model: tiny-random                # or a mapping: name, revision, dtype, image_size, timestep,
+                                      #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
     resources: {actors, batch_size, gpus_per_actor, cpus_per_actor, merge_on, merge_actors,
                 driver_cpus, driver_gpus, driver_memory}
