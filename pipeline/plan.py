@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.credentials import refuse_url_credentials
+from pipeline.dataset_card import write_dataset_card
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.manifest import (
     IncompatibleOutputError,
@@ -198,6 +199,7 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         "stage_seconds": summary["stage_seconds"],
     })
     write_manifest(out_fs, out_root, manifest)
+    write_dataset_card(out_fs, out_root, manifest)  # load_dataset(OUTPUT) reads the labels
     if sink.open:
         raise LabelError(
             f"{len(sink.open)} shard(s) did not receive all their rows and were not committed "
