@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.credentials import storage_options_json
 from pipeline.datasets_gt import FORMATS
+from pipeline.export import DATUMARO_IMAGES, LAYOUTS
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -56,13 +58,20 @@ def add_subcommands(subparsers: Any) -> None:
     e.set_defaults(handler=run_eval)
 
     x = subparsers.add_parser(
-        "export", formatter_class=fmt, help="export labels to COCO JSON (RLE) or label-map PNGs",
-        description="Export pseudo-labels: --to coco OUT.json writes COCO instances JSON, one RLE annotation per "
-        "segment, category 'segment'; --to png DIR writes one label-map PNG per image. Error rows are skipped.",
+        "export", formatter_class=fmt, help="export labels to COCO JSON (RLE), COCO results or label-map PNGs",
+        description="Export pseudo-labels. --to coco OUT.json: COCO instances JSON, one RLE annotation per segment, "
+        "category 'segment' (with --layout datumaro, OUT is a folder and the JSON goes to "
+        "OUT/annotations/instances_default.json, the layout Datumaro and CVAT import). --to coco-results OUT.json: "
+        "a COCO results list for COCO.loadRes / COCOeval, image ids as in the instances file, score = the "
+        "segment's area fraction (DiffSeg has no confidence). --to png DIR: one label-map PNG per image. "
+        "Error rows are skipped.",
     )
     x.add_argument("labels", help="output folder of `diffseg label`")
-    x.add_argument("--to", required=True, nargs=2, metavar=("{coco,png}", "DEST"),
-                   help="coco OUT.json, or png DIR")
+    x.add_argument("--to", required=True, nargs=2, metavar=("{coco,coco-results,png}", "DEST"),
+                   help="coco OUT.json, coco-results OUT.json, or png DIR")
+    x.add_argument("--layout", choices=LAYOUTS, default="file",
+                   help="--to coco: 'file' writes DEST as the JSON; 'datumaro' writes "
+                   "DEST/annotations/instances_default.json")
     x.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     x.set_defaults(handler=run_export)
 
@@ -106,21 +115,31 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_coco, export_png
+    from pipeline.export import export_coco, export_coco_results, export_png
 
     kind, dest = args.to
+    if kind not in ("coco", "coco-results", "png"):
+        return _fail("export", ValueError(f"--to must be coco, coco-results or png, not {kind!r}"))
+    if args.layout != "file" and kind != "coco":
+        return _fail("export", ValueError(f"--layout {args.layout} applies to --to coco only"))
     try:
         if kind == "coco":
-            counts = export_coco(args.labels, dest, args.storage_options)
-            print(f"wrote {dest}: {counts['images']} images, {counts['annotations']} segments "
+            counts = export_coco(args.labels, dest, args.storage_options, layout=args.layout)
+            print(f"wrote {counts['path']}: {counts['images']} images, {counts['annotations']} segments "
                   f"({counts['errors']} error rows skipped)")
-        elif kind == "png":
+            if args.layout == "datumaro":
+                images = str(Path(dest) / DATUMARO_IMAGES)
+                print(f"{images}: the input images are not local: copy or link them there for Datumaro/CVAT"
+                      if counts["images_dir"] == "empty" else f"{images}: {counts['images_dir']}")
+        elif kind == "coco-results":
+            counts = export_coco_results(args.labels, dest, args.storage_options)
+            print(f"wrote {counts['path']}: {counts['annotations']} segments of {counts['images']} images, "
+                  f"score = area fraction ({counts['errors']} error rows skipped)")
+        else:
             counts = export_png(args.labels, dest, args.storage_options)
             print(f"wrote {counts['images']} label maps under {dest} ({counts['errors']} error rows skipped"
                   + (f", {counts['collisions']} given a ~N suffix: their PNG path was another id's" if counts["collisions"] else "")
                   + ")")
-        else:
-            return _fail("export", ValueError(f"--to must be coco or png, not {kind!r}"))
     except _USER_ERRORS as exc:
         return _fail("export", exc)
     return 0

@@ -1,15 +1,30 @@
-"""``diffseg export``: pseudo-labels -> COCO instances JSON (RLE) or a folder of label-map PNGs.
+"""``diffseg export``: pseudo-labels -> COCO instances JSON (RLE), a COCO results list, or label-map PNGs.
 
-COCO: every segment of every image becomes one annotation with a compressed RLE
-``segmentation`` (``pycocotools.mask.encode`` on a Fortran-ordered uint8 mask,
-``counts`` as a str), ``area`` and ``bbox`` from the RLE, ``iscrowd`` 0, and one
-category "segment" (DiffSeg segments have no class). ``file_name`` is the
-image_id, so the tools find the image under the same root the labels came from.
-pycocotools' ``COCO`` API, FiftyOne's ``COCODetectionDataset`` and
-CVAT/Datumaro's "COCO instances" importer read RLE segmentations of this form.
+COCO instances (``--to coco``): every segment of every image becomes one
+annotation with a compressed RLE ``segmentation`` (``pycocotools.mask.encode``
+on a Fortran-ordered uint8 mask, ``counts`` as a str), ``area`` and ``bbox`` from
+the RLE, ``iscrowd`` 0, and one category "segment" (DiffSeg segments have no
+class). ``file_name`` is the image_id, so the tools find the image under the
+same root the labels came from. pycocotools' ``COCO`` API, FiftyOne's
+``COCODetectionDataset`` and CVAT/Datumaro's "COCO instances" importer read RLE
+segmentations of this form. ``layout="datumaro"`` writes it as
+``DEST/annotations/instances_default.json`` beside ``DEST/images/default/``, the
+folder layout Datumaro's ``coco_instances`` importer (and CVAT's dataset import)
+requires (Datumaro 1.13 refuses a dataset without the images folder). When the
+labels' input was a local folder, ``images/default`` is a link to it, so
+``images/default/<file_name>`` is each labelled picture; otherwise it is an
+empty folder to copy or link the images into.
 
-The JSON is streamed: images and annotations go to two temporary files while
-the label rows are read, then are joined, so memory stays bounded on big sets.
+COCO results (``--to coco-results``): what ``COCO.loadRes`` and ``COCOeval`` take,
+a list of ``{image_id, category_id, segmentation, score}`` (no ``bbox``:
+``loadRes`` would take its area for the segment's; it derives the box from the RLE). Image ids are
+the instances file's (both number the ok rows 1..N in the same order), so the two
+files of one labels folder pair up. DiffSeg has no confidence: ``score`` is the
+segment's area as a fraction of its image (0..1], a documented, deterministic
+ranking (larger segments first) for the tools that need one, not a probability.
+
+The JSON is streamed: images and annotations go to temporary files while the
+label rows are read, then are joined, so memory stays bounded on big sets.
 Error rows are skipped and counted.
 """
 from __future__ import annotations
@@ -21,14 +36,19 @@ import posixpath
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
-from pipeline.sources import IMAGE_EXTENSIONS
+from pipeline.manifest import read_labels_manifest
+from pipeline.sources import IMAGE_EXTENSIONS, open_fs
 
 SEGMENT_CATEGORY = {"id": 1, "name": "segment", "supercategory": "segment"}
+LAYOUTS = ("file", "datumaro")
+DATUMARO_INSTANCES = "annotations/instances_default.json"  # Datumaro: annotations/<task>_<subset>.json
+DATUMARO_IMAGES = "images/default"  # Datumaro: images/<subset>/<file_name>
 
 
 def segment_annotations(labels: np.ndarray, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
@@ -51,30 +71,47 @@ def segment_annotations(labels: np.ndarray, image_id: int, first_ann_id: int) ->
     return anns
 
 
-def export_coco(labels_uri: str, out_path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write a COCO instances JSON of every ok row; returns counts (images, annotations, errors)."""
+def _coco_rows(labels_uri: str, storage_options: dict[str, Any] | None,
+               counts: dict[str, int]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(COCO image, its annotations) per ok row, ids numbered from 1 in file order; counts errors."""
     files = committed_label_files(labels_uri, storage_options)
-    out = Path(out_path)
+    images = annotations = 0
+    for rows in iter_label_batches(files, storage_options=storage_options):
+        for row in rows:
+            if is_error(row):
+                counts["errors"] += 1
+                continue
+            lm = label_map(row)
+            images += 1
+            image = {"id": images, "file_name": row["image_id"], "width": int(lm.shape[1]), "height": int(lm.shape[0])}
+            anns = segment_annotations(lm, images, annotations + 1)
+            annotations += len(anns)
+            yield image, anns
+
+
+def export_coco(labels_uri: str, out_path: str, storage_options: dict[str, Any] | None = None,
+                layout: str = "file") -> dict[str, Any]:
+    """Write a COCO instances JSON of every ok row; returns counts (images, annotations, errors, path).
+
+    ``layout="file"``: ``out_path`` is the JSON file; ``"datumaro"``: ``out_path`` is a folder and the
+    JSON goes to ``out_path/annotations/instances_default.json``, next to ``out_path/images/default``
+    (counts["images_dir"]: "link to INPUT" or "empty").
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    out = Path(out_path) / DATUMARO_INSTANCES if layout == "datumaro" else Path(out_path)
+    if layout == "datumaro" and Path(out_path).is_file():
+        raise ValueError(f"--layout datumaro writes into a folder, and {out_path} is a file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"images": 0, "annotations": 0, "errors": 0}
+    counts: dict[str, Any] = {"images": 0, "annotations": 0, "errors": 0, "path": str(out)}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        img_f = open(os.path.join(tmp, "images"), "w")
-        ann_f = open(os.path.join(tmp, "annotations"), "w")
-        with img_f, ann_f:
-            for rows in iter_label_batches(files, storage_options=storage_options):
-                for row in rows:
-                    if is_error(row):
-                        counts["errors"] += 1
-                        continue
-                    lm = label_map(row)
-                    img_id = counts["images"] + 1
-                    image = {"id": img_id, "file_name": row["image_id"], "width": int(lm.shape[1]),
-                             "height": int(lm.shape[0])}
-                    img_f.write(("," if counts["images"] else "") + json.dumps(image))
-                    counts["images"] += 1
-                    for ann in segment_annotations(lm, img_id, counts["annotations"] + 1):
-                        ann_f.write(("," if counts["annotations"] else "") + json.dumps(ann))
-                        counts["annotations"] += 1
+        with open(os.path.join(tmp, "images"), "w") as img_f, open(os.path.join(tmp, "annotations"), "w") as ann_f:
+            for image, anns in _coco_rows(labels_uri, storage_options, counts):
+                img_f.write(("," if counts["images"] else "") + json.dumps(image))
+                counts["images"] += 1
+                for ann in anns:
+                    ann_f.write(("," if counts["annotations"] else "") + json.dumps(ann))
+                    counts["annotations"] += 1
         part = out.with_name(out.name + ".tmp")
         with open(part, "w") as f:
             f.write('{"info": {"description": "DiffSeg pseudo-labels", "source": ')
@@ -87,6 +124,50 @@ def export_coco(labels_uri: str, out_path: str, storage_options: dict[str, Any] 
                 shutil.copyfileobj(src, f)
             f.write("]}\n")
         os.replace(part, out)
+    if layout == "datumaro":
+        counts["images_dir"] = _datumaro_images(labels_uri, Path(out_path) / DATUMARO_IMAGES, storage_options)
+    return counts
+
+
+def _datumaro_images(labels_uri: str, images_dir: Path, storage_options: dict[str, Any] | None) -> str:
+    """Make ``images/default``: a link to the labels' local input folder when there is one, else empty."""
+    if images_dir.is_symlink() or images_dir.exists():
+        return f"kept {'link to ' + os.readlink(images_dir) if images_dir.is_symlink() else 'folder'}"
+    images_dir.parent.mkdir(parents=True, exist_ok=True)
+    source = (read_labels_manifest(labels_uri, storage_options) or {}).get("input")
+    if isinstance(source, str):
+        fs, path = open_fs(source)
+        if isinstance(fs, LocalFileSystem) and os.path.isdir(path):
+            os.symlink(os.path.abspath(path), images_dir, target_is_directory=True)
+            return f"link to {os.path.abspath(path)}"
+    images_dir.mkdir()
+    return "empty"
+
+
+def export_coco_results(labels_uri: str, out_path: str,
+                        storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a COCO results list (``COCO.loadRes``, ``COCOeval``) of every segment of every ok row.
+
+    ``score`` = segment area / image area: DiffSeg gives no confidence, this is a ranking by size.
+    Returns counts (images, annotations, errors).
+    """
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, Any] = {"images": 0, "annotations": 0, "errors": 0, "path": str(out)}
+    part = out.with_name(out.name + ".tmp")
+    with open(part, "w") as f:
+        f.write("[")
+        for image, anns in _coco_rows(labels_uri, storage_options, counts):
+            counts["images"] += 1
+            pixels = image["width"] * image["height"]
+            for ann in anns:
+                # no "bbox": loadRes would then take the box's area as the segment's
+                result = {"image_id": ann["image_id"], "category_id": ann["category_id"],
+                          "segmentation": ann["segmentation"], "score": ann["area"] / pixels}
+                f.write(("," if counts["annotations"] else "") + json.dumps(result))
+                counts["annotations"] += 1
+        f.write("]\n")
+    os.replace(part, out)
     return counts
 
 

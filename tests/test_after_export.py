@@ -1,11 +1,14 @@
-"""diffseg export: COCO JSON and PNG folders decode back to exactly the stored label maps."""
+"""diffseg export: COCO JSON and PNG folders decode back to exactly the stored label maps; COCO results
+load in COCOeval; the Datumaro layout holds the same instances file."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from after_helpers import write_labels
 from pipeline.after_cli import main as after_main
@@ -61,6 +64,79 @@ def test_coco_round_trip(labels, tmp_path, capsys):
             ys, xs = np.nonzero(mask)
             assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
         assert np.array_equal(rebuilt, want)
+
+
+def test_coco_results_load_in_cocoeval_and_pair_with_the_instances(labels, tmp_path, capsys):
+    root, expected = labels
+    instances, results = tmp_path / "instances.json", tmp_path / "results.json"
+    assert after_main(["export", str(root), "--to", "coco", str(instances)]) == 0
+    assert after_main(["export", str(root), "--to", "coco-results", str(results)]) == 0
+    assert "score = area fraction (1 error rows skipped)" in capsys.readouterr().out
+    listed = json.loads(results.read_text())
+    assert isinstance(listed, list) and len(listed) == sum(len(np.unique(m)) for m in expected.values())
+    gt = COCO(str(instances))
+    dt = gt.loadRes(str(results))  # fails on an instances file: needs a results list
+    for img in gt.loadImgs(gt.getImgIds()):
+        found = dt.loadAnns(dt.getAnnIds(imgIds=[img["id"]]))
+        # score = area fraction: the segments of an image partition it, so its scores sum to 1
+        assert sum(a["score"] for a in found) == pytest.approx(1.0, abs=1e-9)
+        assert all(a["score"] == pytest.approx(a["area"] / (img["width"] * img["height"]), abs=1e-12)
+                   for a in found)
+    ev = COCOeval(gt, dt, "segm")
+    ev.params.maxDets = [1, 10, 1000]  # one image has 300 segments
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    # the results are the instances' own segments: each matches its own at every IoU threshold,
+    # so precision is 1 at every recall level (area "all", 1000 detections) and so is recall
+    assert (ev.eval["precision"][:, :, :, 0, -1] == 1).all() and ev.stats[8] == pytest.approx(1.0)
+
+
+def test_datumaro_layout_holds_the_instances_file(labels, tmp_path, capsys):
+    """Datumaro's coco_instances importer needs annotations/instances_<subset>.json and an images/ folder
+    (images/<subset>/<file_name>); checked by hand with Datumaro 1.13.12, which is not a test dependency."""
+    root, _ = labels
+    flat, folder = tmp_path / "flat.json", tmp_path / "dm"
+    assert after_main(["export", str(root), "--to", "coco", str(flat)]) == 0
+    assert after_main(["export", str(root), "--to", "coco", str(folder), "--layout", "datumaro"]) == 0
+    written = folder / "annotations" / "instances_default.json"
+    printed = capsys.readouterr().out
+    assert f"wrote {written}: 3 images" in printed
+    assert "images/default: the input images are not local: copy or link them there" in printed
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "annotations", "annotations/instances_default.json", "images", "images/default"]
+    assert json.loads(written.read_text()) == json.loads(flat.read_text())
+    assert len(COCO(str(written)).getImgIds()) == 3
+
+
+def test_datumaro_layout_links_a_local_input_folder(labels, tmp_path, capsys):
+    root, expected = labels
+    photos = tmp_path / "photos"
+    for image_id in expected:
+        (photos / image_id).parent.mkdir(parents=True, exist_ok=True)
+        (photos / image_id).write_bytes(b"pixels of " + image_id.encode())
+    labelled = tmp_path / "labels"
+    shutil.copytree(root, labelled)
+    (labelled / "_manifest.json").write_text(json.dumps({"input": photos.as_uri()}))
+    folder = tmp_path / "dm"
+    assert after_main(["export", str(labelled), "--to", "coco", str(folder), "--layout", "datumaro"]) == 0
+    assert f"images/default: link to {photos}" in capsys.readouterr().out
+    coco = COCO(str(folder / "annotations" / "instances_default.json"))
+    for img in coco.loadImgs(coco.getImgIds()):  # where Datumaro looks for each picture
+        assert (folder / "images" / "default" / img["file_name"]).read_bytes() == b"pixels of " + img["file_name"].encode()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--to", "coco-results", "R.json", "--layout", "datumaro"], "--layout datumaro applies to --to coco only"),
+    (["--to", "voc", "X"], "--to must be coco, coco-results or png, not 'voc'"),
+])
+def test_export_misuse_is_one_sentence(labels, tmp_path, capsys, argv, message):
+    root, _ = labels
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert after_main(["export", str(root), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"diffseg export: error: {message}" and not list(tmp_path.iterdir())
 
 
 def test_png_round_trip_and_masks_eval(labels, tmp_path, capsys):
