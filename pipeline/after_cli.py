@@ -14,11 +14,12 @@ from typing import Any
 from pipeline.credentials import storage_options_json
 from pipeline.datasets_gt import FORMATS
 from pipeline.export import DATUMARO_IMAGES, LAYOUTS
+from pipeline.help_format import DefaultsHelpFormatter
 
 
 def add_subcommands(subparsers: Any) -> None:
     """Add ``eval``, ``export`` and ``show`` to an argparse subparsers object."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     e = subparsers.add_parser(
         "eval", formatter_class=fmt, help="pixel accuracy and mIoU against ground truth (paper protocol)",
         description="Score pseudo-labels against ground truth with the paper's protocol: per-image Hungarian "
@@ -27,7 +28,9 @@ def add_subcommands(subparsers: Any) -> None:
     )
     e.add_argument("labels", help="output folder of `diffseg label` (or one .parquet file)")
     e.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs)")
-    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--format", required=True, choices=FORMATS,
+                   help="ground truth's kind: COCO-Stuff stuffthingmaps (27 coarse classes), Cityscapes gtFine, or "
+                   "a folder of PNG class maps named like the images")
     e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     e.add_argument("--image-list", default=None,
                    help="score only these images (one id or file stem a line, e.g. Coco164kFull_Stuff_Coarse_7.txt)")
@@ -42,7 +45,7 @@ def add_subcommands(subparsers: Any) -> None:
                    help="score on Ray (default: from 500 label rows)")
     e.add_argument("--no-ray", dest="use_ray", action="store_false", help="score in this process")
     e.add_argument("--workers", type=int, default=None, help="Ray actors scoring (default: CPUs - 1)")
-    e.add_argument("--ray-address", default=None)
+    e.add_argument("--ray-address", default=None, help="Ray cluster address for --ray (default: start a local Ray)")
     e.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     e.add_argument("--baselines", action="store_true",
                    help="also score the paper's K-Means-C (k = 6) and K-Means-S (k = ground-truth classes per "

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from pipeline.credentials import storage_options_json
+from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
 _DEFAULTS = LabelOptions()
@@ -26,7 +27,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
         help="label every image under INPUT, write Parquet pseudo-labels under OUTPUT",
         description="Label every image under INPUT (folder, glob, Parquet or tar shards; local, file://, s3://, "
         "gs://) and write Parquet pseudo-labels under OUTPUT. Rerun the same command to resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("input", help="input URL: folder, file or glob")
     p.add_argument("output", help="output folder URL")
@@ -35,15 +36,19 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     m.add_argument("--image-size", type=int, default=None, help="model input size S (default: the model's native size)")
-    m.add_argument("--timestep", type=int, default=_DEFAULTS.timestep)
     m.add_argument("--allow-unsafe-weights", action="store_true",
                    help="load pickle weights (.bin, .ckpt) when a model has no .safetensors: such files can run "
                    "code, use only models you trust (recorded in the manifest)")
+    m.add_argument("--timestep", type=int, default=_DEFAULTS.timestep,
+                   help="timestep the one UNet call is conditioned on, as in the paper; the latent stays clean "
+                   "(no noise is added)")
     d = p.add_argument_group("DiffSeg")
     d.add_argument("--kl-threshold", type=_kl_threshold, default=_DEFAULTS.kl_threshold,
-                   help="tau; comma-separated for one per iteration")
+                   help="merge threshold tau on the symmetric KL (1.1 suits COCO-like photos, 0.9 street "
+                   "scenes); comma-separated for one per iteration")
     d.add_argument("--num-points", type=int, default=_DEFAULTS.num_points, help="anchor grid side")
-    d.add_argument("--iterations", type=int, default=_DEFAULTS.iterations)
+    d.add_argument("--iterations", type=int, default=_DEFAULTS.iterations,
+                   help="merging iterations (a --kl-threshold list sets its own: one per iteration)")
     d.add_argument("--refine", action="store_true", help="k-means refinement of the proposals")
     d.add_argument("--paper-preprocess", action="store_true",
                    help="the paper's protocol: centre-crop each image to a square, resize to the image size, "

@@ -27,7 +27,8 @@ from pipeline.label_files import arrow_filesystem, committed_label_files, iter_l
 
 EVAL_COLUMNS = ("image_id", "label_map", "error")
 RAY_THRESHOLD = 500  # rows; below this the Ray start-up costs more than it saves
-MAX_LISTED = 20  # ids kept per kind of problem, for the report
+MAX_LISTED = 20  # ids kept per kind of problem, for the report (--json)
+SHOWN = 5  # of those, lines the table prints per kind
 
 
 @dataclass
@@ -246,11 +247,21 @@ def format_report(r: dict[str, Any]) -> str:
                   f"K-Means-C k = {b['k_constant']}, K-Means-S k = ground-truth classes per image)", ""]
     lines.append(f"{'class':<18}IoU %")
     lines += [f"{name:<18}{pct(v)}" for name, v in r["per_class_iou"].items()]
-    for kind, items in r["examples"].items():
-        for item in items[:5]:
-            lines.append(f"{kind.replace('_', ' ')}: {item}")
-    for kind, items in r.get("baselines", {}).get("examples", {}).items():
-        for item in items[:5]:
-            lines.append(f"baselines, {kind.replace('_', ' ')}: {item}")
+    lines += _listed("", r["examples"], r["skipped"])
+    if "baselines" in r:
+        lines += _listed("baselines, ", r["baselines"].get("examples", {}), r["baselines"].get("skipped", {}))
     lines += [f"note: {n}" for n in r["notes"] + r.get("baselines", {}).get("notes", [])]
     return "\n".join(lines)
+
+
+def _listed(prefix: str, examples: dict[str, list[str]], counts: dict[str, int]) -> list[str]:
+    """Up to SHOWN example lines per kind of problem, then one line saying how many more there are."""
+    lines = []
+    for kind, items in examples.items():
+        name = kind.replace("_", " ")
+        lines += [f"{prefix}{name}: {item}" for item in items[:SHOWN]]
+        more = max(counts.get(kind, len(items)), len(items)) - min(len(items), SHOWN)
+        if more > 0:
+            lines.append(f"{prefix}{name}: ... and {more} more"
+                         + (f" (--json lists the first {MAX_LISTED})" if len(items) > SHOWN else ""))
+    return lines

@@ -150,3 +150,21 @@ def test_masks_cli_json_and_table(tmp_path, capsys):
     assert "pixel accuracy     80.0 %" in table and "mIoU" in table
     assert after_main(["eval", str(labels), str(tmp_path / "gt"), "--format", "masks"]) == 2
     assert "needs --num-classes" in capsys.readouterr().err
+
+
+def test_table_says_how_many_problems_it_does_not_list(tmp_path, capsys):
+    write_png(tmp_path / "gt" / "a" / "img.png", np.array([[0, 1]], dtype=np.uint8))
+    rows = [("a/img.jpg", np.array([[0, 1]]))] + [(f"b/missing-{i:02d}.jpg", np.array([[0, 0]])) for i in range(25)]
+    labels = write_labels(tmp_path / "labels", [rows[:13], rows[13:] + [("c/bad.jpg", "truncated image: x")]])
+    argv = ["eval", str(labels), str(tmp_path / "gt"), "--format", "masks", "--num-classes", "2", "--no-ray"]
+    assert after_main(argv) == 0
+    table = capsys.readouterr().out
+    assert "(skipped: 1 label errors, 25 without ground truth, 0 unreadable ground truth)" in table
+    listed = [line for line in table.splitlines() if line.startswith("missing gt: ")]
+    assert len(listed) == 6 and "b/missing-00.jpg" in listed[0]
+    assert listed[-1] == "missing gt: ... and 20 more (--json lists the first 20)"
+    assert [line for line in table.splitlines() if line.startswith("label errors")] == [
+        "label errors: c/bad.jpg: truncated image: x"]  # all of them shown: no "more" line
+    assert after_main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["skipped"]["missing_gt"] == 25 and len(r["examples"]["missing_gt"]) == 20
