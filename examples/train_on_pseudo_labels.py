@@ -54,6 +54,11 @@ def discriminative_loss(emb: torch.Tensor, labels: torch.Tensor, pull_margin: fl
     return torch.stack(losses).mean()
 
 
+def is_logged(step: int, steps: int) -> bool:
+    """The steps that print a line: the first, every 5th and the last."""
+    return step == 1 or step % 5 == 0 or step == steps
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("labels", help="output folder of `diffseg label`")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             step += 1
             seen += len(images)
-            if step == 1 or step % 5 == 0 or step == args.steps:
+            if is_logged(step, args.steps):
                 print(f"step {step:3d}  loss {loss.item():.4f}  ({time.time() - start:.1f} s)")
             if step == args.steps:
                 break

@@ -104,7 +104,7 @@ def test_ray_dataset_yields_the_same_pairs(data, ray_session):
     assert rows[0]["image"].shape == (8, 8, 3) and rows[0]["label"].shape == (8, 8)
 
 
-def test_training_example_runs_and_learns(data, capsys):
+def _example():
     import importlib.util
     from pathlib import Path
 
@@ -112,8 +112,33 @@ def test_training_example_runs_and_learns(data, capsys):
     spec = importlib.util.spec_from_file_location("train_on_pseudo_labels", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def _readme_training_block() -> tuple[list[str], list[int]]:
+    """(the README's training command as argv, the step numbers of the lines it shows printed)."""
+    import shlex
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("$ python examples/train_on_pseudo_labels.py"))
+    argv = shlex.split(lines[at][2:])[2:]
+    steps = []
+    for line in lines[at + 1:]:
+        if not line.startswith("step "):
+            break
+        steps.append(int(line.split()[1]))
+    return argv, steps
+
+
+def test_training_example_runs_learns_and_prints_what_the_readme_shows(data, capsys):
+    example = _example()
+    readme_argv, readme_steps = _readme_training_block()
+    options = readme_argv[2:]  # after LABELS IMAGES; then smaller and in-process (the last --size wins)
+    assert "--steps" in options and len(readme_steps) >= 3
     root, _ = data
-    assert example.main([str(root / "labels"), str(root / "images"), "--steps", "15", "--size", "16",
-                         "--workers", "0"]) == 0
-    losses = [float(line.split()[3]) for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
-    assert len(losses) >= 3 and losses[-1] < losses[0]
+    assert example.main([str(root / "labels"), str(root / "images"), *options, "--size", "16", "--workers", "0"]) == 0
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [int(p[1]) for p in printed] == readme_steps
+    losses = [float(p[3]) for p in printed]
+    assert losses[-1] < losses[0]

@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffseg_core.extract import AttentionExtractor, preprocess_images
 from diffseg_core.model_loading import ModelLoadError
+from tests.tolerances import ATTENTION, assert_same_attention
 
 VARIANTS = ["sd1", "sdxl"]
 
@@ -139,9 +140,8 @@ def test_early_stop_and_chunking_do_not_change_the_maps(variant, extractors):
     finally:
         ex.early_stop = True
         ex._state.chunk_bytes = AttentionExtractor.from_pretrained.__kwdefaults__["chunk_bytes"]
-    for r in maps:
-        assert torch.equal(maps[r], full[r])
-        torch.testing.assert_close(chunked[r], maps[r], atol=1e-6, rtol=0)
+    assert_same_attention(maps, full)
+    assert_same_attention(chunked, maps)
 
 
 def test_deterministic_and_batch_independent(model_paths, extractors):
@@ -150,9 +150,9 @@ def test_deterministic_and_batch_independent(model_paths, extractors):
     a, b = ex(images), ex(images)
     again = AttentionExtractor.from_pretrained(model_paths["sd1"])(images)
     single = ex(images[1:2])
+    assert_same_attention(a, b)  # no noise, no sampling: the same maps up to float rounding
+    assert_same_attention(a, again)
     for r in a:
-        assert torch.equal(a[r], b[r])
-        assert torch.equal(a[r], again[r])
         torch.testing.assert_close(single[r][0], a[r][1], atol=1e-5, rtol=0)
 
 
@@ -197,9 +197,7 @@ def test_float_tensor_input_is_used_as_given(extractors):
     ex = extractors["sd1"]
     images = _images(2, seed=4)
     pixels = preprocess_images(images, 128)
-    a, b = ex(images), ex(pixels)
-    for r in a:
-        assert torch.equal(a[r], b[r])
+    assert_same_attention(ex(images), ex(pixels))
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
         ex(torch.zeros(1, 3, 128, 64))
 
@@ -232,7 +230,7 @@ def test_timestep_changes_the_maps(model_paths, extractors):
     a = extractors["sd1"](images)
     b = AttentionExtractor.from_pretrained(model_paths["sd1"], timestep=900)(images)
     assert b.keys() == a.keys()
-    assert not torch.equal(a[16], b[16])
+    assert float((a[16] - b[16]).abs().max()) > 100 * ATTENTION["atol"]  # a real change, not rounding
 
 
 # ----------------------------------------------------------------------------- loading errors
@@ -268,10 +266,13 @@ def test_pickle_only_weights_need_the_flag(tmp_path, tiny_model_path):
         AttentionExtractor.from_pretrained(bin_only)
     ex = AttentionExtractor.from_pretrained(bin_only, allow_unsafe_weights=True)
     ref = AttentionExtractor.from_pretrained(tiny_model_path)
+    # the same stored weights, bit for bit (data read from two files, not computed) ...
+    got, want = ex.unet.state_dict(), ref.unet.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # ... give the same maps up to float rounding: the kernels may round the two copies
+    # differently (other memory alignment; seen: up to 9e-8 apart)
     images = _images(1)
-    want = ref(images)
-    for r, m in ex(images).items():  # the same weights: equal up to float32 summation order
-        torch.testing.assert_close(m, want[r], rtol=1e-5, atol=1e-6)
+    assert_same_attention(ex(images), ref(images))
 
 
 def test_single_file_errors(tmp_path):

@@ -14,6 +14,7 @@ from diffseg_core.aggregate import anchor_grid
 from diffseg_core.interpolation import bilinear_matrix, resize_bilinear
 from diffseg_core.merge import labels_from_proposals, merge_proposals, symmetric_kl
 from tests.synthetic_attention import agreement, planted_maps
+from tests.tolerances import assert_same_labels
 
 
 # --- the stable API -----------------------------------------------------------
@@ -41,7 +42,7 @@ def test_heads_and_head_averaged_maps_give_the_same_labels():
     maps, _ = planted_maps((16, 8), heads=3)
     averaged = {r: m.mean(1) for r, m in maps.items()}
     seg = DiffSeg(num_points=8)
-    assert torch.equal(seg.segment(maps), seg.segment(averaged))
+    assert_same_labels(seg.segment(maps), seg.segment(averaged))  # two paths: equal up to float ties
 
 
 def test_a_batch_equals_its_images_one_at_a_time():
@@ -50,7 +51,7 @@ def test_a_batch_equals_its_images_one_at_a_time():
     batched = seg.segment(maps, output_size=(32, 32))
     for b in range(3):
         single = seg.segment({r: m[b : b + 1] for r, m in maps.items()}, output_size=(32, 32))
-        assert torch.equal(batched[b], single[0])
+        assert_same_labels(batched[b], single[0])  # other matrix shapes: equal up to float ties
 
 
 def test_matches_the_straight_port_of_the_reference():
@@ -174,8 +175,15 @@ def test_nms_in_bands_equals_one_pass(monkeypatch):
     import diffseg_core.merge as merge
 
     monkeypatch.setattr(merge, "NMS_BAND_ELEMENTS", 5 * 211 * 7)  # bands of 7 rows
-    assert torch.equal(merge.labels_from_proposals(proposals, (300, 211)), whole)
+    banded = merge.labels_from_proposals(proposals, (300, 211))
     expected = torch.nn.functional.interpolate(proposals[None], size=(300, 211), mode="bilinear", align_corners=False)
+    # other matrix shapes may round differently: a pixel may differ only where its two
+    # proposals tie within float32 rounding of the upsampled values
+    differ = banded != whole
+    up = expected[0]
+    gap = (up.gather(0, banded[None]) - up.gather(0, whole[None]))[0].abs()
+    assert not differ.any() or float(gap[differ].max()) < 1e-5
+    assert float(differ.float().mean()) < 1e-3
     assert agreement(whole, expected[0].argmax(0)) > 0.999
 
 
