@@ -155,19 +155,22 @@ def export_coco_results(labels_uri: str, out_path: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"images": 0, "annotations": 0, "errors": 0, "path": str(out)}
     part = out.with_name(out.name + ".tmp")
-    with open(part, "w") as f:
-        f.write("[")
-        for image, anns in _coco_rows(labels_uri, storage_options, counts):
-            counts["images"] += 1
-            pixels = image["width"] * image["height"]
-            for ann in anns:
-                # no "bbox": loadRes would then take the box's area as the segment's
-                result = {"image_id": ann["image_id"], "category_id": ann["category_id"],
-                          "segmentation": ann["segmentation"], "score": ann["area"] / pixels}
-                f.write(("," if counts["annotations"] else "") + json.dumps(result))
-                counts["annotations"] += 1
-        f.write("]\n")
-    os.replace(part, out)
+    try:
+        with open(part, "w") as f:
+            f.write("[")
+            for image, anns in _coco_rows(labels_uri, storage_options, counts):
+                counts["images"] += 1
+                pixels = image["width"] * image["height"]
+                for ann in anns:
+                    # no "bbox": loadRes would then take the box's area as the segment's
+                    result = {"image_id": ann["image_id"], "category_id": ann["category_id"],
+                              "segmentation": ann["segmentation"], "score": ann["area"] / pixels}
+                    f.write(("," if counts["annotations"] else "") + json.dumps(result))
+                    counts["annotations"] += 1
+            f.write("]\n")
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
     return counts
 
 

@@ -126,17 +126,20 @@ def test_datumaro_layout_links_a_local_input_folder(labels, tmp_path, capsys):
         assert (folder / "images" / "default" / img["file_name"]).read_bytes() == b"pixels of " + img["file_name"].encode()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--to", "coco-results", "R.json", "--layout", "datumaro"], "--layout datumaro applies to --to coco only"),
-    (["--to", "voc", "X"], "--to must be coco, coco-results or png, not 'voc'"),
+@pytest.mark.parametrize("source, argv, message", [
+    ("labels", ["--to", "coco-results", "R.json", "--layout", "datumaro"], "--layout datumaro applies to --to coco only"),
+    ("labels", ["--to", "voc", "X"], "--to must be coco, coco-results or png, not 'voc'"),
+    ("empty", ["--to", "coco-results", "R.json"], "No committed label Parquet files under 'empty'."),
 ])
-def test_export_misuse_is_one_sentence(labels, tmp_path, capsys, argv, message):
+def test_export_misuse_is_one_sentence_and_leaves_nothing(labels, tmp_path, capsys, source, argv, message):
     root, _ = labels
+    (tmp_path / "empty").mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
-        assert after_main(["export", str(root), *argv]) == 2
+        assert after_main(["export", str(root) if source == "labels" else source, *argv]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"diffseg export: error: {message}" and not list(tmp_path.iterdir())
+    assert err.strip() == f"diffseg export: error: {message}"
+    assert [p.name for p in tmp_path.rglob("*")] == ["empty"]
 
 
 def test_png_round_trip_and_masks_eval(labels, tmp_path, capsys):
