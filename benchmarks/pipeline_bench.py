@@ -194,7 +194,7 @@ def child_pipeline(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         summary = label(args.folder, args.out, model=args.model, image_size=args.image_size,
                         num_points=args.num_points, batch_size=args.batch_size, rows_per_file=args.rows_per_file,
-                        merge_on=args.merge_on, threads_per_actor=args.threads)
+                        threads_per_actor=args.threads)
         wall = time.perf_counter() - t0
     ray.shutdown()
     return {"images": summary["images"], "wall_s": wall, "end_to_end_images_per_s": summary["images"] / wall,
@@ -228,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads, the same for the bare loop and each model actor "
                              "(default 1 for tiny-random: tiny ops on 2+ threads only add sync overhead; "
                              "all CPUs with --full-size)")
-    parser.add_argument("--merge-on", default="gpu", choices=["gpu", "cpu"])
     parser.add_argument("--full-size", action="store_true", help="SD 1.4 architecture, random weights, 512 px")
     parser.add_argument("--memory-sizes", default="1000,10000")
     parser.add_argument("--skip-memory", action="store_true")
@@ -247,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     threads = args.threads or (args.cpus if args.full_size else 1)
     common = dict(cpus=args.cpus, batch_size=args.batch_size, num_points=args.num_points,
-                  rows_per_file=args.rows_per_file, merge_on=args.merge_on, threads=threads)
+                  rows_per_file=args.rows_per_file, threads=threads)
     model, image_size = args.model, args.image_size
     if args.full_size:
         model = str(build_full_size_folder(Path(tempfile.gettempdir()) / "diffseg-sd14-random"))
         image_size, common["num_points"] = 512, 16
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared with others)")
     print(f"model: {'SD 1.4 architecture, random weights' if args.full_size else model}, image size {image_size}, "
-          f"batch {args.batch_size}, {args.cpus} CPUs, {threads} torch thread(s), merge on {args.merge_on}")
+          f"batch {args.batch_size}, {args.cpus} CPUs, {threads} torch thread(s)")
     try:
         if not args.skip_throughput:
             small_n = max(1, args.images // 4)

@@ -12,18 +12,27 @@ per-resolution buffer; all heads of all layers are never held at once.
 Every other attention layer (``attn2`` cross-attention, the VAE's attention)
 keeps diffusers' `AttnProcessor2_0` (scaled_dot_product_attention).
 
+With ``CaptureState.sdpa_output`` (the extractor sets it on GPUs) the layer's
+output comes from ``scaled_dot_product_attention`` instead, and the
+probabilities are only summed over heads: QK^T is computed twice, but the
+(B, heads, N, N) probabilities are neither cast nor read a second time, which
+on a GPU is memory traffic, the scarce resource there.
+
 The processor is modelled on diffusers' ``AttnProcessor2_0``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 __all__ = [
     "CaptureState",
+    "head_sum_softmax",
     "SelfAttentionCaptureProcessor",
     "StopUNet",
     "install_capture",
@@ -62,6 +71,8 @@ class CaptureState:
     seen: int = 0
     keep_layers: bool = False
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    sdpa_output: bool = False
+    head_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. a compiled `head_sum_softmax`
 
     def reset(self) -> None:
         self.sums = {}
@@ -93,6 +104,11 @@ class CaptureState:
             out[r] = self.sums[r].div_(self.counts[r])
         self.sums, self.counts = {}, {}
         return out
+
+
+def head_sum_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """(B, h, q, N) scores -> (B, q, N) float32: the softmax over keys, summed over the h heads."""
+    return scores.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
 
 
 def resolution_from_length(seq_len: int) -> int:
@@ -161,12 +177,18 @@ class SelfAttentionCaptureProcessor:
             key = attn.norm_k(key)
 
         resolution = resolution_from_length(seq_len)
-        is_last = self.state.early_stop and self.name == self.state.last_layer
+        state = self.state
+        is_last = state.early_stop and self.name == state.last_layer
         # The output of the last layer is never used when the UNet stops there.
-        need_output = not (is_last and self.state.seen + 1 == self.state.num_layers)
-        out = torch.empty_like(query) if need_output else None
+        need_output = not (is_last and state.seen + 1 == state.num_layers)
+        out = None
+        if need_output and state.sdpa_output:
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        elif need_output:
+            out = torch.empty_like(query)
+        probs_out = out if need_output and not state.sdpa_output else None
 
-        head_chunk, query_chunk = _chunks(batch_size, heads, seq_len, self.state.chunk_bytes)
+        head_chunk, query_chunk = _chunks(batch_size, heads, seq_len, state.chunk_bytes)
         if attn.upcast_attention:  # e.g. SD 2.1-v: fp16 QK^T overflows, score in fp32 like diffusers
             query, key = query.float(), key.float()
         query = query * attn.scale  # scale before the product, as SDPA does (fp16 range)
@@ -176,13 +198,18 @@ class SelfAttentionCaptureProcessor:
             for q0 in range(0, seq_len, query_chunk):
                 qs = slice(q0, min(q0 + query_chunk, seq_len))
                 scores = torch.matmul(query[:, hs, qs], key_t[:, hs])
+                if probs_out is None:
+                    summed = (state.head_sum or head_sum_softmax)(scores)
+                    del scores
+                    state.add(summed, resolution, qs, heads, self.name)
+                    del summed
+                    continue
                 probs = scores.softmax(dim=-1, dtype=torch.float32)
                 del scores
-                self.state.add(probs.sum(dim=1), resolution, qs, heads, self.name)
-                if out is not None:
-                    out[:, hs, qs] = torch.matmul(probs.to(value.dtype), value[:, hs])
+                state.add(probs.sum(dim=1), resolution, qs, heads, self.name)
+                probs_out[:, hs, qs] = torch.matmul(probs.to(value.dtype), value[:, hs])
                 del probs
-        self.state.finish_layer(resolution)
+        state.finish_layer(resolution)
 
         if out is None:
             raise StopUNet

@@ -5,6 +5,9 @@
 
 1. Images -> RGB -> S x S (PIL bicubic, antialiased) -> [-1, 1];
    latent = VAE posterior mean x scaling_factor (no sampling, no noise).
+   uint8 images already S x S go to the device as uint8 (pinned, asynchronous)
+   and become floats there.  On a GPU the VAE encodes in bfloat16 by default
+   (`resolve_vae_dtype`).
 2. One UNet call at ``timestep`` (default 300) on the cached empty-prompt
    embedding (SDXL family: both encoders' penultimate states, pooled embeds
    and time ids, as the SDXL pipeline builds them).
@@ -16,16 +19,23 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffseg_core.attention_capture import DEFAULT_CHUNK_BYTES, CaptureState, StopUNet, install_capture
+from diffseg_core.attention_capture import (
+    DEFAULT_CHUNK_BYTES,
+    CaptureState,
+    StopUNet,
+    head_sum_softmax,
+    install_capture,
+)
 from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
 from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
 
-__all__ = ["AttentionExtractor", "ModelLoadError", "DEFAULT_MODEL", "preprocess_images"]
+__all__ = ["AttentionExtractor", "ModelLoadError", "DEFAULT_MODEL", "preprocess_images", "resolve_vae_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +60,36 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+#: Bound on one chunk of float32 attention probabilities on a GPU: fewer, larger
+#: kernels (the CPU default keeps a chunk in cache).
+GPU_CHUNK_BYTES = 1024 * 1024 * 1024
+
+
+def resolve_vae_dtype(
+    vae_dtype: str | torch.dtype | None, dtype: torch.dtype, device: torch.device, force_upcast: bool
+) -> torch.dtype:
+    """The VAE encoder's dtype; ``None`` or ``"auto"`` chooses:
+
+    - on CUDA, bfloat16 when the GPU computes in it natively (Ampere and later): the
+      encoder is the larger half of the work, and bfloat16 has float32's range, so
+      none of the float16 overflow that ``force_upcast`` guards against; float32
+      when the UNet runs in float32 (asked for exactness);
+      on older GPUs float16 where the VAE's config says it is safe
+      (``force_upcast`` false), else float32;
+    - elsewhere (CPU), the UNet's dtype, float32 where that is float16 and the
+      config asks for ``force_upcast``: the labels made on CPU so far stay as they were.
+    """
+    if vae_dtype is not None and str(vae_dtype).lower() != "auto":
+        return resolve_dtype(vae_dtype, device)
+    if device.type == "cuda":
+        if dtype == torch.float32:
+            return torch.float32
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        return torch.float32 if force_upcast else torch.float16
+    return torch.float32 if (dtype == torch.float16 and force_upcast) else dtype
 
 
 def preprocess_images(images: ImagesLike, size: int) -> torch.Tensor:
@@ -80,6 +120,19 @@ def preprocess_images(images: ImagesLike, size: int) -> torch.Tensor:
     return x.div_(127.5).sub_(1.0)
 
 
+def _uint8_batch(images: Any, size: int) -> torch.Tensor | None:
+    """A (B, size, size, 3) uint8 batch as a tensor (no copy), or None when it needs preprocessing."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            return None
+        with warnings.catch_warnings():  # Ray hands read-only batches; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(images))
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4:
+        return images if images.shape[1:] == (size, size, 3) else None
+    return None
+
+
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``.to`` that only passes a dtype when it changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
@@ -107,10 +160,14 @@ def _to_rgb_uint8(a: np.ndarray, index: int) -> np.ndarray:
 class AttentionExtractor:
     """Images in, head- and layer-averaged self-attention maps out.
 
-    Build with `from_pretrained`.  Holds the UNet and the VAE encoder on
-    ``device`` in ``dtype`` (the VAE stays float32 when its config asks for
-    ``force_upcast`` and dtype is float16, as diffusers' SDXL pipeline does),
-    and the empty-prompt conditioning.
+    Build with `from_pretrained`.  Holds the UNet on ``device`` in ``dtype``,
+    the VAE encoder in ``vae_dtype`` (see `resolve_vae_dtype`), and the
+    empty-prompt conditioning.
+
+    GPU options (each runs on CPU too, where it buys nothing): ``sdpa_output``
+    (default on CUDA; see `diffseg_core.attention_capture`), ``channels_last``
+    (NHWC convolutions) and ``compile`` (``torch.compile`` of the VAE encoder,
+    the UNet's resnets and the head-summed softmax, at fixed shapes).
     """
 
     def __init__(
@@ -123,17 +180,24 @@ class AttentionExtractor:
         timestep: int = 300,
         image_size: int | None = None,
         early_stop: bool = True,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         random_weights: bool = False,
+        vae_dtype: str | torch.dtype | None = None,
+        sdpa_output: bool | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         self.timestep = int(timestep)
         self.unet = _move(loaded.unet, self.device, self.dtype)
-        vae_dtype = self.dtype
-        if self.dtype == torch.float16 and getattr(loaded.vae.config, "force_upcast", False):
-            vae_dtype = torch.float32
-        self.vae = _move(loaded.vae, self.device, vae_dtype)
+        force_upcast = bool(getattr(loaded.vae.config, "force_upcast", False))
+        self.vae_dtype = resolve_vae_dtype(vae_dtype, self.dtype, self.device, force_upcast)
+        self.vae = _move(loaded.vae, self.device, self.vae_dtype)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         native = self.unet.config.sample_size
         native = native if isinstance(native, int) else int(native[0])
@@ -145,8 +209,16 @@ class AttentionExtractor:
         self._text_embeds = loaded.added_cond.get("text_embeds")
         if self._text_embeds is not None:
             self._text_embeds = self._text_embeds.to(self.device, self.dtype)
-        self._state = CaptureState(early_stop=early_stop, chunk_bytes=chunk_bytes)
+        on_gpu = self.device.type == "cuda"
+        if chunk_bytes is None:
+            chunk_bytes = GPU_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
+        self._state = CaptureState(
+            early_stop=early_stop, chunk_bytes=chunk_bytes, sdpa_output=on_gpu if sdpa_output is None else sdpa_output
+        )
         self.layer_names = install_capture(self.unet, self._state)
+        self.compiled = bool(compile)
+        if self.compiled:
+            self._compile()
         self._loaded_info = {
             "model": model,
             "resolved": loaded.resolved,
@@ -172,7 +244,9 @@ class AttentionExtractor:
         allow_unsafe_weights: bool = False,
         config: str | None = None,
         early_stop: bool = True,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
+        vae_dtype: str | torch.dtype | None = None,
+        **gpu_options: Any,
     ) -> "AttentionExtractor":
         """Load a model: hub id, local diffusers folder, single ``.safetensors`` file, or ``"tiny-random"``.
 
@@ -181,10 +255,13 @@ class AttentionExtractor:
         SD 2.x-base, 1024 for SDXL, 64 for tiny-random).  ``config`` is for
         single-file checkpoints offline: a diffusers folder with the same
         architecture's configs.  Raises `ModelLoadError` (an ``OSError``) when
-        the model is missing or unreadable.
+        the model is missing or unreadable.  ``vae_dtype`` and ``gpu_options``
+        (``sdpa_output``, ``channels_last``, ``compile``): see the class.
         """
         name = os.fspath(model)
         resolve_dtype(dtype, torch.device(device or "cpu"))  # fail on a bad dtype before loading
+        if vae_dtype is not None and str(vae_dtype).lower() != "auto":
+            resolve_dtype(vae_dtype, torch.device(device or "cpu"))
         random_weights = name == TINY_RANDOM
         resolved = resolve_model(name)
         loaded = load_model(resolved, revision=revision, allow_unsafe_weights=allow_unsafe_weights, config=config)
@@ -192,7 +269,8 @@ class AttentionExtractor:
             logger.warning("AttentionExtractor: 'tiny-random' has RANDOM weights; its attention maps are meaningless")
         return cls(
             loaded, model=name, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
-            early_stop=early_stop, chunk_bytes=chunk_bytes, random_weights=random_weights,
+            early_stop=early_stop, chunk_bytes=chunk_bytes, random_weights=random_weights, vae_dtype=vae_dtype,
+            **gpu_options,
         )
 
     # ------------------------------------------------------------------ properties
@@ -268,11 +346,24 @@ class AttentionExtractor:
         return self.attention(self.encode(self.to_pixels(images)))
 
     def to_pixels(self, images: ImagesLike) -> torch.Tensor:
-        """(B, 3, S, S) float in [-1, 1]: preprocessed images, or a float tensor as given."""
+        """(B, 3, S, S) float in [-1, 1]: preprocessed images, or a float tensor as given.
+
+        A uint8 (B, S, S, 3) batch already at the model's size (array or tensor)
+        is not preprocessed on the host: it goes to the device as uint8 (pinned
+        and asynchronous on CUDA) and becomes float32 there, the very values
+        `preprocess_images` would give.
+        """
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
                 raise ValueError(f"float image tensors must be (B, 3, S, S) in [-1, 1], got {tuple(images.shape)}")
             return images
+        batch = _uint8_batch(images, self.image_size)
+        if batch is not None:
+            if batch.device != self.device:
+                if self.device.type == "cuda" and not batch.is_pinned():
+                    batch = batch.pin_memory()
+                batch = batch.to(self.device, non_blocking=True)
+            return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         if isinstance(images, torch.Tensor):
             images = images.cpu().numpy()
         return preprocess_images(images, self.image_size)
@@ -280,7 +371,9 @@ class AttentionExtractor:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE posterior mean x scaling_factor, in the UNet's dtype."""
-        x = pixels.to(self.device, next(self.vae.parameters()).dtype)
+        x = pixels.to(self.device, self.vae_dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         mean = self.vae.encode(x).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift:
@@ -314,8 +407,18 @@ class AttentionExtractor:
             raise RuntimeError(f"captured {state.seen} of {state.num_layers} self-attention layers")
         return state.result()
 
+    def _compile(self) -> None:
+        """torch.compile the parts with fixed shapes and no Python state (the capture hooks stay eager)."""
+        self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False)
+        for stage in (*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks):
+            resnets = getattr(stage, "resnets", None) if stage is not None else None
+            for i in range(len(resnets or [])):
+                resnets[i] = torch.compile(resnets[i], dynamic=False)
+        self._state.head_sum = torch.compile(head_sum_softmax, dynamic=False)
+
     def __repr__(self) -> str:
         return (
             f"AttentionExtractor(model={self._loaded_info['model']!r}, device={self.device}, dtype={self.dtype}, "
+            f"vae_dtype={self.vae_dtype}, "
             f"image_size={self.image_size}, timestep={self.timestep}, layers={len(self.layer_names)})"
         )

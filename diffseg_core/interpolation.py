@@ -15,17 +15,19 @@ def bilinear_matrix(out_size: int, in_size: int, device: torch.device | str = "c
 
     Source coordinate ``(i + 0.5) * in/out - 0.5``, clamped at the borders, as
     torch's ``align_corners=False`` and TensorFlow's ``half_pixel_centers``.
+    Built on ``device`` itself: copying a host tensor to an accelerator would make
+    the host wait for it.
     """
     scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0)
+    src = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale - 0.5).clamp_min(0)
     lo = src.floor().long().clamp_max(in_size - 1)
     hi = (lo + 1).clamp_max(in_size - 1)
     frac = (src - lo).clamp(0, 1)
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
+    rows = torch.arange(out_size, device=device)
     matrix.index_put_((rows, lo), 1 - frac, accumulate=True)
     matrix.index_put_((rows, hi), frac, accumulate=True)
-    return matrix.to(device=device, dtype=torch.float32)
+    return matrix.to(torch.float32)
 
 
 def resize_bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -8,6 +8,13 @@ Where the reference is weak, this is not:
 - float32 with logs of ``max(x, EPS)``, so maps holding zeros or tiny values
   give large but finite distances instead of NaN;
 - iteration 0 runs for a whole batch at once.
+
+On a CPU the work goes one image at a time (each image's working set stays in
+cache, and host round trips are free).  On an accelerator every step is batched
+and asks the host nothing it could decide itself: no ``int()``/``bool()`` on a
+device tensor, no per-image copy back.  The greedy merging of iterations 1..
+is sequential by nature, so it runs on the host: one small boolean matrix per
+batch and iteration crosses over (:func:`merge_proposals_batch`).
 """
 from __future__ import annotations
 
@@ -25,12 +32,26 @@ EPS = 1e-12
 NMS_BAND_ELEMENTS = 1 << 24
 
 
+def runs_batched(device: torch.device) -> bool:
+    """Whether work on ``device`` is batched and decided on the device (accelerators, where a
+    round trip to the host stalls the device) or per image with host decisions (CPU, where
+    round trips are free and one image's working set stays in cache)."""
+    return device.type != "cpu"
+
+
 def entropy_terms(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``log(max(x, EPS))`` and ``sum(x * log x)`` over the last axis.
 
     ``out`` (shaped like x) receives the logarithms, computed in place.
+    When ``x`` holds no zeros its values are used as they are (even below EPS);
+    otherwise every value is floored at EPS.
     """
-    if float(x.amin()) > 0:  # the usual case: one pass instead of clamp + log
+    if runs_batched(x.device):
+        # The same rule, decided on the device (no host round trip): max(x, 0) is x.
+        floor = torch.where(x.amin() > 0, 0.0, EPS).to(x.dtype)
+        log_x = torch.maximum(x, floor, out=out) if out is not None else torch.maximum(x, floor)
+        log_x.log_()
+    elif float(x.amin()) > 0:  # the usual case: one pass instead of clamp + log
         log_x = torch.log(x, out=out) if out is not None else x.log()
     else:
         log_x = torch.clamp_min(x, EPS, out=out) if out is not None else x.clamp_min(EPS)
@@ -70,6 +91,13 @@ def merge_with_anchors(
         (B, A, K) proposals.
     """
     log_agg, h_agg = entropy_terms(aggregate, out=log_buffer)
+    if runs_batched(aggregate.device):
+        # Batched, every selection averaged (no de-duplication: finding the distinct
+        # selections needs the host; the extra products are cheap on an accelerator).
+        anchor_terms = (log_agg[:, anchors], h_agg[:, anchors])
+        distance = symmetric_kl(aggregate[:, anchors], aggregate, anchor_terms, (log_agg, h_agg))
+        selections = (distance < tau).to(aggregate.dtype)
+        return (selections @ aggregate) / selections.sum(-1, keepdim=True)
     proposals = aggregate.new_empty((aggregate.shape[0], len(anchors), aggregate.shape[-1]))
     # One image at a time: 2-D matrix products with a transposed operand are
     # faster than batched ones on CPU, and the work per image is large anyway.
@@ -128,6 +156,47 @@ def merge_proposals(proposals: torch.Tensor, tau: float) -> torch.Tensor:
     return (selection @ proposals) / selection.sum(-1, keepdim=True)
 
 
+def merge_proposals_batch(
+    proposals: torch.Tensor, counts: np.ndarray, tau: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Iterations 1.., a whole batch: :func:`merge_proposals` for every image at once.
+
+    Args:
+        proposals: (B, P, K); image b's proposals are rows ``:counts[b]``, the
+            rows after them are padding and are ignored.
+        counts: (B,) int, proposals per image.
+        tau: KL threshold.
+
+    Returns:
+        (B, P', K) merged proposals padded with zeros, and their counts per image.
+
+    The distances are computed on the proposals' device; the greedy walk, which
+    is sequential, runs on the host over the whole batch at once, so one
+    (B, P, P) boolean matrix goes to the host and one (B, P', P) selection back.
+    """
+    batch, size, _ = proposals.shape
+    counts = np.asarray(counts, dtype=np.int64)
+    close = (symmetric_kl(proposals, proposals) < tau).cpu().numpy()
+    valid = np.arange(size)[None, :] < counts[:, None]
+    close &= valid[:, None, :]  # padding is never a member
+    matched = ~valid  # ... and never an anchor
+    anchor = np.zeros((batch, size), dtype=bool)
+    for i in range(size):
+        take = ~matched[:, i]
+        if take.any():
+            anchor[take, i] = True
+            matched[take] |= close[take, i]
+    new_counts = anchor.sum(1)
+    selection = np.zeros((batch, max(int(new_counts.max()), 1), size), dtype=bool)
+    for b in range(batch):
+        rows = np.flatnonzero(anchor[b])
+        selection[b, : len(rows)] = close[b, rows]
+        selection[b, np.arange(len(rows)), rows] = True  # an anchor is in its own group
+    selection_t = torch.from_numpy(selection).to(device=proposals.device, dtype=proposals.dtype, non_blocking=True)
+    merged = (selection_t @ proposals) / selection_t.sum(-1, keepdim=True).clamp_min(1)
+    return merged, new_counts
+
+
 def labels_from_proposals(proposals: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
     """NMS: upsample (K, R, R) proposals bilinearly to output_size and take the per-pixel argmax.
 
@@ -136,6 +205,7 @@ def labels_from_proposals(proposals: torch.Tensor, output_size: tuple[int, int])
     in bands of rows, so a 12-megapixel image never holds K full-size maps.
 
     Returns int64 (H, W) with values in 0..K-1 (the first maximum wins ties).
+    Nothing here waits for the device: the matrices are built where the proposals are.
     """
     if proposals.ndim != 3 or proposals.shape[0] == 0:
         raise ValueError(f"proposals: expected a non-empty (K, R, R) tensor, got {tuple(proposals.shape)}")
@@ -156,9 +226,12 @@ def labels_from_proposals(proposals: torch.Tensor, output_size: tuple[int, int])
 def _argmax_first(scores: torch.Tensor) -> torch.Tensor:
     """argmax over axis 0 of (K, H, W), first maximum on ties.
 
-    A running maximum: torch's argmax over the outer axis of a contiguous
-    tensor is strided and ~10x slower on CPU.
+    On a CPU a running maximum: torch's argmax over the outer axis of a
+    contiguous tensor is strided and ~10x slower there.  Elsewhere one argmax
+    (torch documents the first maximum to win), not 3K small kernels.
     """
+    if runs_batched(scores.device):
+        return scores.argmax(0)
     best = scores[0].clone()
     index = torch.zeros(scores.shape[1:], dtype=torch.long, device=scores.device)
     for i in range(1, scores.shape[0]):
@@ -168,9 +241,17 @@ def _argmax_first(scores: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def compact_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Renumber a non-negative label map's values to 0..n-1, keeping their order."""
-    present = torch.bincount(labels.reshape(-1)) > 0
+def compact_labels(labels: torch.Tensor, num_labels: int | None = None) -> torch.Tensor:
+    """Renumber a non-negative label map's values to 0..n-1, keeping their order.
+
+    ``num_labels``: a bound on the values (K proposals); with it nothing waits
+    for the device (``bincount`` must first read the maximum back to the host).
+    """
+    flat = labels.reshape(-1)
+    if num_labels is None:
+        present = torch.bincount(flat) > 0
+    else:
+        present = torch.zeros(num_labels, dtype=torch.bool, device=labels.device).scatter_(0, flat, True)
     remap = present.cumsum(0) - 1
     return remap[labels]
 

@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import math
 import threading
+
+import numpy as np
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffseg_core.aggregate import Weights, aggregate_attention, anchor_grid
+from diffseg_core import merge
 from diffseg_core.kmeans import refine_proposals
-from diffseg_core.merge import compact_labels, labels_from_proposals, merge_proposals, merge_with_anchors
+from diffseg_core.merge import (
+    compact_labels,
+    labels_from_proposals,
+    merge_proposals,
+    merge_proposals_batch,
+    merge_with_anchors,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffseg_core.labeler import Labeler
@@ -94,7 +103,14 @@ class DiffSeg:
         proposals = self.proposals(maps)
         R = proposals[0].shape[-1]
         size = output_size if output_size is not None else (8 * R, 8 * R)
-        return torch.stack([compact_labels(labels_from_proposals(p, size)) for p in proposals])
+        return torch.stack(self.label_maps(proposals, [size] * len(proposals)))
+
+    def label_maps(self, proposals: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """NMS of each image's proposals at its own (H, W): int64 label maps 0..K-1 without gaps,
+        on the proposals' device (nothing is copied back here)."""
+        if len(proposals) != len(sizes):
+            raise ValueError(f"{len(proposals)} images of proposals but {len(sizes)} sizes")
+        return [compact_labels(labels_from_proposals(p, size), p.shape[0]) for p, size in zip(proposals, sizes)]
 
     def proposals(self, maps: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
         """Merged proposals per image, each (K_b, R, R): what NMS turns into labels.
@@ -104,7 +120,7 @@ class DiffSeg:
         last-level cache, a batch's does not, and batching buys nothing there.
         """
         batch = _batch_size(maps)
-        if batch is not None and batch > 1 and _device(maps).type == "cpu":
+        if batch is not None and batch > 1 and not merge.runs_batched(_device(maps)):
             return [p for b in range(batch) for p in self.proposals({r: m[b : b + 1] for r, m in maps.items()})]
         with self._scratch.lock:
             out = self._scratch.get("aggregate", _aggregate_shape(maps))
@@ -119,15 +135,24 @@ class DiffSeg:
             raise ValueError(f"aggregate: sequence length {aggregate.shape[-1]} is not a square (R*R) number")
         aggregate = aggregate.float()
 
-        anchors = anchor_grid(R, self.num_points).to(aggregate.device)
         with self._scratch.lock:
+            anchors = self._scratch.anchors(R, self.num_points, aggregate.device)
             log_buffer = self._scratch.get("log", (aggregate.shape, aggregate.device))
             first = merge_with_anchors(aggregate, anchors, self.thresholds[0], log_buffer=log_buffer)
-        out = []
-        for b in range(aggregate.shape[0]):
-            proposals = first[b]
+        if not merge.runs_batched(aggregate.device):
+            merged = []
+            for b in range(aggregate.shape[0]):
+                proposals = first[b]
+                for tau in self.thresholds[1:]:
+                    proposals = merge_proposals(proposals, tau)
+                merged.append(proposals)
+        else:  # the whole batch at once: one host round trip per iteration, not one per image
+            counts = np.full(aggregate.shape[0], first.shape[1])
             for tau in self.thresholds[1:]:
-                proposals = merge_proposals(proposals, tau)
+                first, counts = merge_proposals_batch(first, counts, tau)
+            merged = [first[b, : int(k)] for b, k in enumerate(counts)]
+        out = []
+        for b, proposals in enumerate(merged):
             if self.refine:
                 proposals = refine_proposals(aggregate[b], proposals)
             out.append(proposals.reshape(-1, R, R))
@@ -181,6 +206,15 @@ class _Scratch:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self._buffers: dict[str, torch.Tensor] = {}
+
+    def anchors(self, R: int, num_points: int, device: torch.device) -> torch.Tensor:
+        """The anchor grid's indices, kept on ``device`` (a fresh host-to-device copy makes the host wait)."""
+        key = f"anchors:{R}:{num_points}"
+        grid = self._buffers.get(key)
+        if grid is None or grid.device != device:
+            grid = anchor_grid(R, num_points).to(device)
+            self._buffers[key] = grid
+        return grid
 
     def get(self, role: str, spec: tuple[torch.Size, torch.device] | None) -> torch.Tensor | None:
         if spec is None:

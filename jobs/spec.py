@@ -11,10 +11,10 @@ Layout (every section but ``input``/``output`` is optional)::
     name: my-run                      # default: the file's stem
     input: s3://bucket/images/        # absolute path or URL (the cluster resolves it)
     output: s3://bucket/labels/
-    model: tiny-random                # or a mapping: name, revision, dtype, image_size, timestep,
+    model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
-    resources: {actors, batch_size, gpus_per_actor, cpus_per_actor, merge_on, merge_actors,
+    resources: {actors, batch_size, gpus_per_actor, cpus_per_actor,
                 driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, image_column, max_pixels, storage_options}
     runtime_env: {working_dir, pip, py_modules, excludes, env_vars, ship_code}
@@ -143,6 +143,7 @@ _MODEL: dict[str, tuple[Callable[[Any], Any], str | None]] = {
     "name": (_str, "model"),
     "revision": (_optional(_str), "revision"),
     "dtype": (_optional(_choice("fp32", "fp16", "bf16")), "dtype"),
+    "vae_dtype": (_optional(_choice("auto", "fp32", "fp16", "bf16")), "vae_dtype"),
     "image_size": (_optional(_int(8)), "image_size"),
     "timestep": (_int(0), "timestep"),
     "allow_unsafe_weights": (_bool, "allow_unsafe_weights"),  # pickle weights (.bin/.ckpt) can run code
@@ -159,8 +160,6 @@ _RESOURCES = {
     "batch_size": (_int(1), "batch_size"),
     "gpus_per_actor": (_optional(_number(0.0)), "gpus_per_actor"),
     "cpus_per_actor": (_number(0.0, strict=True), "cpus_per_actor"),
-    "merge_on": (_choice("gpu", "cpu"), "merge_on"),
-    "merge_actors": (_int(1), "merge_actors"),
     # what the job's driver (the entrypoint) reserves: Ray's entrypoint_num_cpus/gpus/memory
     "driver_cpus": (_number(0.0), None),
     "driver_gpus": (_number(0.0), None),

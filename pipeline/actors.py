@@ -1,23 +1,56 @@
-"""The stateful stages: the model actor (one extractor each) and the CPU merge actor.
+"""The model actor: decoded rows in, packed label maps out.
 
-``--merge-on gpu``: LabelActor runs extract -> aggregate -> merge -> NMS and ships
-only label maps (raw uint16 at each image's own size). ``--merge-on cpu``: it ships
-the aggregated attention as float16 and MergeActor does merge -> NMS on CPU.
+A LabelActor holds one AttentionExtractor and one DiffSeg. Per batch, on its
+device: the uint8 pixels (already resized by the decode tasks) are copied as
+uint8 (pinned, asynchronously on a GPU) and become floats there; VAE, UNet,
+merge and NMS at each image's own size follow; the batch's label maps come back
+to the host in one copy and leave the actor zstd-packed (``label_packed``, tens
+of KB per 512 px image, where a raw uint16 map was 0.5 MB and a 12-megapixel
+photo's 24 MB). The encode tasks unpack them and write the PNGs.
+
+Ray runs ``CONCURRENT_CALLS`` calls of an actor at once (``pool_strategy``): the
+device work is serialised by a lock, so one batch's host work (Ray's batching,
+the pinned copy, packing) overlaps the other's device work.
+
 A failing batch is retried image by image, so one poisoned image costs one error row.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from pipeline.labels import labels_at_size
+from pipeline.labels import labels_to_host, pack_label_map
 from pipeline.tasks import error_values
 
 logger = logging.getLogger(__name__)
+
+#: CPUs Ray reserves for a GPU actor, which is also its torch thread count. Its
+#: host work is light (one pinned copy, zstd, Ray's batching: ~1 ms per 512 px
+#: image); without a bound torch would start one thread per core of the node.
+GPU_ACTOR_CPUS = 2
+#: Calls of one actor that run at once (their device work never overlaps).
+CONCURRENT_CALLS = 2
+#: Batches Ray queues on one actor: those running plus as many fetched ahead.
+TASKS_IN_FLIGHT = 2 * CONCURRENT_CALLS
+#: AttentionExtractor options for GPU actors; benchmarks/actor_bench.py measures each.
+GPU_OPTIONS: dict[str, Any] = {"channels_last": False, "compile": False}
+
+
+def pool_strategy(size: int):
+    """Ray Data's actor pool for LabelActor: ``size`` actors, two calls at a time each."""
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(
+        size=size,
+        max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT,
+        max_concurrent_calls_per_actor=CONCURRENT_CALLS,
+        enable_true_multi_threading=True,  # our lock serialises the device work, not Ray's
+    )
 
 
 def _model_error(exc: BaseException) -> str:
@@ -25,7 +58,7 @@ def _model_error(exc: BaseException) -> str:
 
 
 class LabelActor:
-    """Holds one AttentionExtractor (+ DiffSeg when merging here). Batches of decoded rows in."""
+    """Holds one AttentionExtractor and one DiffSeg. Batches of decoded rows in."""
 
     def __init__(
         self,
@@ -36,110 +69,74 @@ class LabelActor:
         image_size: int | None,
         timestep: int,
         revision: str | None,
-        merge_on: str,
         diffseg_kwargs: dict[str, Any],
         threads: int | None = None,
         allow_unsafe_weights: bool = False,
+        vae_dtype: str | None = None,
+        gpu_options: dict[str, Any] | None = None,
     ):
         from diffseg_core.extract import AttentionExtractor
         from diffseg_core.segmentor import DiffSeg
 
         if threads:
             torch.set_num_threads(threads)
+        options = dict(GPU_OPTIONS if gpu_options is None else gpu_options) if device == "cuda" else {}
         self.extractor = AttentionExtractor.from_pretrained(
             model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
             allow_unsafe_weights=allow_unsafe_weights,
+            vae_dtype=vae_dtype, **options,
         )
         self.diffseg = DiffSeg(**diffseg_kwargs)
-        self.merge_on = merge_on
+        self._device_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         errors = error_values(batch["error"])
         ok = [i for i, e in enumerate(errors) if e is None]
         n = len(errors)
+        packed: list[bytes] = [b""] * n
+        for i, labels in self._run(batch["pixels"], ok, errors, [row_size(batch, i) for i in range(n)]):
+            try:
+                packed[i] = pack_label_map(labels)
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = _model_error(exc)
         out = {k: v for k, v in batch.items() if k != "pixels"}
-        if self.merge_on == "gpu":
-            label_raw: list[bytes] = [b""] * n
-            for i, result in self._run(batch["pixels"], ok, errors, self._labels, batch):
-                label_raw[i] = result
-            out["label_raw"] = np.array(label_raw, dtype=object)
-        else:
-            aggregates: np.ndarray | None = None
-            for i, result in self._run(batch["pixels"], ok, errors, self._aggregate, batch):
-                if aggregates is None:
-                    aggregates = np.zeros((n,) + result.shape, dtype=np.float16)
-                aggregates[i] = result
-            out["aggregate"] = aggregates if aggregates is not None else np.zeros((n, 1, 1), dtype=np.float16)
+        out["label_packed"] = np.array(packed, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["_t_model"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
 
-    def _run(self, pixels: np.ndarray, ok: list[int], errors: list, fn, batch):
-        """Yield (row, result) for ok rows; on a batch failure retry one by one, marking errors."""
+    def _run(
+        self, pixels: np.ndarray, ok: list[int], errors: list, sizes: list[tuple[int, int]]
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (row, label map) for ok rows; on a batch failure retry one by one, marking errors."""
         if not ok:
             return
         try:
-            yield from zip(ok, fn(np.ascontiguousarray(pixels[ok]), [row_size(batch, i) for i in ok]))
+            yield from zip(ok, self.label_maps(pixels[ok], [sizes[i] for i in ok]))
             return
         except Exception as exc:  # noqa: BLE001
             logger.warning("batch of %d failed (%s); retrying one image at a time", len(ok), exc)
         for i in ok:
             try:
-                yield i, fn(np.ascontiguousarray(pixels[i : i + 1]), [row_size(batch, i)])[0]
+                yield i, self.label_maps(pixels[i : i + 1], [sizes[i]])[0]
             except Exception as exc:  # noqa: BLE001
                 errors[i] = _model_error(exc)
 
     @torch.inference_mode()
-    def _aggregate_tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        from diffseg_core.aggregate import aggregate_attention
+    def label_maps(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """(B, S, S, 3) uint8 pixels -> one uint8/uint16 label map per image, at ``sizes`` (H, W).
 
-        return aggregate_attention(self.extractor(pixels), self.diffseg.weights)
-
-    @torch.inference_mode()
-    def _labels(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[bytes]:
-        # DiffSeg.proposals, not aggregate + proposals_from_aggregate by hand: it
-        # reuses its work buffers and walks a CPU batch one image at a time.
-        proposals = self.diffseg.proposals(self.extractor(pixels))
-        return [labels_at_size(p, size).tobytes() for p, size in zip(proposals, sizes)]
-
-    def _aggregate(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        agg = self._aggregate_tensor(pixels).to(torch.float16).cpu().numpy()
-        return list(agg)
+        The batch loop of this actor, usable without Ray (benchmarks/actor_bench.py).
+        The pinned copy is made before taking the device lock; everything after it
+        is one stream of device work ending in one copy back.
+        """
+        staged = self.extractor.to_pixels(pixels)
+        with self._device_lock:
+            proposals = self.diffseg.proposals(self.extractor(staged))
+            return labels_to_host(self.diffseg.label_maps(proposals, sizes), [p.shape[0] for p in proposals])
 
 
 def row_size(batch: dict[str, np.ndarray], i: int) -> tuple[int, int]:
     """(height, width) of row i: the size its label map is produced at."""
     return int(batch["height"][i]), int(batch["width"][i])
-
-
-class MergeActor:
-    """CPU merge for ``--merge-on cpu``: float16 aggregates in, label maps out."""
-
-    def __init__(self, diffseg_kwargs: dict[str, Any], threads: int | None = 1):
-        from diffseg_core.segmentor import DiffSeg
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.diffseg = DiffSeg(**diffseg_kwargs)
-
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        errors = error_values(batch["error"])
-        n = len(errors)
-        label_raw: list[bytes] = [b""] * n
-        for i in range(n):
-            if errors[i] is not None:
-                continue
-            try:
-                agg = torch.from_numpy(np.array(batch["aggregate"][i], dtype=np.float32))[None]
-                proposals = self.diffseg.proposals_from_aggregate(agg)[0]
-                label_raw[i] = labels_at_size(proposals, row_size(batch, i)).tobytes()
-            except Exception as exc:  # noqa: BLE001
-                errors[i] = f"merge error: {type(exc).__name__}: {exc}"
-        out = {k: v for k, v in batch.items() if k != "aggregate"}
-        out["label_raw"] = np.array(label_raw, dtype=object)
-        out["error"] = np.array(errors, dtype=object)
-        out["_t_merge"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
-        return out

@@ -35,6 +35,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     m.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local diffusers folder, .safetensors, or tiny-random")
     m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    m.add_argument("--vae-dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="VAE encoder precision (default auto: bf16 on GPU, the UNet's dtype on CPU); "
+                   "recorded in the manifest when given")
     m.add_argument("--image-size", type=int, default=None, help="model input size S (default: the model's native size)")
     m.add_argument("--allow-unsafe-weights", action="store_true",
                    help="load pickle weights (.bin, .ckpt) when a model has no .safetensors: such files can run "
@@ -61,9 +64,6 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="CPU actors: CPUs Ray reserves for each")
     r.add_argument("--threads-per-actor", type=int, default=None,
                    help="CPU actors: torch threads each (default: CPUs / actors)")
-    r.add_argument("--merge-on", choices=["gpu", "cpu"], default=_DEFAULTS.merge_on,
-                   help="gpu: merge inside the model actor; cpu: ship float16 attention to CPU merge actors")
-    r.add_argument("--merge-actors", type=int, default=_DEFAULTS.merge_actors, help="CPU merge actors (--merge-on cpu)")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     o = p.add_argument_group("input/output")
     o.add_argument("--rle", action="store_true", help="add COCO RLE per segment")

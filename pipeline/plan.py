@@ -9,7 +9,7 @@ until the input is listed, the output is writable and the model has loaded):
      for its provenance, compare with the manifest -> "different settings"
   4. plan shards, drop what a killed run left, skip committed shards;
   5. Ray Data: shards -> read+decode (CPU tasks) -> LabelActor pool
-     [-> MergeActor pool] -> encode (CPU tasks) -> ShardSink in the driver.
+     -> encode (CPU tasks) -> ShardSink in the driver.
 """
 from __future__ import annotations
 
@@ -56,10 +56,9 @@ class LabelOptions:
     cpus_per_actor: float = 1.0  # CPU actors only: CPUs Ray reserves for each
     threads_per_actor: int | None = None  # CPU actors: torch threads; default CPUs / actors (decode is light)
     dtype: str | None = None  # default fp16 on GPU, fp32 on CPU
+    vae_dtype: str | None = None  # VAE encoder; default ("auto"): bf16 on GPU, the UNet's dtype on CPU
     image_size: int | None = None  # default: the model's native size (512 for SD 1.x)
     timestep: int = 300
-    merge_on: str = "gpu"  # "gpu": inside the model actor; "cpu": a CPU actor pool
-    merge_actors: int = 1
     kl_threshold: float | list[float] = 1.1
     num_points: int = 16
     iterations: int = 3
@@ -95,6 +94,8 @@ class LabelOptions:
             parameters["paper_preprocess"] = True
         if self.allow_unsafe_weights:  # likewise
             parameters["allow_unsafe_weights"] = True
+        if self.vae_dtype not in (None, "auto"):  # likewise: only when chosen, so auto runs resume
+            parameters["vae_dtype"] = self.vae_dtype
         return parameters
 
     def diffseg_kwargs(self) -> dict[str, Any]:
@@ -221,21 +222,16 @@ def build_dataset(
     resources: dict[str, float],
 ):
     """The Ray Data plan (lazy): shards -> decoded rows -> labels -> output rows."""
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.actors import LabelActor, MergeActor
+    from pipeline.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
     from pipeline.tasks import encode_rows, read_decode
 
     cpus = float(resources.get("CPU", 1))
     actors = opts.actors or _default_actors(opts, use_gpu, gpus_per_actor, resources)
-    actor_cpus = 1.0 if use_gpu else float(opts.cpus_per_actor)
-    merge_cpus = 0.5 if opts.merge_on == "cpu" else 0.0
-    merge_total = merge_cpus * opts.merge_actors
-    left = cpus - actors * actor_cpus - merge_total
+    actor_cpus = float(GPU_ACTOR_CPUS) if use_gpu else float(opts.cpus_per_actor)
+    left = cpus - actors * actor_cpus
     if left < 0.25:
         raise LabelError(
             f"{actors} model actor(s) x {actor_cpus:g} CPU"
-            + (f" + {opts.merge_actors} merge actor(s) x {merge_cpus:g} CPU" if merge_total else "")
             + f" leave no CPU for reading and encoding on a cluster of {cpus:g} CPUs; lower --actors."
         )
     task_cpus = min(1.0, left)
@@ -264,31 +260,24 @@ def build_dataset(
         LabelActor,
         batch_size=int(opts.batch_size),
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
+        # Two calls at a time per actor: one's host work overlaps the other's device work.
+        compute=pool_strategy(actors),
         num_gpus=gpus_per_actor if use_gpu else None,
         num_cpus=actor_cpus,
         fn_constructor_kwargs={
             "model": opts.model,
             "device": "cuda" if use_gpu else "cpu",
             "dtype": dtype,
+            "vae_dtype": opts.vae_dtype,
             "image_size": image_size,
             "timestep": opts.timestep,
             "revision": opts.revision,
-            "merge_on": opts.merge_on,
             "diffseg_kwargs": opts.diffseg_kwargs(),
-            "threads": None if use_gpu else (opts.threads_per_actor or max(1, int(cpus // actors))),
+            # GPU actors: as many torch threads as the CPUs Ray reserved for them (not every core of the node)
+            "threads": GPU_ACTOR_CPUS if use_gpu else (opts.threads_per_actor or max(1, int(cpus // actors))),
             "allow_unsafe_weights": bool(opts.allow_unsafe_weights),
         },
     )
-    if opts.merge_on == "cpu":
-        ds = ds.map_batches(
-            MergeActor,
-            batch_size=int(opts.batch_size),
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=opts.merge_actors),
-            num_cpus=merge_cpus,
-            fn_constructor_kwargs={"diffseg_kwargs": opts.diffseg_kwargs(), "threads": 1},
-        )
     ds = ds.map_batches(encode_rows, batch_size=64, batch_format="numpy", num_cpus=task_cpus,
                         fn_kwargs={"rle": opts.rle})
     return ds
@@ -362,9 +351,9 @@ def validate_options(opts: LabelOptions) -> None:
     """
     from diffseg_core.segmentor import DiffSeg
 
-    if opts.merge_on not in ("gpu", "cpu"):
-        raise LabelError(f"--merge-on must be 'gpu' or 'cpu', not {opts.merge_on!r}.")
-    for name in ("batch_size", "rows_per_file", "merge_actors", "num_points", "iterations"):
+    if opts.vae_dtype not in (None, "auto", "fp32", "fp16", "bf16"):
+        raise LabelError(f"--vae-dtype must be auto, fp32, fp16 or bf16, not {opts.vae_dtype!r}.")
+    for name in ("batch_size", "rows_per_file", "num_points", "iterations"):
         value = getattr(opts, name)
         if not isinstance(value, int) or value < 1:
             raise LabelError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}.")
@@ -423,8 +412,7 @@ def _default_actors(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float, re
     if use_gpu:
         return max(1, int(math.floor(float(resources.get("GPU", 0)) / gpus_per_actor)))
     cpus = float(resources.get("CPU", 1))
-    reserve = 1.0 + (0.5 * opts.merge_actors if opts.merge_on == "cpu" else 0.0)
-    return max(1, int((cpus - reserve) // opts.cpus_per_actor))
+    return max(1, int((cpus - 1.0) // opts.cpus_per_actor))
 
 
 def _decode_memory(image_size: int) -> int:

@@ -1,8 +1,8 @@
 """The stateless CPU stages of the plan, as Ray Data batch functions.
 
 ``read_decode``: one work shard in -> decoded rows out, in chunks (a generator, so a
-shard of 1,000 files never sits in memory at once). ``encode_rows``: label maps
-(raw uint16) -> the output columns. Both turn every per-image failure into an
+shard of 1,000 files never sits in memory at once). ``encode_rows``: the model
+actor's packed label maps -> the output columns. Both turn every per-image failure into an
 ``error`` value; only a bug raises.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.encode import encode_label
+from pipeline.labels import unpack_label_map
 from pipeline.schema import SEGMENT, SHARD_ID, SHARD_ROWS
 from pipeline.sources import RawImage, read_source
 
@@ -119,7 +120,8 @@ def error_values(column: Any) -> list[str | None]:
 
 
 def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
-    """Raw label maps -> the output columns (PNG, num_segments, segments) plus bookkeeping."""
+    """Packed label maps (``label_packed``, see pipeline.labels) -> the output columns
+    (PNG, num_segments, segments) plus bookkeeping."""
     start = time.perf_counter()
     n = len(batch["image_id"])
     label_maps: list[bytes | None] = []
@@ -127,8 +129,8 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
     segments: list[list[dict] | None] = []
     errors = error_values(batch["error"])
     for i in range(n):
-        raw = batch["label_raw"][i]
-        if errors[i] is not None or raw is None or len(raw) == 0:
+        packed = batch["label_packed"][i]
+        if errors[i] is not None or packed is None or len(packed) == 0:
             label_maps.append(None)
             num_segments.append(None)
             segments.append(None)
@@ -137,7 +139,7 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
             continue
         h, w = int(batch["height"][i]), int(batch["width"][i])
         try:
-            labels = np.frombuffer(raw, dtype=np.uint16).reshape(h, w)
+            labels = unpack_label_map(packed, h, w)
             png, k, segs = encode_label(labels, rle)
         except Exception as exc:  # noqa: BLE001
             label_maps.append(None)

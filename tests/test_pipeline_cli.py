@@ -11,11 +11,11 @@ FAST_ARGS = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4"
 
 def test_cli_labels_a_folder_and_prints_the_summary(ray_session, tmp_path, capsys):
     ids = make_photo_folder(tmp_path / "in")
-    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), *FAST_ARGS, "--json", "--merge-on", "cpu"])
+    code = main(["label", str(tmp_path / "in"), str(tmp_path / "out"), *FAST_ARGS, "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["labelled"] == 3 and summary["errors"] == 0 and summary["images_per_s"] > 0
-    assert {"list", "model check", "pipeline", "model (worker s)", "merge (worker s)"} <= set(summary["stage_seconds"])
+    assert {"list", "model check", "pipeline", "model (worker s)", "encode (worker s)"} <= set(summary["stage_seconds"])
     assert sorted(read_output(str(tmp_path / "out")).column("image_id").to_pylist()) == ids
 
 

@@ -63,7 +63,7 @@ def test_missing_file_is_a_row_with_an_error_not_an_exception(tmp_path):
     assert rows[-1].error.startswith("read error") and rows[-1].image_id == "gone.jpg"
 
 
-def test_tar_and_parquet_shards_end_to_end_with_cpu_merge(ray_session, tmp_path):
+def test_tar_and_parquet_shards_end_to_end(ray_session, tmp_path):
     from pipeline import label
     from pipeline_helpers import FAST, read_output
 
@@ -72,7 +72,7 @@ def test_tar_and_parquet_shards_end_to_end_with_cpu_merge(ray_session, tmp_path)
     write_tar_shard(tmp_path / "in" / "tars" / "00001.tar", {"x": b"garbage bytes", "y": jpgs["coffee"]})
     write_parquet_shard(tmp_path / "in" / "pq" / "a.parquet", list(jpgs.values()), struct_column=False)
     (tmp_path / "in" / "pq" / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
-    summary = label(str(tmp_path / "in"), str(tmp_path / "out"), merge_on="cpu", rows_per_file=2, **FAST)
+    summary = label(str(tmp_path / "in"), str(tmp_path / "out"), rows_per_file=2, **FAST)
     assert summary["complete"] and summary["shards"]["total"] == 4
     rows = {r["image_id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert sorted(rows) == sorted(
