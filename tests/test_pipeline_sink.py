@@ -8,10 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.encode import decode_png, encode_label
-from pipeline.labels import labels_at_size
 from pipeline.schema import OUTPUT_SCHEMA, SHARD_ID, SHARD_ROWS
 from pipeline.sink import ShardSink
 from pipeline_helpers import read_output
@@ -45,20 +43,6 @@ def test_rle_is_coco_and_decodes_to_the_segment():
         rle = {"size": seg["rle"]["size"], "counts": seg["rle"]["counts"].encode()}
         assert (mask_utils.decode(rle) == (labels == seg["id"])).all()
         assert mask_utils.area(rle) == seg["area"]
-
-
-def test_label_maps_are_cores_labels_as_uint16(monkeypatch):
-    import diffseg_core.merge as merge
-
-    torch.manual_seed(0)
-    proposals = torch.rand(6, 8, 8)
-    for size in [(1, 1), (7, 3), (301, 157)]:
-        expected = merge.labels_from_proposals(proposals, size).numpy()
-        got = labels_at_size(proposals, size)
-        assert got.dtype == np.uint16 and (got == expected).all()
-    # A huge image is done in bands of rows: same labels.
-    monkeypatch.setattr(merge, "NMS_BAND_ELEMENTS", 6 * 157 * 5)
-    assert (labels_at_size(proposals, (301, 157)) == merge.labels_from_proposals(proposals, (301, 157)).numpy()).all()
 
 
 def _rows(shard_id, ids, total, error=None):
