@@ -15,7 +15,11 @@ Methods, measured in the same run on the same modules:
   UNet call, averaged afterwards.
 
 CPU (here):   python benchmarks/extract_bench.py
-GPU:          python benchmarks/extract_bench.py --device cuda --dtype bf16 --batch-sizes 1,2,4,8,16,32,64
+GPU:          python benchmarks/extract_bench.py --device cuda --dtypes fp16,bf16 --batch-sizes 1,2,4,8,16,32,64
+
+On a GPU the VAE encodes in bf16 by default (``--vae-dtype``); the float32 encode that
+``force_upcast`` made before is timed beside it (``vae_encode_fp32``).  GPU rows carry
+NVML's utilisation (benchmarks/gpu_monitor.py).
 
 Per image the VAE encoder costs 1.08 TFLOP and the UNet 0.68 TFLOP at 512 px;
 on an H100 (~800 TFLOP/s dense bf16) that bounds throughput near 450 images/s.
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.gpu_monitor import GpuMonitor  # noqa: E402
 from diffseg_core.attention_capture import install_capture, self_attention_layers  # noqa: E402
 from diffseg_core.extract import AttentionExtractor, resolve_dtype  # noqa: E402
 from diffseg_core.model_loading import LoadedModel  # noqa: E402
@@ -197,8 +202,9 @@ def measure(methods: dict, device: torch.device, iterations: int, batch: int, wa
             before = rss_kib("VmRSS")
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            outputs[name] = fn()
-            sync(device)
+            with GpuMonitor(device, interval_s=0.02) as monitor:
+                outputs[name] = fn()
+                sync(device)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             if warmup and i == 0:
                 continue
@@ -208,7 +214,11 @@ def measure(methods: dict, device: torch.device, iterations: int, batch: int, wa
             row["cpu_seconds_per_call"].append(round(cpu, 3))
             for key, value in peak_mib(device, before).items():
                 row[key] = max(row.get(key, 0.0), value)
+            row.setdefault("_util", []).extend(monitor.samples)
     for row in rows.values():
+        util = row.pop("_util", [])
+        if util:
+            row["gpu_util_mean_pct"] = sum(util) / len(util)
         row["images_per_s"] = batch / min(row["seconds_per_call"])
         key = "peak_gpu_mib" if device.type == "cuda" else "peak_above_start_mib"
         row[key + "_per_image"] = row[key] / batch
@@ -227,7 +237,9 @@ def _short(value):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="fp32 (CPU default), fp16 or bf16")
+    p.add_argument("--dtypes", "--dtype", default=None,
+                   help="UNet dtypes, comma-separated: fp32 (CPU default), fp16, bf16")
+    p.add_argument("--vae-dtype", default=None, help="VAE encoder dtype (default auto: bf16 on GPU)")
     p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,2,4,8,16,32,64")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--image-size", type=int, default=512)
@@ -238,21 +250,35 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if device.type == "cuda":
         print(f"# device: {torch.cuda.get_device_name(device)}", flush=True)
+    rows = []
+    for name in (args.dtypes or "").split(",") if args.dtypes else [None]:
+        rows.extend(run_dtype(args, device, resolve_dtype(name, device)))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def run_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     t0 = time.perf_counter()
     loaded = build_sd14_architecture()
     extra = {"chunk_bytes": args.chunk_mib * 2**20} if args.chunk_mib else {}
     ex = AttentionExtractor(loaded, model="sd14-architecture-random-weights", device=device, dtype=dtype,
-                            image_size=args.image_size, **extra)
+                            image_size=args.image_size, vae_dtype=args.vae_dtype, **extra)
     del loaded
+    import copy
+
+    vae32 = copy.deepcopy(ex.vae).float() if ex.vae_dtype != torch.float32 else None
     print(f"# built SD1.4-architecture UNet ({sum(p.numel() for p in ex.unet.parameters()) / 1e6:.0f} M params) "
           f"+ VAE encoder with RANDOM weights in {time.perf_counter() - t0:.1f} s; "
-          f"{len(ex.layer_names)} attn1 layers; dtype {dtype}; chunk {ex._state.chunk_bytes / 2**20:.0f} MiB",
+          f"{len(ex.layer_names)} attn1 layers; dtype {dtype}, VAE {ex.vae_dtype}; chunk {ex._state.chunk_bytes / 2**20:.0f} MiB",
           flush=True)
 
     rows = []
@@ -281,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
             methods = {"vae_encode": lambda: ex.encode(pixels), "ours_unet": ours,
                        "ours_unet_no_early_stop": ours_full}
+            if vae32 is not None:
+                def encode_fp32():
+                    with torch.inference_mode():
+                        return vae32.encode(pixels.float()).latent_dist.mean
+
+                methods["vae_encode_fp32"] = encode_fp32
             if not args.no_baseline:
                 methods["naive_unet"] = lambda: naive_attention(ex, latents)
             try:
@@ -294,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 methods.pop("naive_unet")
                 timed, outs = measure(methods, device, args.iterations, batch)
                 naive_oom = True
+            for row in timed.values():
+                row["unet_dtype"], row["vae_dtype"] = str(dtype), str(ex.vae_dtype)
             rows.extend(timed.values())
             vae_s = batch / timed["vae_encode"]["images_per_s"]
             ours_unet_s = batch / timed["ours_unet"]["images_per_s"]
@@ -329,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r.get("batch") == batch:
                 print(json.dumps(_short(r)), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

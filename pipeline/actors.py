@@ -80,6 +80,8 @@ class LabelActor:
 
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         options = dict(GPU_OPTIONS if gpu_options is None else gpu_options) if device == "cuda" else {}
         self.extractor = AttentionExtractor.from_pretrained(
             model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
@@ -88,6 +90,13 @@ class LabelActor:
         )
         self.diffseg = DiffSeg(**diffseg_kwargs)
         self._device_lock = threading.Lock()
+
+    @classmethod
+    def from_parts(cls, extractor: Any, diffseg: Any) -> "LabelActor":
+        """An actor around an extractor built elsewhere (benchmarks: a model built from configs)."""
+        actor = cls.__new__(cls)
+        actor.extractor, actor.diffseg, actor._device_lock = extractor, diffseg, threading.Lock()
+        return actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
