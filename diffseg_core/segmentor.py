@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import math
 import threading
-
-import numpy as np
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from diffseg_core.aggregate import Weights, aggregate_attention, anchor_grid
 from diffseg_core import merge
+from diffseg_core.aggregate import Weights, aggregate_attention, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import (
     compact_labels,
