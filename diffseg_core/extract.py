@@ -32,6 +32,7 @@ from diffseg_core.attention_capture import (
     head_sum_softmax,
     install_capture,
 )
+from diffseg_core.model_check import attention_resolutions
 from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
 from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
 
@@ -323,15 +324,7 @@ class AttentionExtractor:
         From the UNet's config, without running it: the latent side, halved
         (rounding up, as a stride-2 convolution does) once per down block.
         """
-        config = self.unet.config
-        sides = [self.image_size // self.vae_scale_factor]
-        for _ in config.down_block_types[1:]:
-            sides.append((sides[-1] + 1) // 2)
-        found = {side for side, kind in zip(sides, config.down_block_types) if "CrossAttn" in kind}
-        found |= {side for side, kind in zip(reversed(sides), config.up_block_types) if "CrossAttn" in kind}
-        if config.mid_block_type and "CrossAttn" in config.mid_block_type:
-            found.add(sides[-1])
-        return sorted(found, reverse=True)
+        return attention_resolutions(self.unet.config, self.image_size // self.vae_scale_factor)
 
     # ------------------------------------------------------------------ the work
 

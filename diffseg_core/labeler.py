@@ -17,21 +17,10 @@ import torch
 
 from diffseg_core.extract import DEFAULT_MODEL, AttentionExtractor
 from diffseg_core.merge import compact_labels, labels_from_proposals
+from diffseg_core.parameters import anchor_grid_problem
 from diffseg_core.segmentor import DiffSeg
 
 __all__ = ["Labeler", "anchor_grid_problem", "image_sizes"]
-
-
-def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any, image_size: int) -> str | None:
-    """Why DiffSeg's anchor grid cannot run on this model's attention, or None if it can."""
-    finest = max(resolutions) if resolutions else 0
-    if num_points <= finest:
-        return None
-    return (
-        f"num_points={num_points} needs self-attention maps of at least {num_points} x {num_points}, "
-        f"but model {str(model)!r} at image size {image_size} gives {finest} x {finest}: "
-        f"use num_points {finest} or less, or a larger image size"
-    )
 
 
 def image_sizes(images: Any) -> list[tuple[int, int]]:

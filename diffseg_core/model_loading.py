@@ -12,36 +12,55 @@ or a single-file checkpoint (``.safetensors``; ``.ckpt`` only with
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["ModelLoadError", "LoadedModel", "load_model"]
+from diffseg_core.model_check import (  # torch-free checks, shared with the driver's model check
+    UNSAFE_WEIGHTS_HOW,
+    ModelLoadError,
+    check_weights,
+    folder_weight_files,
+    looks_like_path,
+    read_model_index,
+    text_parts,
+)
+from diffseg_core.weight_hashes import sha256_files  # noqa: F401 - re-exported (extract.py)
+
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "quiet_loading"]
 
 logger = logging.getLogger(__name__)
 
-_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# Every way to opt in, for a message that reaches Python, CLI and job-spec users alike.
-UNSAFE_WEIGHTS_HOW = ("pass allow_unsafe_weights=True (`diffseg label --allow-unsafe-weights`, or "
-                      "`allow_unsafe_weights: true` under `model:` in a job spec)")
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load without progress bars and without diffseg's own notes (e.g. "RANDOM weights").
 
-class ModelLoadError(OSError):
-    """A model could not be found or read; the message names the model and what is missing."""
+    For model actors: the driver has already said what the model is, once; N actors
+    repeating it (with a progress bar each) is noise in the run's output.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    def __init__(self, model: str, what: str):
-        self.model = model
-        self.what = what
-        super().__init__(f"Cannot load Stable Diffusion model {model!r}: {what}")
+    ours = logging.getLogger("diffseg_core")
+    level = ours.level
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    ours.setLevel(logging.ERROR)
+    for module, _ in bars:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        ours.setLevel(level)
+        for module, was_on in bars:
+            if was_on:
+                module.enable_progress_bar()
 
 
 @dataclass
@@ -77,7 +96,7 @@ def load_model(
         loaded = _load_single_file(name, path, allow_unsafe_weights, config)
     elif path.is_dir():
         loaded = _load_folder(name, path, allow_unsafe_weights)
-    elif _looks_like_path(name):
+    elif looks_like_path(name):
         raise ModelLoadError(name, "no such file or folder.")
     else:
         loaded = _load_hub(name, revision, allow_unsafe_weights)
@@ -87,29 +106,19 @@ def load_model(
 # ----------------------------------------------------------------------------- sources
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _looks_like_path(name: str) -> bool:
-    """Anything that is not shaped like a hub id ``owner/name`` is a local path."""
-    return not _HUB_ID.match(name) or name.endswith(_SINGLE_FILE_SUFFIXES)
-
-
 def _load_folder(name: str, path: Path, allow_unsafe: bool) -> LoadedModel:
     for sub in ("unet", "vae"):
         if not (path / sub).is_dir():
             raise ModelLoadError(name, f"the folder has no '{sub}' subfolder (expected a diffusers model folder).")
-        _check_weights(name, path / sub, allow_unsafe)
-    index = _read_model_index(path)
-    text_parts = _text_parts(index, lambda sub: (path / sub).is_dir())
-    for sub in text_parts:
-        _check_weights(name, path / sub, allow_unsafe)
-    loaded = _load_components(name, str(path), None, allow_unsafe, text_parts)
+        check_weights(name, path / sub, allow_unsafe)
+    index = read_model_index(path)
+    parts = text_parts(index, lambda sub: (path / sub).is_dir())
+    for sub in parts:
+        check_weights(name, path / sub, allow_unsafe)
+    loaded = _load_components(name, str(path), None, allow_unsafe, parts)
     loaded.source = "folder"
     loaded.resolved = str(path.resolve())
-    loaded.weight_files = sorted(
-        str(p) for sub in ("unet", "vae", *text_parts) for p in (path / sub).iterdir() if _is_weight_file(p)
-    )
+    loaded.weight_files = folder_weight_files(path, parts)
     return loaded
 
 
@@ -122,8 +131,8 @@ def _load_hub(name: str, revision: str | None, allow_unsafe: bool) -> LoadedMode
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "not a local path, and not in the Hugging Face cache" if offline else "not a local path or reachable hub repo"
         raise ModelLoadError(name, f"{why} ({type(exc).__name__}: {_first_line(exc)}).") from exc
-    text_parts = _text_parts(index, lambda sub: index.get(sub, [None])[0] is not None)
-    loaded = _load_components(name, name, revision, allow_unsafe, text_parts)
+    parts = text_parts(index, lambda sub: index.get(sub, [None])[0] is not None)
+    loaded = _load_components(name, name, revision, allow_unsafe, parts)
     loaded.source = "hub"
     loaded.resolved = name
     loaded.revision = _hub_commit(name, revision) or revision
@@ -257,41 +266,6 @@ def sdxl_time_ids(unet, pooled_dim: int, image_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read_model_index(path: Path) -> dict[str, Any]:
-    index = path / "model_index.json"
-    if not index.is_file():
-        return {}
-    try:
-        return json.loads(index.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _text_parts(index: dict[str, Any], exists) -> list[str]:
-    """The text encoder subfolders to use: text_encoder and/or text_encoder_2."""
-    parts = [sub for sub in ("text_encoder", "text_encoder_2") if (sub in index or not index) and exists(sub)]
-    return parts
-
-
-def _check_weights(name: str, folder: Path, allow_unsafe: bool) -> None:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.name.endswith(".safetensors") for p in files):
-        return
-    unsafe = [p.name for p in files if p.name.endswith(_UNSAFE_SUFFIXES)]
-    if unsafe and not allow_unsafe:
-        raise ModelLoadError(
-            name,
-            f"'{folder.name}' has only pickle weights ({', '.join(sorted(unsafe))}), no .safetensors; "
-            f"to load them anyway (they can run code), {UNSAFE_WEIGHTS_HOW}.",
-        )
-    if not unsafe:
-        raise ModelLoadError(name, f"'{folder.name}' has no weights file.")
-
-
-def _is_weight_file(p: Path) -> bool:
-    return p.is_file() and p.name.endswith((".safetensors", *_UNSAFE_SUFFIXES))
-
-
 def _single_file_is_sdxl(name: str, path: Path) -> bool:
     from safetensors import safe_open
 
@@ -316,18 +290,6 @@ def _hub_commit(repo: str, revision: str | None) -> str | None:
     except Exception:  # noqa: BLE001 - provenance is best effort
         pass
     return None
-
-
-def sha256_files(paths: list[str]) -> dict[str, str]:
-    """sha256 of each file, keyed ``<subfolder>/<file>``; provenance of local weights."""
-    out = {}
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        out[f"{Path(p).parent.name}/{Path(p).name}"] = h.hexdigest()
-    return out
 
 
 def _first_line(exc: BaseException) -> str:

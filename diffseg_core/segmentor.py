@@ -33,11 +33,11 @@ from diffseg_core.merge import (
     merge_proposals_batch,
     merge_with_anchors,
 )
+from diffseg_core.parameters import method_thresholds
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffseg_core.labeler import Labeler
 
-DEFAULT_ITERATIONS = 3
 
 
 class DiffSeg:
@@ -62,9 +62,7 @@ class DiffSeg:
         refine: bool = False,
         weights: Weights = None,
     ) -> None:
-        self.thresholds = _thresholds(kl_threshold, iterations)
-        if not isinstance(num_points, int) or num_points < 2:
-            raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+        self.thresholds = method_thresholds(kl_threshold, num_points, iterations)
         self.num_points = num_points
         self.refine = bool(refine)
         self.weights = weights
@@ -171,25 +169,6 @@ class DiffSeg:
             f"DiffSeg(kl_threshold={self.thresholds}, num_points={self.num_points}, "
             f"refine={self.refine}, weights={self.weights})"
         )
-
-
-def _thresholds(kl_threshold: float | Sequence[float], iterations: int | None) -> list[float]:
-    if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if isinstance(kl_threshold, (int, float)):
-        values = [float(kl_threshold)] * (iterations or DEFAULT_ITERATIONS)
-    else:
-        values = [float(v) for v in kl_threshold]
-        if not values:
-            raise ValueError("kl_threshold: an empty sequence gives no iteration")
-        if iterations is not None and iterations != len(values):
-            raise ValueError(
-                f"kl_threshold has {len(values)} values (one per iteration) but iterations={iterations}"
-            )
-    bad = [v for v in values if not math.isfinite(v) or v <= 0]
-    if bad:
-        raise ValueError(f"kl_threshold must be positive and finite, got {bad}")
-    return values
 
 
 class _Scratch:

@@ -22,6 +22,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from diffseg_core.weight_hashes import diffseg_cache_dir
+
 __all__ = ["TINY_RANDOM", "build_tiny_model", "resolve_model", "tiny_model_cache_dir", "tiny_random_path"]
 
 logger = logging.getLogger(__name__)
@@ -31,9 +33,7 @@ _MAX_LENGTH = 77  # CLIP's model_max_length, as in real SD tokenizers
 
 
 def tiny_model_cache_dir() -> Path:
-    root = os.environ.get("DIFFSEG_CACHE")
-    base = Path(root).expanduser() if root else Path("~/.cache/diffseg").expanduser()
-    return base / TINY_RANDOM
+    return diffseg_cache_dir() / TINY_RANDOM
 
 
 def tiny_random_path() -> Path:
@@ -59,8 +59,11 @@ def resolve_model(name: str) -> str:
     if not (target / "model_index.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        from diffseg_core.model_loading import quiet_loading
+
         try:
-            build_tiny_model(tmp, variant="sd1", seed=0)
+            with quiet_loading():
+                build_tiny_model(tmp, variant="sd1", seed=0)
             try:
                 os.rename(tmp, target)  # atomic; fails if another worker published first
             except OSError:

@@ -76,6 +76,7 @@ class LabelActor:
         gpu_options: dict[str, Any] | None = None,
     ):
         from diffseg_core.extract import AttentionExtractor
+        from diffseg_core.model_loading import quiet_loading
         from diffseg_core.segmentor import DiffSeg
 
         if threads:
@@ -83,11 +84,12 @@ class LabelActor:
         if device == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         options = dict(GPU_OPTIONS if gpu_options is None else gpu_options) if device == "cuda" else {}
-        self.extractor = AttentionExtractor.from_pretrained(
-            model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
-            allow_unsafe_weights=allow_unsafe_weights,
-            vae_dtype=vae_dtype, **options,
-        )
+        with quiet_loading():  # the driver already said what the model is; no progress bar per actor
+            self.extractor = AttentionExtractor.from_pretrained(
+                model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
+                allow_unsafe_weights=allow_unsafe_weights,
+                vae_dtype=vae_dtype, **options,
+            )
         self.diffseg = DiffSeg(**diffseg_kwargs)
         self._device_lock = threading.Lock()
 

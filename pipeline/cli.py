@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
 from pipeline.credentials import storage_options_json
+from pipeline.devices import DEVICES
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
@@ -59,7 +62,13 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     r = p.add_argument_group("resources")
     r.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
     r.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per model call")
-    r.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
+    r.add_argument("--device", choices=DEVICES, default=_DEFAULTS.device,
+                   help="gpu: GPU model actors, or stop with one sentence when the cluster has none (waiting up to "
+                   "--gpu-wait s for an autoscaler to add them); cpu: CPU actors; auto: GPUs when the cluster has "
+                   "or can add them, else CPU (said in the log)")
+    r.add_argument("--gpu-wait", dest="gpu_wait_s", type=float, default=_DEFAULTS.gpu_wait_s, metavar="SECONDS",
+                   help="how long to wait for an autoscaler to add GPU nodes")
+    r.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 on GPUs, 0 for CPU actors")
     r.add_argument("--cpus-per-actor", type=float, default=_DEFAULTS.cpus_per_actor,
                    help="CPU actors: CPUs Ray reserves for each")
     r.add_argument("--threads-per-actor", type=int, default=None,
@@ -84,35 +93,97 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     return parser
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 shard``, ``2 shards``, ``0 errors``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def format_summary(summary: dict) -> str:
-    lines = [
-        f"labelled {summary['labelled']} of {summary['images']} images into {summary['output']}"
-        f" ({summary['errors']} errors){'' if summary['complete'] else ' - INCOMPLETE, rerun to finish'}",
-        f"this run: {summary['this_run']['images']} images at {summary['images_per_s']} images/s "
-        f"({summary['steady_images_per_s']} after start-up), "
-        f"{summary['shards']['written_this_run']} shards written, "
-        f"{summary['shards']['skipped_already_done']} already done",
-    ]
+    """The run summary for people: what is true, in words; a figure that was not measured is left out."""
+    run, shards = summary["this_run"], summary["shards"]
+    errors = summary["errors"]
+    head = (f"labelled {summary['labelled']} of {plural(summary['images'], 'image')} into {summary['output']}"
+            f" ({plural(errors, 'error') if errors else 'no errors'})")
+    if not summary["complete"]:
+        head += " - INCOMPLETE, rerun the same command to finish"
+    lines = [head]
+    if summary.get("random_weights"):
+        lines.append(f"model {summary['model']!r} has RANDOM weights: these labels only show the plumbing")
+    this = f"this run: {plural(run['images'], 'image')}"
+    if run["images"]:
+        this += f" in {summary['stage_seconds'].get('pipeline', 0):.1f} s"
+        rate, steady = summary.get("images_per_s"), summary.get("steady_images_per_s")
+        if rate:
+            this += f", {_rate(rate)} images/s"
+            if steady and steady > rate * 1.05:
+                this += f" ({_rate(steady)} once running)"
+    this += f"; {plural(shards['written_this_run'], 'shard')} written"
+    if shards["skipped_already_done"]:
+        this += f", {shards['skipped_already_done']} already done"
+    lines.append(this)
     if summary["errors_by_kind"]:
         lines.append("errors by kind: " + ", ".join(f"{k}: {v}" for k, v in summary["errors_by_kind"].items()))
-    lines.append("time per stage (s): " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()))
+    stages = summary["stage_seconds"]
+    driver = [f"{k} {v:.1f}" for k, v in stages.items() if "(" not in k]
+    workers = [f"{k.split(' (')[0]} {v:.2f}" for k, v in stages.items() if "(worker s)" in k]
+    lines.append("seconds: " + ", ".join(driver) + (f"; in workers: {', '.join(workers)}" if workers else ""))
     return "\n".join(lines)
 
 
+def _rate(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "label":
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json")}
-        from pipeline.plan import label
-
-        try:
-            summary = label(args.input, args.output, **options)
-        except LabelError as exc:
-            print(f"diffseg label: error: {exc}", file=sys.stderr)
-            return 2
-        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-        return 0
+        return _label_command(args, argv)
     return args.handler(args)
+
+
+def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
+    from pipeline.interrupt import RunInterrupted
+    from pipeline.plan import label
+    from pipeline.stderr_filter import filtered_stderr
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json")}
+    _show_notes()
+    try:
+        with filtered_stderr():
+            summary = label(args.input, args.output, **options)
+    except LabelError as exc:
+        print(f"diffseg label: error: {exc}", file=sys.stderr)
+        return 2
+    except RunInterrupted as exc:
+        print(interrupted_sentence(exc, ["diffseg", *argv]), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("diffseg label: interrupted before labelling started; nothing was written.", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def interrupted_sentence(exc: Any, command: Sequence[str]) -> str:
+    """One sentence: what a stopped run kept, and the command that resumes it."""
+    kept = ""
+    if exc.committed is not None and exc.total is not None:
+        kept = f"; {exc.committed} of {plural(exc.total, 'shard')} are committed and kept"
+    return (f"diffseg label: stopped by {exc.signal_name}{kept}; "
+            f"resume with the same command: {shlex.join(command)}")
+
+
+def _show_notes() -> None:
+    """The job's own notes (INFO and up from the ``pipeline`` loggers) on stderr, one line each."""
+    notes = logging.getLogger("pipeline")
+    if not any(getattr(h, "_diffseg_notes", False) for h in notes.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("diffseg: %(message)s"))
+        handler._diffseg_notes = True  # type: ignore[attr-defined]
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str,
 def check_compatible(
     existing: dict[str, Any] | None, input_uri: str, model_info: dict[str, Any] | None, parameters: dict[str, Any],
     output: str,
+    unknown: tuple[str, ...] = (),
 ) -> None:
     """Raise IncompatibleOutputError (one sentence) when ``existing`` was made differently.
 
-    With model_info None only the input, model name and parameters are compared (the
-    cheap check before loading the model); with it, the model's revision/hashes too.
+    With model_info None only the input and the parameters are compared (the cheap
+    check); with it, the model's identity too. Keys in ``unknown`` (e.g. a dtype that
+    depends on the cluster, before Ray starts) are left for a later call.
     """
     if existing is None:
         return
@@ -89,11 +91,11 @@ def check_compatible(
     diffs = []
     if old["input"] != new["input"]:
         diffs.append(f"input {old['input']!r} -> {new['input']!r}")
-    for key in sorted(set(old["parameters"]) | set(new["parameters"])):
+    for key in sorted((set(old["parameters"]) | set(new["parameters"])) - set(unknown)):
         if old["parameters"].get(key) != new["parameters"].get(key):
             diffs.append(f"{key} {_shown(old['parameters'].get(key))} -> {_shown(new['parameters'].get(key))}")
     if model_info is not None and old["model"] is not None:
-        for key in sorted(set(old["model"]) | set(new["model"])):
+        for key in sorted((set(old["model"]) | set(new["model"])) - set(unknown)):
             if old["model"].get(key) != new["model"].get(key):
                 diffs.append(f"model {key} differs")
     if diffs:

@@ -1,15 +1,19 @@
 """``label()``: the whole job, from an input URL to a committed Parquet dataset.
 
-Order of work, cheapest and most likely to fail first (no model work happens
-until the input is listed, the output is writable and the model has loaded):
+Order of work, cheapest and most likely to fail first:
 
-  1. list the input (one find/glob);           -> "no input matched"
-  2. check the output is writable;            -> "output not writable"
-  3. load the model once in the driver (CPU)  -> "cannot load model"
-     for its provenance, compare with the manifest -> "different settings"
-  4. plan shards, drop what a killed run left, skip committed shards;
-  5. Ray Data: shards -> read+decode (CPU tasks) -> LabelActor pool
-     -> encode (CPU tasks) -> ShardSink in the driver.
+  1. options, model (configs and file headers, no weights), the output's manifest,
+     the input's first file, a writable output: all before Ray starts
+     (pipeline/preflight.py), so a wrong path fails in a second;
+  2. ``ray.init``; GPUs or CPUs (pipeline/devices.py), hence the default dtype;
+     the manifest check of what depends on it; the manifest written ("running");
+  3. the input listed and the shard plan extended, both streamed (sources, resume);
+     what a killed run left is dropped, committed shards are skipped;
+  4. Ray Data: shards -> read+decode (CPU tasks) -> LabelActor pool
+     -> encode (CPU tasks) -> ShardSink in the driver;
+  5. the manifest: "complete", "incomplete" or, after Ctrl-C / SIGTERM, "interrupted".
+
+The driver never loads the model (a small head node is enough); the model actors do.
 """
 from __future__ import annotations
 
@@ -24,24 +28,21 @@ from typing import Any
 from pipeline.credentials import refuse_url_credentials
 from pipeline.dataset_card import write_dataset_card
 from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.manifest import (
-    IncompatibleOutputError,
-    check_compatible,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-)
-from pipeline.resume import clean_uncommitted, done_shards, load_or_make_plan, read_markers
+from pipeline.devices import DevicePlan, device_option_problem, plan_devices
+from pipeline.errors import LabelError
+from pipeline.interrupt import RunInterrupted, stop_signals
+from pipeline.manifest import new_manifest, write_manifest
+from pipeline.preflight import Checked, default_dtype, preflight
+from pipeline.resume import DamagedPlanError, clean_uncommitted, done_shards, iter_plan, read_markers, update_plan
 from pipeline.schema import DONE_DIR, MANIFEST, PLAN, STAGE_NAMES, TMP_DIR, shard_of_part
 from pipeline.sink import ShardSink, write_marker
-from pipeline.sources import NoInputError, list_inputs, open_fs
+from pipeline.sources import iter_inputs
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DTYPES = ("fp32", "fp16", "bf16")
 
-
-class LabelError(RuntimeError):
-    """A systemic failure: the run cannot start or cannot finish. The message is one sentence."""
+__all__ = ["label", "LabelError", "LabelOptions", "validate_options", "DEFAULT_MODEL"]
 
 
 @dataclass
@@ -52,7 +53,9 @@ class LabelOptions:
     revision: str | None = None
     actors: int | None = None  # model actors; default: one per GPU, or CPUs - 1 without GPUs
     batch_size: int = 8
-    gpus_per_actor: float | None = None  # default 1 when the cluster has GPUs, else 0 (CPU actors)
+    device: str = "auto"  # "gpu": GPUs or stop; "cpu": CPU actors; "auto": GPUs when the cluster has (or will have) them
+    gpu_wait_s: float = 600.0  # GPUs asked for and none there yet, but the autoscaler can add them: wait this long
+    gpus_per_actor: float | None = None  # default 1 with GPUs, 0 for CPU actors
     cpus_per_actor: float = 1.0  # CPU actors only: CPUs Ray reserves for each
     threads_per_actor: int | None = None  # CPU actors: torch threads; default CPUs / actors (decode is light)
     dtype: str | None = None  # default fp16 on GPU, fp32 on CPU
@@ -110,7 +113,8 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     """Label every image under ``input``; write Parquet pseudo-labels under ``output``.
 
     Options: the fields of LabelOptions. Returns the run summary (see ``summarize``).
-    Raises LabelError (one clear sentence) on systemic failures.
+    Raises LabelError (one clear sentence) on systemic failures, and RunInterrupted
+    (a KeyboardInterrupt) after SIGINT or SIGTERM, once the manifest says "interrupted".
     """
     opts = LabelOptions(**options)
     validate_options(opts)
@@ -120,87 +124,107 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         raise LabelError(str(exc)) from None
     started = time.time()
     times: dict[str, float] = {}
+    with stop_signals() as stop:
+        t = time.perf_counter()
+        checked = preflight(input, output, opts)
+        times["checks"] = time.perf_counter() - t
+        ray, own_ray = None, False
+        try:
+            t = time.perf_counter()
+            ray, own_ray = _init_ray(opts.ray_address)
+            stop.install()  # ray.init put its own SIGTERM handler in place
+            times["ray start"] = time.perf_counter() - t
+            devices = plan_devices(ray, opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
+            dtype = opts.dtype or default_dtype(devices.use_gpu)
+            model_info, image_size = _model_info(ray, checked, opts, dtype, devices)
+            parameters = opts.label_parameters(image_size, dtype)
+            checked.check_against_previous(model_info, parameters)
+        except (LabelError, RunInterrupted):
+            checked.discard()
+            _shutdown(ray, own_ray)
+            raise
+        try:
+            return _run(ray, stop, checked, opts, devices, dtype, image_size, model_info, parameters, times,
+                        started)
+        finally:
+            _shutdown(ray, own_ray)
 
-    t = time.perf_counter()
-    try:
-        listing = list_inputs(input, opts.storage_options)
-    except NoInputError as exc:
-        raise LabelError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise LabelError(f"Cannot list input {input!r}: {type(exc).__name__}: {exc}") from None
-    times["list"] = time.perf_counter() - t
 
-    out_fs, out_root = open_fs(output, opts.storage_options)
-    out_root = out_root.rstrip("/") or out_root
-    _check_writable(out_fs, out_root, output)
-
-    ray = _init_ray(opts.ray_address)
-    resources = ray.cluster_resources()
-    use_gpu, gpus_per_actor = _gpu_plan(opts, resources)
-    dtype = opts.dtype or ("fp16" if use_gpu else "fp32")
-
-    t = time.perf_counter()
-    model_info = probe_model(opts, dtype)
-    times["model check"] = time.perf_counter() - t
-    image_size = int(model_info["image_size"])
-    parameters = opts.label_parameters(image_size, dtype)
-    if opts.overwrite:  # only now: a run that cannot even load its model must not delete labels
+def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: DevicePlan, dtype: str,
+         image_size: int, model_info: dict[str, Any], parameters: dict[str, Any], times: dict[str, float],
+         started: float) -> dict[str, Any]:
+    """From a checked, compatible output to a committed one (the part that writes)."""
+    out_fs, out_root, output = checked.out_fs, checked.out_root, checked.output
+    if opts.overwrite:  # only now: a run that cannot even start must not delete labels
         _remove_previous_output(out_fs, out_root)
-    previous = read_manifest(out_fs, out_root)
-    try:
-        check_compatible(previous, listing.root, model_info, parameters, output)
-    except IncompatibleOutputError as exc:
-        raise LabelError(str(exc)) from None
-    manifest = new_manifest(listing.root, output, model_info, parameters, previous)
+    manifest = new_manifest(checked.input_root, output, model_info, parameters, checked.previous)
     write_manifest(out_fs, out_root, manifest)
 
     t = time.perf_counter()
-    shards, new_shards = load_or_make_plan(out_fs, out_root, listing, opts.rows_per_file)
+    try:
+        plan = update_plan(out_fs, out_root, iter_inputs(checked.input, opts.storage_options), opts.rows_per_file)
+    except DamagedPlanError as exc:
+        raise LabelError(f"{output}: {exc}.") from None
+    except (OSError, ValueError) as exc:
+        raise LabelError(f"Cannot list input {checked.input!r}: {type(exc).__name__}: {_one_line(exc)}") from None
     done = done_shards(out_fs, out_root)
     removed = clean_uncommitted(out_fs, out_root, done)
-    todo = [s for s in shards if s.shard_id not in done]
-    times["plan"] = time.perf_counter() - t
+    times["list+plan"] = time.perf_counter() - t
     if removed:
         logger.warning("removed %d uncommitted file(s) left by an earlier run", len(removed))
 
     metadata = {"model": manifest["model"], "parameters": parameters, "version": manifest["version"],
-                "input": listing.root}
+                "input": checked.input_root}
     sink = ShardSink(out_fs, out_root, opts.rows_per_file, metadata)
+    interrupted: RunInterrupted | None = None
     t = time.perf_counter()
-    if todo:
-        dataset = build_dataset(
-            ray, todo, listing.root, opts, image_size=image_size, dtype=dtype, use_gpu=use_gpu,
-            gpus_per_actor=gpus_per_actor, resources=resources,
-        )
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            sink.add(batch)
-        # The stream finished, so every task ran: shards that sent no row are empty inputs.
-        seen = set(sink.committed) | set(sink.open)
-        for shard in todo:
-            if shard.shard_id not in seen:
-                write_marker(out_fs, out_root, shard.shard_id,
-                             {"shard_id": shard.shard_id, "rows": 0, "errors": {}, "files": [],
-                              "committed_at": time.time()})
-                sink.committed.append(shard.shard_id)
+    try:
+        shards_ds, todo = shard_dataset(ray, out_fs, out_root, done)
+        if todo:
+            dataset = build_dataset(
+                ray, shards_ds, checked.input_root, opts, image_size=image_size, dtype=dtype,
+                use_gpu=devices.use_gpu, gpus_per_actor=devices.gpus_per_actor, resources=ray.cluster_resources(),
+            )
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                sink.add(batch)
+            # The stream finished, so every task ran: shards that sent no row are empty inputs.
+            seen = set(sink.committed) | set(sink.open)
+            for shard_id in todo:
+                if shard_id not in seen:
+                    write_marker(out_fs, out_root, shard_id,
+                                 {"shard_id": shard_id, "rows": 0, "errors": {}, "files": [],
+                                  "committed_at": time.time()})
+                    sink.committed.append(shard_id)
+    except RunInterrupted as exc:
+        interrupted = exc  # open shards are dropped: uncommitted, a rerun redoes them
     times["pipeline"] = time.perf_counter() - t
-    gc.collect()
 
-    markers = read_markers(out_fs, out_root)
-    summary = summarize(opts, input, output, listing.root, manifest, markers, sink, shards, len(done),
-                        new_shards, times, started)
-    manifest["status"] = "complete" if summary["complete"] else "incomplete"
-    manifest["counts"] = {k: summary[k] for k in ("images", "labelled", "errors", "errors_by_kind", "shards")}
-    manifest["runs"].append({
-        "started_at": started,
-        "finished_at": time.time(),
-        "options": _run_options(opts, use_gpu, gpus_per_actor),
-        "this_run": summary["this_run"],
-        "seconds": summary["seconds"],
-        "images_per_s": summary["images_per_s"],
-        "stage_seconds": summary["stage_seconds"],
-    })
-    write_manifest(out_fs, out_root, manifest)
-    write_dataset_card(out_fs, out_root, manifest)  # load_dataset(OUTPUT) reads the labels
+    with stop.deferred():
+        gc.collect()
+        markers = read_markers(out_fs, out_root)
+        summary = summarize(opts, checked.input, output, checked.input_root, manifest, markers, sink, plan.shards,
+                            len(done), plan.new, times, started)
+        if interrupted is not None:
+            manifest["status"] = "interrupted"
+            summary["complete"] = False
+        else:
+            manifest["status"] = "complete" if summary["complete"] else "incomplete"
+        manifest["counts"] = {k: summary[k] for k in ("images", "labelled", "errors", "errors_by_kind", "shards")}
+        manifest["runs"].append({
+            "started_at": started,
+            "finished_at": time.time(),
+            "status": manifest["status"],
+            "options": _run_options(opts, devices),
+            "this_run": summary["this_run"],
+            "seconds": summary["seconds"],
+            "images_per_s": summary["images_per_s"],
+            "stage_seconds": summary["stage_seconds"],
+        })
+        write_manifest(out_fs, out_root, manifest)
+        write_dataset_card(out_fs, out_root, manifest)  # load_dataset(OUTPUT) reads the labels
+    if interrupted is not None:
+        interrupted.committed, interrupted.total = len(markers), plan.shards
+        raise interrupted
     if sink.open:
         raise LabelError(
             f"{len(sink.open)} shard(s) did not receive all their rows and were not committed "
@@ -209,9 +233,28 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     return summary
 
 
+def shard_dataset(ray: Any, fs: Any, root: str, done: set[int]) -> tuple[Any, list[int]]:
+    """The plan's shards not yet done, as a Ray dataset of one-row blocks (shard_id, kind, paths).
+
+    Streamed from the saved plan: each shard goes into the object store as it is read,
+    so the driver keeps one ObjectRef and one id per shard, never a list of paths.
+    """
+    import pyarrow as pa
+
+    refs, todo = [], []
+    for shard in iter_plan(fs, root):
+        if shard.shard_id in done:
+            continue
+        table = pa.table({"shard_id": pa.array([shard.shard_id], pa.int64()), "kind": [shard.kind],
+                          "paths": pa.array([list(shard.paths)], pa.list_(pa.string()))})
+        refs.append(ray.put(table))
+        todo.append(shard.shard_id)
+    return (ray.data.from_arrow_refs(refs) if refs else None), todo
+
+
 def build_dataset(
     ray: Any,
-    shards: list,
+    shards: Any,
     root: str,
     opts: LabelOptions,
     *,
@@ -221,7 +264,7 @@ def build_dataset(
     gpus_per_actor: float,
     resources: dict[str, float],
 ):
-    """The Ray Data plan (lazy): shards -> decoded rows -> labels -> output rows."""
+    """The Ray Data plan (lazy): shards (a dataset, see shard_dataset) -> decoded rows -> labels -> output rows."""
     from pipeline.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
     from pipeline.tasks import encode_rows, read_decode
 
@@ -236,9 +279,7 @@ def build_dataset(
         )
     task_cpus = min(1.0, left)
 
-    items = [s.to_json() for s in shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
+    ds = shards.map_batches(
         read_decode,
         batch_size=1,
         batch_format="numpy",
@@ -283,32 +324,46 @@ def build_dataset(
     return ds
 
 
-def probe_model(opts: LabelOptions, dtype: str) -> dict[str, Any]:
-    """Load the model once, on CPU in the driver: fails fast, and gives its provenance."""
-    from diffseg_core.extract import AttentionExtractor
-    from diffseg_core.labeler import anchor_grid_problem
+def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
+                devices: DevicePlan) -> tuple[dict[str, Any], int]:
+    """The model's provenance and image size: from its configs, or (single-file checkpoints,
+    whose configs only a load reveals) from a probe in a Ray task, never in the driver."""
+    from diffseg_core.parameters import anchor_grid_problem
 
+    if checked.model.complete:
+        return checked.model_info(opts, dtype, devices.use_gpu), checked.image_size
+    probe = ray.remote(num_cpus=1, max_retries=0)(probe_model)
     try:
-        extractor = AttentionExtractor.from_pretrained(
-            opts.model, device="cpu", dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
-            revision=opts.revision, allow_unsafe_weights=bool(opts.allow_unsafe_weights),
-        )
-        info = extractor.model_info
-    except Exception as exc:  # noqa: BLE001 - ModelLoadError, bad dtype/size, missing files, ...
-        raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(exc)}") from None
-    problem = anchor_grid_problem(opts.num_points, extractor.attention_resolutions, opts.model, extractor.image_size)
+        info = ray.get(probe.remote(opts.model, dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
+                                    revision=opts.revision,
+                                    allow_unsafe_weights=bool(opts.allow_unsafe_weights)))
+    except Exception as exc:  # noqa: BLE001 - the task's ModelLoadError, bad size, ... as a RayTaskError
+        cause = getattr(exc, "cause", None) or exc
+        raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(cause)}") from None
+    info["device"] = "cuda" if devices.use_gpu else "cpu"
+    problem = anchor_grid_problem(opts.num_points, info["attention_resolutions"], opts.model, info["image_size"])
     if problem:
         raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
-    del extractor
-    gc.collect()
-    return info
+    return info, int(info["image_size"])
+
+
+def probe_model(model: str, **kwargs: Any) -> dict[str, Any]:
+    """Load a model on CPU and return its provenance (`AttentionExtractor.model_info`); runs in a Ray task."""
+    from diffseg_core.extract import AttentionExtractor
+    from diffseg_core.model_loading import quiet_loading
+
+    with quiet_loading():
+        return AttentionExtractor.from_pretrained(model, device="cpu", **kwargs).model_info
 
 
 def summarize(
     opts: LabelOptions, input: str, output: str, root: str, manifest: dict, markers: list[dict], sink: ShardSink,
-    shards: list, skipped: int, new_shards: int, times: dict[str, float], started: float,
+    total_shards: int, skipped: int, new_shards: int, times: dict[str, float], started: float,
 ) -> dict[str, Any]:
-    """Counts over the whole output (all runs) and this run's throughput and stage times."""
+    """Counts over the whole output (all runs) and this run's throughput and stage times.
+
+    A rate that cannot be measured (nothing labelled; one batch only) is None, not 0.
+    """
     errors_by_kind: Counter = Counter()
     for m in markers:
         errors_by_kind.update(m.get("errors", {}))
@@ -321,22 +376,24 @@ def summarize(
         if sink.stage_seconds.get(col):
             stage[f"{name} (worker s)"] = round(sink.stage_seconds[col], 3)
     stage["write (driver s)"] = round(sink.write_seconds, 3)
+    steady = sink.steady_rate()
     return {
         "input": input,
         "output": output,
         "model": manifest["model"].get("model"),
+        "random_weights": bool(manifest["model"].get("random_weights")),
         "images": images,
         "labelled": images - errors,
         "errors": errors,
         "errors_by_kind": dict(sorted(errors_by_kind.items())),
-        "shards": {"total": len(shards), "done": len(markers), "skipped_already_done": skipped,
+        "shards": {"total": total_shards, "done": len(markers), "skipped_already_done": skipped,
                    "written_this_run": len(sink.committed), "new_in_plan": new_shards},
         "this_run": {"images": sink.rows, "labelled": sink.rows - run_errors,
                      "errors_by_kind": dict(sorted(sink.errors.items())), "duplicates_dropped": sink.duplicates},
-        "complete": len(markers) == len(shards) and not sink.open,
+        "complete": len(markers) == total_shards and not sink.open,
         "seconds": round(time.time() - started, 3),
-        "images_per_s": round(sink.rows / pipeline_s, 3) if pipeline_s > 0 else 0.0,
-        "steady_images_per_s": round(sink.steady_rate(), 3),
+        "images_per_s": round(sink.rows / pipeline_s, 3) if sink.rows and pipeline_s > 0 else None,
+        "steady_images_per_s": round(steady, 3) if steady > 0 else None,
         "stage_seconds": stage,
     }
 
@@ -345,40 +402,39 @@ def summarize(
 
 
 def validate_options(opts: LabelOptions) -> None:
-    """Raise LabelError (one sentence) for options no run can use; cheap, before any work.
+    """Raise LabelError (one sentence) for options no run can use; cheap (no torch), before any work.
 
-    DiffSeg's own constructor judges the method parameters, so the bounds live in one place.
+    The method parameters are judged by diffseg_core.parameters, as DiffSeg's constructor judges them.
     """
-    from diffseg_core.segmentor import DiffSeg
+    from diffseg_core.parameters import method_thresholds
 
     if opts.vae_dtype not in (None, "auto", "fp32", "fp16", "bf16"):
         raise LabelError(f"--vae-dtype must be auto, fp32, fp16 or bf16, not {opts.vae_dtype!r}.")
-    for name in ("batch_size", "rows_per_file", "num_points", "iterations"):
-        value = getattr(opts, name)
-        if not isinstance(value, int) or value < 1:
-            raise LabelError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}.")
-    if opts.actors is not None and opts.actors < 1:
-        raise LabelError(f"--actors must be a positive integer, not {opts.actors!r}.")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise LabelError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}.")
+    for name in ("batch_size", "rows_per_file", "num_points", "iterations", "max_pixels"):
+        _positive_int(name, getattr(opts, name))
+    for name in ("actors", "image_size", "threads_per_actor"):
+        if getattr(opts, name) is not None:
+            _positive_int(name, getattr(opts, name))
+    if isinstance(opts.timestep, bool) or not isinstance(opts.timestep, int) or opts.timestep < 0:
+        raise LabelError(f"--timestep must be an integer >= 0, not {opts.timestep!r}.")
+    if isinstance(opts.cpus_per_actor, bool) or not isinstance(opts.cpus_per_actor, (int, float)) \
+            or not opts.cpus_per_actor > 0:
+        raise LabelError(f"--cpus-per-actor must be a number > 0, not {opts.cpus_per_actor!r}.")
+    problem = device_option_problem(opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
+    if problem:
+        raise LabelError(problem)
     try:
-        DiffSeg(**opts.diffseg_kwargs())
-    except ValueError as exc:
+        kwargs = opts.diffseg_kwargs()
+        method_thresholds(kwargs["kl_threshold"], kwargs["num_points"], kwargs.get("iterations"))
+    except (ValueError, TypeError) as exc:
         raise LabelError(f"DiffSeg parameters: {exc}.") from None
 
 
-def _check_writable(fs: Any, root: str, output: str) -> None:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if any(c in root for c in "*?[") and "file" not in protocols:
-        # s3fs/gcsfs expand such a name as a glob in rm/mv/copy; local folders are handled literally
-        raise LabelError(f"Output {output!r}: an object-store folder whose name holds '*', '?' or '[' is read as "
-                         "a pattern by its client (fsspec); choose an output name without them.")
-    probe = f"{root}/_write_check.tmp"
-    try:
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except Exception as exc:  # noqa: BLE001
-        raise LabelError(f"Output {output!r} is not writable: {_one_line(exc)}") from None
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LabelError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}.")
 
 
 def _remove_previous_output(fs: Any, root: str) -> None:
@@ -392,20 +448,35 @@ def _remove_previous_output(fs: Any, root: str) -> None:
             fs.rm(p)
 
 
-def _init_ray(address: str | None):
+def _init_ray(address: str | None) -> tuple[Any, bool]:
+    """Join the cluster (or start a local Ray); returns (ray, whether this call started it)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
-    return ray
+    if ray.is_initialized():
+        return ray, False
+    # A local Ray turns token authentication on by default and warns, every run, that it did
+    # (opting out is the only other choice it offers): keep the security, drop the note.
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_log.addFilter(_drop_token_auth_note)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+        raise LabelError(f"Cannot start or join {where}: {_one_line(exc)} (is it running? try `ray status`).") \
+            from None
+    finally:
+        auth_log.removeFilter(_drop_token_auth_note)
+    return ray, True
 
 
-def _gpu_plan(opts: LabelOptions, resources: dict[str, float]) -> tuple[bool, float]:
-    gpus = float(resources.get("GPU", 0))
-    per_actor = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    if per_actor > 0 and gpus == 0:
-        raise LabelError(f"--gpus-per-actor {per_actor:g} asks for GPUs, but the Ray cluster has none.")
-    return per_actor > 0, per_actor
+def _drop_token_auth_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _shutdown(ray: Any, own_ray: bool) -> None:
+    """Stop the local Ray this run started (its actors and tasks with it); leave a joined one alone."""
+    if ray is not None and own_ray:
+        ray.shutdown()
 
 
 def _default_actors(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float, resources: dict[str, float]) -> int:
@@ -416,15 +487,18 @@ def _default_actors(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float, re
 
 
 def _decode_memory(image_size: int) -> int:
+    """What a decode task holds: a Python worker with numpy/PIL/pyarrow (~120 MiB measured), one
+    decoded source image, and a chunk of resized pixels twice over. Asking for less makes Ray
+    Data warn after the run that the operator used more than it asked for."""
     from pipeline.tasks import DECODE_CHUNK
 
-    return 64 * 2**20 + 2 * DECODE_CHUNK * image_size * image_size * 3
+    return 256 * 2**20 + 2 * DECODE_CHUNK * image_size * image_size * 3
 
 
-def _run_options(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float) -> dict[str, Any]:
+def _run_options(opts: LabelOptions, devices: DevicePlan) -> dict[str, Any]:
     d = asdict(opts)
     d.pop("storage_options", None)  # may hold credentials
-    d.update(use_gpu=use_gpu, gpus_per_actor=gpus_per_actor)
+    d.update(use_gpu=devices.use_gpu, gpus_per_actor=devices.gpus_per_actor)
     return d
 
 

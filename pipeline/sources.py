@@ -73,35 +73,122 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
-def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
-    """List every input file under ``url`` (a folder, a single file, or a glob; recursive).
+def input_root(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """URI of the input root (image ids are paths relative to it): the folder, a file's folder, a glob's fixed part."""
+    return _input_spec(url, storage_options)[2]
 
-    Raises NoInputError when nothing matches.
+
+def iter_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
+    """Every input file under ``url`` as ``(kind, uri)``, streamed, in a deterministic order.
+
+    A folder is walked directory by directory (entries sorted, hidden ones pruned), an S3
+    prefix is listed page by page in key order: nothing per file is kept, so a listing of
+    millions of files costs no more memory than one directory (or one page) of it.
     """
-    fs, path = open_fs(url, storage_options)
+    fs, path, root, pattern, depth = _input_spec(url, storage_options)
+    if pattern is None:
+        if input_kind(path) is not None and fs.isfile(path):
+            yield input_kind(path), fs.unstrip_protocol(path)
+            return
+        stripped_root = path
+    else:
+        stripped_root = fs._strip_protocol(root)
+    for p in _walk_files(fs, stripped_root, depth):
+        if pattern is not None and not pattern.match(p):
+            continue
+        kind = input_kind(p)
+        if kind is not None and not _is_hidden(p, stripped_root):
+            yield kind, fs.unstrip_protocol(p)
+
+
+def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
+    """List every input file under ``url`` (a folder, a single file, or a glob; recursive), sorted.
+
+    Raises NoInputError when nothing matches. Holds the whole listing: for tools that
+    read a few thousand files; the labeling job streams `iter_inputs` instead.
+    """
+    by_kind: dict[str, list[str]] = {"image": [], "parquet": [], "tar": []}
+    for kind, uri in iter_inputs(url, storage_options):
+        by_kind[kind].append(uri)
+    listing = Listing(input_root(url, storage_options), *(sorted(by_kind[k]) for k in ("image", "parquet", "tar")))
+    if listing.count == 0:
+        raise no_input_error(url)
+    return listing
+
+
+def first_input(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The first input file under ``url``, found without listing the rest; NoInputError if none."""
+    for item in iter_inputs(url, storage_options):
+        return item
+    raise no_input_error(url)
+
+
+def no_input_error(url: str) -> NoInputError:
+    return NoInputError(
+        f"No input matched {url!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+        "Parquet files or .tar shards."
+    )
+
+
+def _input_spec(url: str, storage_options: dict[str, Any] | None):
+    """(fs, path, root URI, compiled glob or None, walk depth or None) for an input URL."""
+    import re
+
+    from fsspec.utils import glob_translate
+
+    # A private filesystem instance without a listings cache: s3fs and gcsfs would
+    # otherwise keep every listed entry in memory for the rest of the run.
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}), use_listings_cache=False,
+                                     skip_instance_cache=True)
     path = path.rstrip("/") or path
     # A name that exists as written is taken literally (a folder "shots[1]"), never as a pattern.
-    if any(c in path for c in _GLOB_CHARS) and not fs.exists(path):
-        root = _glob_root(path)
-        found = [p for p in fs.glob(path) if not _is_hidden(p, root)]
-    elif input_kind(path) is not None and not fs.isdir(path):
-        root = posixpath.dirname(path)
-        found = [path] if fs.exists(path) else []
-    else:
-        root = path
-        found = [p for p in fs.find(path) if not _is_hidden(p, root)] if fs.exists(path) else []
-    by_kind: dict[str, list[str]] = {"image": [], "parquet": [], "tar": []}
-    for p in sorted(found):
-        kind = input_kind(p)
-        if kind is not None:
-            by_kind[kind].append(fs.unstrip_protocol(p))
-    listing = Listing(fs.unstrip_protocol(root), by_kind["image"], by_kind["parquet"], by_kind["tar"])
-    if listing.count == 0:
-        raise NoInputError(
-            f"No input matched {url!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-            "Parquet files or .tar shards."
-        )
-    return listing
+    if not any(c in path for c in _GLOB_CHARS) or fs.exists(path):
+        if input_kind(path) is not None and fs.isfile(path):
+            return fs, path, fs.unstrip_protocol(posixpath.dirname(path)), None, None
+        return fs, path, fs.unstrip_protocol(path), None, None
+    root = _glob_root(path)
+    depth = None if "**" in path else path[len(root):].strip("/").count("/") + 1
+    return fs, path, fs.unstrip_protocol(root), re.compile(glob_translate(path)), depth
+
+
+def _walk_files(fs: fsspec.AbstractFileSystem, root: str, maxdepth: int | None) -> Iterator[str]:
+    """Files under root, streamed: S3 page by page in key order, elsewhere a sorted walk."""
+    if maxdepth is None and "s3" in _protocols(fs) and hasattr(fs, "_iterdir"):
+        yield from _s3_keys(fs, root)
+        return
+    if not fs.isdir(root):
+        return
+    for dirpath, dirs, files in fs.walk(root, maxdepth=maxdepth, topdown=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        for name in sorted(files):
+            yield f"{dirpath.rstrip('/')}/{name}" if name else dirpath
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _s3_keys(fs: Any, root: str, page: int = 1000) -> Iterator[str]:
+    """Object keys under an S3 prefix, one ListObjectsV2 page at a time (no delimiter: recursive)."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(root)
+    listing = fs._iterdir(bucket, delimiter="", prefix=f"{key.rstrip('/')}/" if key else "")
+
+    async def next_page() -> list[str]:
+        names = []
+        async for info in listing:
+            if info.get("type") != "directory" and not info["name"].endswith("/"):
+                names.append(info["name"])
+            if len(names) >= page:
+                break
+        return names
+
+    while True:
+        names = sync(fs.loop, next_page())
+        if not names:
+            return
+        yield from names
 
 
 def relative_id(uri: str, root: str) -> str:

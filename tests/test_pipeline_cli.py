@@ -15,7 +15,8 @@ def test_cli_labels_a_folder_and_prints_the_summary(ray_session, tmp_path, capsy
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["labelled"] == 3 and summary["errors"] == 0 and summary["images_per_s"] > 0
-    assert {"list", "model check", "pipeline", "model (worker s)", "encode (worker s)"} <= set(summary["stage_seconds"])
+    assert {"checks", "ray start", "list+plan", "pipeline", "model (worker s)", "encode (worker s)"} <= set(
+        summary["stage_seconds"])
     assert sorted(read_output(str(tmp_path / "out")).column("image_id").to_pylist()) == ids
 
 

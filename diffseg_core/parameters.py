@@ -1,0 +1,50 @@
+"""DiffSeg's method parameters, judged without torch: the bounds live here, once.
+
+``DiffSeg(...)`` calls `method_thresholds`; so do the labeling job's driver and the
+job-spec checker, which must refuse a bad option in a second, before importing torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem"]
+
+DEFAULT_ITERATIONS = 3
+
+
+def method_thresholds(
+    kl_threshold: float | Sequence[float], num_points: Any, iterations: int | None = None
+) -> list[float]:
+    """One KL threshold per merging iteration; raise ValueError (one sentence) for parameters no run can use."""
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if isinstance(kl_threshold, (int, float)):
+        values = [float(kl_threshold)] * (iterations or DEFAULT_ITERATIONS)
+    else:
+        values = [float(v) for v in kl_threshold]
+        if not values:
+            raise ValueError("kl_threshold: an empty sequence gives no iteration")
+        if iterations is not None and iterations != len(values):
+            raise ValueError(
+                f"kl_threshold has {len(values)} values (one per iteration) but iterations={iterations}"
+            )
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if bad:
+        raise ValueError(f"kl_threshold must be positive and finite, got {bad}")
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+    return values
+
+
+def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any, image_size: int) -> str | None:
+    """Why DiffSeg's anchor grid cannot run on this model's attention, or None if it can."""
+    finest = max(resolutions) if resolutions else 0
+    if num_points <= finest:
+        return None
+    return (
+        f"num_points={num_points} needs self-attention maps of at least {num_points} x {num_points}, "
+        f"but model {str(model)!r} at image size {image_size} gives {finest} x {finest}: "
+        f"use num_points {finest} or less, or a larger image size"
+    )
