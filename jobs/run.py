@@ -7,7 +7,8 @@ environment, calls ``pipeline.label`` (which joins the cluster: inside a Ray job
 ``RAY_ADDRESS`` is set) and prints the summary, readable and as one line of JSON.
 
 Exit codes: 0 done, 1 finished but incomplete, 2 refused (bad spec, or the pipeline's
-one-sentence systemic error; the job then ends FAILED with that sentence in its logs).
+one-sentence systemic error; the job then ends FAILED with that sentence in its logs),
+130 / 143 stopped by SIGINT / SIGTERM (the manifest says "interrupted"; resubmit to resume).
 """
 from __future__ import annotations
 
@@ -53,11 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: the spec's runtime_env is ignored when run by hand; this node's environment is used",
               flush=True)
     print(f"diffseg job {spec.name}: labelling {spec.input} -> {spec.output}", flush=True)
+    from pipeline.interrupt import RunInterrupted
+
     try:
         summary = label(spec.input, spec.output, **options)
     except LabelError as exc:
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except RunInterrupted as exc:  # `diffseg stop` / `ray job stop` send SIGTERM
+        kept = f"; {exc.committed} of {exc.total} shards are committed and kept" if exc.total is not None else ""
+        print(f"diffseg job: stopped by {exc.signal_name}{kept}; submit the same spec again to resume",
+              file=sys.stderr, flush=True)
+        return exc.exit_code
     from pipeline.cli import format_summary
 
     print(format_summary(summary), flush=True)

@@ -14,7 +14,7 @@ Layout (every section but ``input``/``output`` is optional)::
     model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
-    resources: {actors, batch_size, gpus_per_actor, cpus_per_actor,
+    resources: {actors, batch_size, device, gpu_wait_s, gpus_per_actor, cpus_per_actor,
                 driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, image_column, max_pixels, storage_options}
     runtime_env: {working_dir, pip, py_modules, excludes, env_vars, ship_code}
@@ -158,6 +158,8 @@ _METHOD = {
 _RESOURCES = {
     "actors": (_optional(_int(1)), "actors"),
     "batch_size": (_int(1), "batch_size"),
+    "device": (_choice("auto", "gpu", "cpu"), "device"),  # gpu: GPUs or stop; auto: GPUs when there or coming
+    "gpu_wait_s": (_number(0.0), "gpu_wait_s"),  # how long to wait for an autoscaler to add GPU nodes
     "gpus_per_actor": (_optional(_number(0.0)), "gpus_per_actor"),
     "cpus_per_actor": (_number(0.0, strict=True), "cpus_per_actor"),
     # what the job's driver (the entrypoint) reserves: Ray's entrypoint_num_cpus/gpus/memory

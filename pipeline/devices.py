@@ -69,7 +69,8 @@ def plan_devices(ray: Any, device: str, gpus_per_actor: float | None, gpu_wait_s
     if gpus >= per_actor:
         return DevicePlan(True, per_actor, gpus)
     coming = autoscaler_max_gpus()
-    asked = "--device gpu" if device == "gpu" else f"--gpus-per-actor {per_actor:g}"
+    asked = ("--device gpu" if device == "gpu" else f"--gpus-per-actor {per_actor:g}" if gpus_per_actor
+             else "--device auto")
     if coming < per_actor:
         if device == "auto" and not gpus_per_actor:
             logger.info("labelling on CPU: the Ray cluster has no GPU (pass --device gpu to require one)")
