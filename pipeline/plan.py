@@ -33,7 +33,7 @@ from pipeline.errors import LabelError
 from pipeline.interrupt import RunInterrupted, stop_signals
 from pipeline.manifest import new_manifest, write_manifest
 from pipeline.preflight import Checked, default_dtype, preflight
-from pipeline.resume import DamagedPlanError, clean_uncommitted, done_shards, iter_plan, read_markers, update_plan
+from pipeline.resume import DamagedPlanError, clean_uncommitted, done_shards, read_markers, update_plan
 from pipeline.schema import DONE_DIR, MANIFEST, PLAN, STAGE_NAMES, TMP_DIR, shard_of_part
 from pipeline.sink import ShardSink, write_marker
 from pipeline.sources import iter_inputs
@@ -179,7 +179,7 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
     interrupted: RunInterrupted | None = None
     t = time.perf_counter()
     try:
-        shards_ds, todo = shard_dataset(ray, out_fs, out_root, done)
+        shards_ds, todo = shard_dataset(ray, out_fs, out_root, plan.index, opts.storage_options, done)
         if todo:
             dataset = build_dataset(
                 ray, shards_ds, checked.input_root, opts, image_size=image_size, dtype=dtype,
@@ -233,23 +233,20 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
     return summary
 
 
-def shard_dataset(ray: Any, fs: Any, root: str, done: set[int]) -> tuple[Any, list[int]]:
+def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_options: dict[str, Any] | None,
+                  done: set[int]) -> tuple[Any, list[int]]:
     """The plan's shards not yet done, as a Ray dataset of one-row blocks (shard_id, kind, paths).
 
-    Streamed from the saved plan: each shard goes into the object store as it is read,
-    so the driver keeps one ObjectRef and one id per shard, never a list of paths.
+    Read by Ray tasks from the plan file (pipeline/shard_source.py): the driver keeps the
+    plan's index (24 bytes per shard), never a list of paths.
     """
-    import pyarrow as pa
+    from pipeline.shard_source import PlanShards
 
-    refs, todo = [], []
-    for shard in iter_plan(fs, root):
-        if shard.shard_id in done:
-            continue
-        table = pa.table({"shard_id": pa.array([shard.shard_id], pa.int64()), "kind": [shard.kind],
-                          "paths": pa.array([list(shard.paths)], pa.list_(pa.string()))})
-        refs.append(ray.put(table))
-        todo.append(shard.shard_id)
-    return (ray.data.from_arrow_refs(refs) if refs else None), todo
+    todo = index.without(done)
+    if not len(todo):
+        return None, []
+    source = PlanShards(out_fs.unstrip_protocol(f"{out_root}/{PLAN}"), todo, storage_options)
+    return ray.data.read_datasource(source, override_num_blocks=len(todo)), todo.shard_ids.tolist()
 
 
 def build_dataset(

@@ -2,15 +2,20 @@
 
 The input listing is cut into deterministic work shards (``rows_per_file`` image
 files each; one shard per tar or Parquet input). The plan is saved in the output
-(``_plan.jsonl.gz``, one JSON line per shard) on the first run and reused by every
-rerun, so shard ids never shift; files that appeared since are appended as new
-shards. A shard is done iff its marker ``_done/<shard>.json`` exists; anything else
-a killed run left behind (``_inprogress/``, parts renamed before the marker was
-written) is deleted before the rerun starts.
+(``_plan.jsonl.gz``) on the first run and reused by every rerun, so shard ids never
+shift; files that appeared since are appended as new shards. A shard is done iff
+its marker ``_done/<shard>.json`` exists; anything else a killed run left behind
+(``_inprogress/``, parts renamed before the marker was written) is deleted before
+the rerun starts.
 
-Everything here streams: the listing is cut into shards and written as it comes,
-and a rerun remembers which files the saved plan holds as 16-byte digests (16 MB
-for a million files), never as a Python object per file.
+Everything here streams, so a driver plans millions of images in constant memory:
+the listing is cut into shards and written as it comes; a rerun remembers which
+files the saved plan holds as 16-byte digests (16 MB for a million files), never
+as a Python object per file. The plan file is gzip-compressed JSON lines, each
+shard its own gzip member (``gzip.open`` reads it as one file), after a header
+member ``{"diffseg_plan": 2}``: a shard's (offset, length) in the file is all the
+driver keeps, and the Ray task that reads a shard's images reads its paths there.
+Plans written before (one gzip member for all lines) are converted on first use.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import IO, Iterable, Iterator
 
@@ -32,6 +38,7 @@ from pipeline.schema import DONE_DIR, PLAN, TMP_DIR, shard_of_part
 from pipeline.sources import read_literal
 
 _DIGEST = 16
+_HEADER = gzip.compress(b'{"diffseg_plan": 2}\n', mtime=0)
 
 
 class DamagedPlanError(ValueError):
@@ -49,9 +56,26 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class PlanIndex:
+    """Where each shard lies in the plan file: three int64 arrays, 24 bytes per shard."""
+
+    shard_ids: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.shard_ids)
+
+    def without(self, done: set[int]) -> "PlanIndex":
+        keep = ~np.isin(self.shard_ids, np.fromiter(done, dtype=np.int64, count=len(done)))
+        return PlanIndex(self.shard_ids[keep], self.offsets[keep], self.lengths[keep])
+
+
+@dataclass(frozen=True)
 class PlanSummary:
     shards: int  # shards in the plan, old and new
     new: int  # shards this run added (all of them on a first run)
+    index: PlanIndex = field(repr=False)
 
 
 def shards_from_inputs(inputs: Iterable[tuple[str, str]], images_per_shard: int, first_id: int = 0) -> Iterator[Shard]:
@@ -79,76 +103,155 @@ def update_plan(
     path = f"{root}/{PLAN}"
     if not fs.exists(path):
         with _replacing(fs, path) as out:
-            count = _write_shards(out, shards_from_inputs(inputs, images_per_shard))
-        return PlanSummary(count, count)
+            index = _write_shards(out, shards_from_inputs(inputs, images_per_shard), header=True)
+        return PlanSummary(len(index), len(index), index)
     planned = PlannedPaths.of_plan(fs, path)
     fresh = planned.not_in(inputs)
-    with tempfile.TemporaryFile() as spool:  # new shards, as one more gzip member of the plan
-        added = _write_shards(spool, shards_from_inputs(fresh, images_per_shard, first_id=planned.next_id))
-        if added:
+    new = shards_from_inputs(fresh, images_per_shard, first_id=planned.next_id)
+    if planned.legacy:  # one gzip member for every line: rewrite as one member per shard
+        with _replacing(fs, path) as out:
+            index = _write_shards(out, _chain(iter_plan(fs, root), new), header=True)
+        return PlanSummary(len(index), len(index) - planned.shards, index)
+    with tempfile.TemporaryFile() as spool:  # the new shards, as more members after the saved ones
+        added = _write_shards(spool, new, header=False, start=fs.size(path))
+        if len(added):
             spool.seek(0)
             with _replacing(fs, path) as out:
                 with fs.open(path, "rb") as old:
                     shutil.copyfileobj(old, out, 1 << 22)
                 shutil.copyfileobj(spool, out, 1 << 22)
-    return PlanSummary(planned.shards + added, added)
+    index = planned.index
+    if len(added):
+        index = PlanIndex(*(np.concatenate([a, b]) for a, b in zip(
+            (index.shard_ids, index.offsets, index.lengths), (added.shard_ids, added.offsets, added.lengths))))
+    return PlanSummary(planned.shards + len(added), len(added), index)
 
 
 def iter_plan(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Shard]:
-    """The saved plan's shards, streamed. Raises DamagedPlanError for a torn or foreign file."""
+    """The saved plan's shards, streamed (either format). Raises DamagedPlanError for a torn or foreign file."""
     path = f"{root}/{PLAN}"
     try:
         with fs.open(path, "rb") as raw, gzip.open(raw, "rt") as f:
             for line in f:
                 d = json.loads(line)
-                yield Shard(int(d["shard_id"]), str(d["kind"]), tuple(d["paths"]))
-    except (EOFError, gzip.BadGzipFile, ValueError, KeyError, TypeError) as exc:
-        raise DamagedPlanError(
-            f"the shard plan {path} is damaged ({type(exc).__name__}); rerun with --overwrite to start over"
-        ) from None
+                if "diffseg_plan" not in d:
+                    yield Shard(int(d["shard_id"]), str(d["kind"]), tuple(d["paths"]))
+    except (EOFError, gzip.BadGzipFile, zlib.error, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path, exc) from None
+
+
+def read_shard(fs: fsspec.AbstractFileSystem, path: str, offset: int, length: int) -> Shard:
+    """One shard of a plan file, by its place in it (what a Ray task reads; see plan.shard_dataset)."""
+    with fs.open(path, "rb") as f:
+        f.seek(offset)
+        d = json.loads(gzip.decompress(f.read(length)))
+    return Shard(int(d["shard_id"]), str(d["kind"]), tuple(d["paths"]))
 
 
 class PlannedPaths:
-    """Which input files a saved plan holds: sorted 16-byte digests of their URIs."""
+    """What a saved plan holds: sorted 16-byte digests of its URIs, and where each shard lies."""
 
-    def __init__(self, digests: np.ndarray, shards: int, next_id: int):
+    def __init__(self, digests: np.ndarray, index: PlanIndex, legacy: bool):
         self.digests = digests
-        self.shards = shards
-        self.next_id = next_id
+        self.index = index
+        self.legacy = legacy
+        self.shards = len(index)
+        self.next_id = int(index.shard_ids.max()) + 1 if len(index) else 0
 
     @classmethod
     def of_plan(cls, fs: fsspec.AbstractFileSystem, path: str) -> "PlannedPaths":
         buf = bytearray()
-        shards, last = 0, -1
-        for shard in iter_plan(fs, posixpath.dirname(path)):
-            shards += 1
-            last = max(last, shard.shard_id)
-            for p in shard.paths:
-                buf += _digest(p)
-        digests = np.sort(np.frombuffer(bytes(buf), dtype=f"S{_DIGEST}"))
-        return cls(digests, shards, last + 1)
+        ids, offsets, lengths = [], [], []
+        legacy = False
+        try:
+            with fs.open(path, "rb") as raw:
+                for offset, length, text in _members(raw):
+                    lines = text.splitlines()
+                    if offset == 0 and lines[:1] != [b'{"diffseg_plan": 2}']:
+                        legacy = True
+                    for line in lines:
+                        d = json.loads(line)
+                        if "diffseg_plan" in d:
+                            continue
+                        ids.append(int(d["shard_id"]))
+                        offsets.append(offset)
+                        lengths.append(length)
+                        for p in d["paths"]:
+                            buf += _digest(p)
+        except (EOFError, zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise _damaged(path, exc) from None
+        digests = np.frombuffer(buf, dtype=f"S{_DIGEST}")  # a view of buf: sorted in place, no copy
+        digests.sort()
+        index = PlanIndex(*(np.asarray(a, dtype=np.int64) for a in (ids, offsets, lengths)))
+        return cls(digests, index, legacy)
 
     def not_in(self, inputs: Iterable[tuple[str, str]], chunk: int = 8192) -> Iterator[tuple[str, str]]:
         """The inputs whose URI the plan does not hold, in their order."""
         it = iter(inputs)
         while batch := list(islice(it, chunk)):
             keys = np.frombuffer(b"".join(_digest(uri) for _, uri in batch), dtype=f"S{_DIGEST}")
-            at = np.searchsorted(self.digests, keys)
-            found = (at < len(self.digests)) & (self.digests[np.minimum(at, len(self.digests) - 1)] == keys)
+            if not len(self.digests):
+                yield from batch
+                continue
+            at = np.minimum(np.searchsorted(self.digests, keys), len(self.digests) - 1)
+            found = self.digests[at] == keys
             yield from (item for item, known in zip(batch, found) if not known)
+
+
+def _members(raw: IO[bytes], chunk: int = 1 << 20) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, compressed length, text) of each gzip member of a stream, in order."""
+    offset, used, parts = 0, 0, []
+    inflate = zlib.decompressobj(31)
+    pending = b""
+    while True:
+        if not pending:
+            pending = raw.read(chunk)
+            if not pending:
+                break
+        parts.append(inflate.decompress(pending))
+        if inflate.eof:
+            used += len(pending) - len(inflate.unused_data)
+            yield offset, used, b"".join(parts)
+            offset, used, parts = offset + used, 0, []
+            pending = inflate.unused_data
+            inflate = zlib.decompressobj(31)
+        else:
+            used += len(pending)
+            pending = b""
+    if used or any(parts):
+        raise EOFError("the last gzip member is cut short")
+
+
+def _damaged(path: str, exc: BaseException) -> DamagedPlanError:
+    return DamagedPlanError(
+        f"the shard plan {path} is damaged ({type(exc).__name__}); rerun with --overwrite to start over"
+    )
+
+
+def _chain(*iterables: Iterable[Shard]) -> Iterator[Shard]:
+    for it in iterables:
+        yield from it
 
 
 def _digest(uri: str) -> bytes:
     return hashlib.blake2b(uri.encode(), digest_size=_DIGEST).digest()
 
 
-def _write_shards(out: IO[bytes], shards: Iterable[Shard]) -> int:
-    count = 0
-    with gzip.open(out, "wt") as f:
-        for shard in shards:
-            f.write(json.dumps(shard.to_json()) + "\n")
-            count += 1
-    return count
+def _write_shards(out: IO[bytes], shards: Iterable[Shard], *, header: bool, start: int = 0) -> PlanIndex:
+    """Write one gzip member per shard; return where each went (offsets from ``start``)."""
+    ids, offsets, lengths = [], [], []
+    position = start
+    if header:
+        out.write(_HEADER)
+        position += len(_HEADER)
+    for shard in shards:
+        member = gzip.compress((json.dumps(shard.to_json()) + "\n").encode(), mtime=0)
+        out.write(member)
+        ids.append(shard.shard_id)
+        offsets.append(position)
+        lengths.append(len(member))
+        position += len(member)
+    return PlanIndex(*(np.asarray(a, dtype=np.int64) for a in (ids, offsets, lengths)))
 
 
 class _replacing:

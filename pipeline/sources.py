@@ -185,7 +185,7 @@ def _s3_keys(fs: Any, root: str, page: int = 1000) -> Iterator[str]:
         return names
 
     while True:
-        names = sync(fs.loop, next_page())
+        names = sync(fs.loop, next_page)
         if not names:
             return
         yield from names
