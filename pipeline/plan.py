@@ -41,6 +41,7 @@ from pipeline.sources import iter_inputs
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = ("fp32", "fp16", "bf16")
+READ_CPUS = 0.25  # a plan-shard read task (see shard_dataset)
 
 __all__ = ["label", "LabelError", "LabelOptions", "validate_options", "DEFAULT_MODEL"]
 
@@ -246,7 +247,10 @@ def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_opti
     if not len(todo):
         return None, []
     source = PlanShards(out_fs.unstrip_protocol(f"{out_root}/{PLAN}"), todo, storage_options)
-    return ray.data.read_datasource(source, override_num_blocks=len(todo)), todo.shard_ids.tolist()
+    # A read is one small gzip member: a quarter CPU, so it fits beside model actors that take
+    # all but 0.25 CPU of a small cluster (build_dataset leaves at least that much).
+    return (ray.data.read_datasource(source, override_num_blocks=len(todo), num_cpus=READ_CPUS),
+            todo.shard_ids.tolist())
 
 
 def build_dataset(
