@@ -4,13 +4,14 @@ The model is SD 1.4's architecture (its UNet, VAE and CLIP text encoder configs)
 RANDOM weights, saved once as a diffusers folder (4.2 GB of float32 safetensors) under
 ``$DIFFSEG_CACHE/sd14-random``; only the tokenizer is a small stand-in (no vocabulary
 can be downloaded here). Each measurement runs in a fresh process and reports its own
-peak RSS (``ru_maxrss``: the driver alone, not Ray's processes or the model actors):
+peak RSS (``VmHWM``: the driver alone, not Ray's processes or the model actors):
 
 - now: ``pipeline.label`` on two photographs, the whole run (local Ray, one CPU model
   actor at 512 px), with a cold weight-hash cache; then the same command again
   (a rerun: all done), whose checks reuse the cached hashes;
-- before: what the driver did first in every run until now, loading the model on CPU
-  for its "model check" (``AttentionExtractor.from_pretrained`` + ``model_info``).
+- before: the same run with the driver code as it was (commit ``--before-commit``, taken out
+  with ``git archive``), which loaded the model on CPU in the driver for its "model check";
+  and that check alone (``AttentionExtractor.from_pretrained`` + ``model_info``).
 
     python benchmarks/driver_rss_bench.py            # goal: now < 600 MB
 """
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 GOAL_MB = 600
+BEFORE_COMMIT = "ca6f628"  # main before the driver stopped loading the model
 
 
 def build_model(path: Path) -> Path:
@@ -66,27 +68,33 @@ def build_model(path: Path) -> Path:
     return path
 
 
-NOW = """
-import json, resource, sys, time
-from pipeline import label
-summary = label(sys.argv[1], sys.argv[2], model=sys.argv[3], rows_per_file=2, batch_size=1, actors=1)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "checks_s": summary["stage_seconds"]["checks"], "images": summary["this_run"]["images"],
-                  "seconds": summary["seconds"]}))
+# VmHWM, this process's own peak RSS (ru_maxrss would carry over the parent's peak across exec).
+PEAK = """
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 """
 
-BEFORE = """
-import json, resource, sys, time
+NOW = PEAK + """
+import json, sys, time
+from pipeline import label
+summary = label(sys.argv[1], sys.argv[2], model=sys.argv[3], rows_per_file=2, batch_size=1, actors=1)
+print(json.dumps({"peak_mb": peak_mb(), "checks_s": summary["stage_seconds"]["checks"],
+                  "images": summary["this_run"]["images"], "seconds": summary["seconds"]}))
+"""
+
+BEFORE = PEAK + """
+import json, sys, time
 start = time.perf_counter()
 from diffseg_core.extract import AttentionExtractor
 info = AttentionExtractor.from_pretrained(sys.argv[1], device="cpu", dtype="fp32").model_info
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "checks_s": time.perf_counter() - start}))
+print(json.dumps({"peak_mb": peak_mb(), "checks_s": time.perf_counter() - start}))
 """
 
 
-def measure(code: str, *args: str, env: dict) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO)
+def measure(code: str, *args: str, env: dict, cwd: Path = REPO) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode:
         raise SystemExit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -95,6 +103,7 @@ def measure(code: str, *args: str, env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="where to keep the random SD 1.4 folder")
+    parser.add_argument("--before-commit", default=BEFORE_COMMIT, help="the driver code to compare with")
     args = parser.parse_args()
     from diffseg_core.weight_hashes import diffseg_cache_dir
     from pipeline_helpers import make_photo_folder
@@ -109,12 +118,20 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "DIFFSEG_CACHE": str(work / "cache")}
         now = measure(NOW, str(images), str(work / "out"), str(model), env=env)
         again = measure(NOW, str(images), str(work / "out"), str(model), env=env)
-        before = measure(BEFORE, str(model), env=env)
-    print(json.dumps({"now": now, "rerun": again, "before": before}))
+        check_only = measure(BEFORE, str(model), env=env)
+        old_tree = work / "before"
+        old_tree.mkdir()
+        subprocess.run(f"git archive {args.before_commit} | tar -x -C {old_tree}", shell=True, check=True, cwd=REPO)
+        old_env = {**env, "PYTHONPATH": str(old_tree)}
+        before = measure(NOW.replace(', "checks_s": summary["stage_seconds"]["checks"]', ', "checks_s": '
+                                     'summary["stage_seconds"]["model check"]'),
+                         str(images), str(work / "out-before"), str(model), env=old_env, cwd=old_tree)
+    print(json.dumps({"now": now, "rerun": again, "before": before, "before_check_only": check_only}))
     print(f"\nSD 1.4 architecture, random weights ({size_gb:.2f} GB safetensors), {platform.machine()}, "
           f"{os.cpu_count()} CPUs")
-    print(f"  before: driver peak RSS {before['peak_mb']:7.0f} MB (model loaded for its check, "
-          f"{before['checks_s']:.1f} s)")
+    print(f"  before: driver peak RSS {before['peak_mb']:7.0f} MB over the whole run (commit {args.before_commit}: "
+          f"model loaded in the driver for its check, {before['checks_s']:.1f} s; that load alone peaks at "
+          f"{check_only['peak_mb']:.0f} MB)")
     print(f"  now:    driver peak RSS {now['peak_mb']:7.0f} MB over the whole run ({now['images']} images, "
           f"{now['seconds']:.0f} s; checks {now['checks_s']:.1f} s with a cold hash cache), goal < {GOAL_MB} MB: "
           f"{'met' if now['peak_mb'] < GOAL_MB else 'NOT met'}")

@@ -2,7 +2,7 @@
 
 The input is a synthetic fsspec listing (benchmarks/synthetic_fs.py: 1,000 folders of
 1,000 names, no storage behind them), so what grows is the lister's memory alone.
-Each variant runs in a fresh process; the figure is its peak RSS (``ru_maxrss``) minus
+Each variant runs in a fresh process; the figure is its peak RSS (``VmHWM``) minus
 its RSS once everything is imported, divided by the number of images.
 
 Variants:
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,9 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: this process's own peak RSS (ru_maxrss would carry over the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def run_variant(variant: str, images: int, workdir: str) -> dict:

@@ -69,6 +69,9 @@ class ModelLoadError(OSError):
         self.what = what
         super().__init__(f"Cannot load Stable Diffusion model {model!r}: {what}")
 
+    def __reduce__(self):  # pickles (e.g. across Ray) with both of its arguments
+        return type(self), (self.model, self.what)
+
 
 def dtype_name(dtype: str) -> str:
     """``"fp16"`` -> ``"float16"``: a dtype as the manifest records it (torch's name, without torch)."""

@@ -55,9 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     print(f"diffseg job {spec.name}: labelling {spec.input} -> {spec.output}", flush=True)
     from pipeline.interrupt import RunInterrupted
+    from pipeline.stderr_filter import filtered_stderr
 
     try:
-        summary = label(spec.input, spec.output, **options)
+        with filtered_stderr():  # Ray's known false alarm stays out of the job's logs
+            summary = label(spec.input, spec.output, **options)
     except LabelError as exc:
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
         return 2

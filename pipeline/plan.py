@@ -334,13 +334,11 @@ def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
     if checked.model.complete:
         return checked.model_info(opts, dtype, devices.use_gpu), checked.image_size
     probe = ray.remote(num_cpus=1, max_retries=0)(probe_model)
-    try:
-        info = ray.get(probe.remote(opts.model, dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
-                                    revision=opts.revision,
-                                    allow_unsafe_weights=bool(opts.allow_unsafe_weights)))
-    except Exception as exc:  # noqa: BLE001 - the task's ModelLoadError, bad size, ... as a RayTaskError
-        cause = getattr(exc, "cause", None) or exc
-        raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(cause)}") from None
+    info = ray.get(probe.remote(opts.model, dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
+                                revision=opts.revision,
+                                allow_unsafe_weights=bool(opts.allow_unsafe_weights)))
+    if "error" in info:
+        raise LabelError(f"Cannot load model {opts.model!r}: {info['error']}")
     info["device"] = "cuda" if devices.use_gpu else "cpu"
     problem = anchor_grid_problem(opts.num_points, info["attention_resolutions"], opts.model, info["image_size"])
     if problem:
@@ -349,12 +347,18 @@ def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
 
 
 def probe_model(model: str, **kwargs: Any) -> dict[str, Any]:
-    """Load a model on CPU and return its provenance (`AttentionExtractor.model_info`); runs in a Ray task."""
-    from diffseg_core.extract import AttentionExtractor
+    """Load a model on CPU and return its provenance (`AttentionExtractor.model_info`), or
+    ``{"error": one line}``; runs in a Ray task."""
+    from diffseg_core.extract import AttentionExtractor, ModelLoadError
     from diffseg_core.model_loading import quiet_loading
 
-    with quiet_loading():
-        return AttentionExtractor.from_pretrained(model, device="cpu", **kwargs).model_info
+    try:
+        with quiet_loading():
+            return AttentionExtractor.from_pretrained(model, device="cpu", **kwargs).model_info
+    except ModelLoadError as exc:
+        return {"error": _one_line(exc.what)}
+    except Exception as exc:  # noqa: BLE001 - a bad size or dtype, a broken file: one line for the driver
+        return {"error": f"{type(exc).__name__}: {_one_line(exc)}"}
 
 
 def summarize(

@@ -103,3 +103,25 @@ def test_device_options_reach_label(device):
 
     args = build_parser().parse_args(["label", "in", "out", "--device", device, "--gpu-wait", "5"])
     assert args.device == device and args.gpu_wait_s == 5.0
+
+
+def test_a_single_file_checkpoint_is_probed_in_a_ray_task_not_in_the_driver(ray_session, tmp_path):
+    """A .safetensors checkpoint's configs only a load reveals: its header is checked before Ray, the load
+    happens in a Ray task, and its failure is still one sentence."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline import LabelError
+
+    make_photo_folder(tmp_path / "in")
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4)}, str(checkpoint))
+    with pytest.raises(LabelError) as caught:
+        label(str(tmp_path / "in"), str(tmp_path / "out"), model=str(checkpoint), num_points=4)
+    message = str(caught.value)
+    assert message.startswith(f"Cannot load model '{checkpoint}': ") and "single-file checkpoint" in message
+    assert "\n" not in message
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-2])  # cut short: caught by the header check, before Ray
+    result, err = _run(str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(checkpoint))
+    assert result == {"rc": 2, "ray": False, "torch": False}
+    assert "not a readable .safetensors file (truncated or padded" in _last_line(err)
