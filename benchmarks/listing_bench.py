@@ -48,7 +48,7 @@ def run_variant(variant: str, images: int, workdir: str) -> dict:
     import fsspec
 
     import benchmarks.synthetic_fs  # noqa: F401 - registers synthetic://
-    from pipeline.resume import iter_plan, update_plan  # noqa: F401
+    from pipeline.resume import update_plan
     from pipeline.sources import iter_inputs
 
     folders = images // 1000

@@ -39,6 +39,7 @@ UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 UNSAFE_WEIGHTS_HOW = ("pass allow_unsafe_weights=True (`diffseg label --allow-unsafe-weights`, or "
                       "`allow_unsafe_weights: true` under `model:` in a job spec)")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY_DEMO = "tiny-demo"  # the shipped demo model, where this install has one
 HUB_TIMEOUT_S = 5.0  # one request, no retries: an unreachable hub costs at most this
 
 # UNet2DConditionModel's defaults for the keys read here (a config.json may omit them).
@@ -365,14 +366,23 @@ def hub_offline() -> bool:
 
 
 def _no_hub(name: str, why: str) -> ModelLoadError:
-    from diffseg_core.tiny_model import TINY_RANDOM
-
     return ModelLoadError(
         name,
-        f"{why}; to label without it pass --model {TINY_RANDOM} (random weights, a smoke test), "
-        "or --model /path/to/a/diffusers-folder with local weights, or download it once with network "
-        "access and rerun with HF_HUB_OFFLINE=1.",
+        f"{why}; to label without it pass {_offline_models()}, or --model /path/to/a/diffusers-folder with "
+        "local weights, or download it once with network access and rerun with HF_HUB_OFFLINE=1.",
     )
+
+
+def _offline_models() -> str:
+    """The built-in models that need no download, as the fix to offer: tiny-demo where this install has it."""
+    from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
+
+    random = f"--model {TINY_RANDOM} (random weights, a smoke test)"
+    try:
+        demo = Path(resolve_model(TINY_DEMO)).is_dir()
+    except Exception:  # noqa: BLE001 - no demo model in this install
+        demo = False
+    return f"--model {TINY_DEMO} (a small demo model shipped with diffseg) or {random}" if demo else random
 
 
 def _check_hub(name: str, revision: str | None, allow_unsafe: bool) -> ModelCheck:
