@@ -42,5 +42,6 @@ def test_label_help_explains_timestep_and_iterations(capsys):
     assert "--timestep TIMESTEP timestep the one UNet call is conditioned on" in text
     assert "(no noise is added) (default: 300)" in text
     assert "--iterations ITERATIONS merging iterations" in text and "one per iteration) (default: 3)" in text
-    assert "--dtype {fp32,fp16,bf16} default: fp16 on GPU, fp32 on CPU --image-size" in text
+    # a default of None is not shown: the help text says what happens instead
+    assert "--dtype {fp32,fp16,bf16} default: fp16 on GPU, fp32 on CPU --" in text
     assert "--rle add COCO RLE per segment --rows-per-file" in text  # a flag: no "(default: False)"
