@@ -14,9 +14,10 @@ Layout (every section but ``input``/``output`` is optional)::
     model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
-    resources: {actors, batch_size, device, gpu_wait_s, gpus_per_actor, cpus_per_actor,
-                driver_cpus, driver_gpus, driver_memory}
-    io: {rle, rows_per_file, overwrite, image_column, max_pixels, storage_options}
+    resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
+                cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
+    io: {rle, rows_per_file, overwrite, retry_errors, image_column, max_pixels, storage_options,
+         storage_retry_s}
     runtime_env: {working_dir, pip, py_modules, excludes, env_vars, ship_code}
 """
 from __future__ import annotations
@@ -157,6 +158,8 @@ _METHOD = {
 }
 _RESOURCES = {
     "actors": (_optional(_int(1)), "actors"),
+    "max_actors": (_optional(_int(1)), "max_actors"),  # autoscaling: the pool grows from actors to this
+    "actor_resources": (_optional(_str_mapping), "actor_resources"),  # custom Ray resources per model actor
     "batch_size": (_int(1), "batch_size"),
     "device": (_choice("auto", "gpu", "cpu"), "device"),  # gpu: GPUs or stop; auto: GPUs when there or coming
     "gpu_wait_s": (_number(0.0), "gpu_wait_s"),  # how long to wait for an autoscaler to add GPU nodes
@@ -171,9 +174,11 @@ _IO = {
     "rle": (_bool, "rle"),
     "rows_per_file": (_int(1), "rows_per_file"),
     "overwrite": (_bool, "overwrite"),
+    "retry_errors": (_optional(_str_list), "retry_errors"),
     "image_column": (_optional(_str), "image_column"),
     "max_pixels": (_int(1), "max_pixels"),
     "storage_options": (_optional(_str_mapping), "storage_options"),
+    "storage_retry_s": (_number(0.0), "storage_retry_s"),
 }
 _RUNTIME_ENV = {
     "working_dir": (_str, None),

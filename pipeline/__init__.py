@@ -5,10 +5,12 @@ Entry points: ``pipeline.label(input, output, **options) -> summary`` and the
 preflight (the checks before Ray starts), devices (GPUs or CPUs), sources (listing,
 reading bytes), decode (bytes -> RGB S x S), actors (model and merge actors), labels
 (proposals -> label map at the image's size), encode (PNG, segments, RLE), tasks (the
-CPU stages), sink (Parquet shards, commit markers), resume (shard plan, what is left),
-shard_source (the plan's shards as a Ray Data source), manifest (provenance),
-interrupt (Ctrl-C / SIGTERM), stderr_filter (Ray's known false alarm), errors,
-plan (label()), cli.
+CPU stages), sink (workers write spill parts and finalize shards), commit (the driver:
+part records -> markers), storage (files whole or absent), retry (storage hiccups vs
+bad images), lease (one writer per output), redo (--retry-errors), resume (shard plan,
+what is left), shard_source (the plan's shards as a Ray Data source), manifest
+(provenance), interrupt (Ctrl-C / SIGTERM), stderr_filter (Ray's known false alarm),
+errors, plan (label()), cli.
 """
 from __future__ import annotations
 

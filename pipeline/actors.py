@@ -41,12 +41,14 @@ TASKS_IN_FLIGHT = 2 * CONCURRENT_CALLS
 GPU_OPTIONS: dict[str, Any] = {"channels_last": False, "compile": False}
 
 
-def pool_strategy(size: int):
-    """Ray Data's actor pool for LabelActor: ``size`` actors, two calls at a time each."""
+def pool_strategy(size: int, max_size: int | None = None):
+    """Ray Data's actor pool for LabelActor: ``size`` actors (autoscaling up to ``max_size``
+    when given), two calls at a time each."""
     from ray.data import ActorPoolStrategy
 
+    sizes = {"min_size": size, "max_size": max(size, max_size)} if max_size else {"size": size}
     return ActorPoolStrategy(
-        size=size,
+        **sizes,
         max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT,
         max_concurrent_calls_per_actor=CONCURRENT_CALLS,
         enable_true_multi_threading=True,  # our lock serialises the device work, not Ray's

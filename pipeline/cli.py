@@ -73,12 +73,21 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="CPU actors: CPUs Ray reserves for each")
     r.add_argument("--threads-per-actor", type=int, default=None,
                    help="CPU actors: torch threads each (default: CPUs / actors)")
+    r.add_argument("--max-actors", type=int, default=None,
+                   help="autoscaling clusters: let the model actor pool grow from --actors up to this many")
+    r.add_argument("--actor-resources", type=json.loads, default=None,
+                   help='custom Ray resources each model actor needs, as JSON, e.g. \'{"labeler": 1}\'')
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     o = p.add_argument_group("input/output")
     o.add_argument("--rle", action="store_true", help="add COCO RLE per segment")
     o.add_argument("--rows-per-file", type=int, default=_DEFAULTS.rows_per_file,
                    help="rows per Parquet file (and image files per work shard)")
     o.add_argument("--overwrite", action="store_true", help="delete earlier labels in OUTPUT and start over")
+    o.add_argument("--retry-errors", nargs="+", metavar="KIND", default=None,
+                   help="redo the committed error rows of these kinds in OUTPUT (e.g. 'read error'), "
+                   "replacing them; every image stays exactly once")
+    o.add_argument("--storage-retry-s", type=float, default=_DEFAULTS.storage_retry_s,
+                   help="seconds a storage read or write keeps retrying connection errors, timeouts and 5xx")
     o.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: guessed)")
     o.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels, help="refuse larger images (bombs)")
     o.add_argument("--storage-options", type=storage_options_json, default=None,

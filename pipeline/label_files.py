@@ -1,7 +1,7 @@
 """Read a labeling job's output: the committed Parquet parts and their rows.
 
 Only *committed* parts are read: when the output has a ``_done/`` folder (every
-output of ``diffseg label`` does), a part counts only if its shard has a marker,
+output of ``diffseg label`` does), a part counts only if its shard's marker lists it,
 so the rows of a killed run's unfinished shard (which the next run deletes and
 redoes) are never evaluated, exported or trained on. Files under ``_``/``.``
 folders (``_inprogress/``, ...) are always skipped.
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.encode import decode_png
-from pipeline.resume import done_shards
+from pipeline.resume import read_markers
 from pipeline.schema import DONE_DIR, shard_of_part
 from pipeline.sources import open_fs
 
@@ -39,11 +39,16 @@ def committed_label_files(uri: str, storage_options: dict[str, Any] | None = Non
         if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in _relative(p, root).split("/"))
     ]
     if fs.exists(f"{root}/{DONE_DIR}"):
-        done = done_shards(fs, root)
-        files = [p for p in files if shard_of_part(p) is None or shard_of_part(p) in done]
+        markers, _ = read_markers(fs, root)
+        files = [p for p in files if shard_of_part(p) is None or _listed(markers.get(shard_of_part(p)), p)]
     if not files:
         raise NoLabelsError(f"No committed label Parquet files under {uri!r}.")
     return [fs.unstrip_protocol(p) for p in sorted(files)]
+
+
+def _listed(marker: dict | None, path: str) -> bool:
+    """A part is committed when its shard has a marker that lists it (markers without a list: all)."""
+    return marker is not None and ("files" not in marker or posixpath.basename(path) in marker["files"])
 
 
 def _relative(path: str, root: str) -> str:

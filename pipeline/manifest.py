@@ -8,14 +8,20 @@ model, label parameters); run options such as actor count or batch size may chan
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
 from typing import Any
 
 import fsspec
+import pyarrow.parquet as pq
 
-from pipeline.schema import MANIFEST
+from pipeline.retry import RetryPolicy
+from pipeline.schema import MANIFEST, METADATA_KEY
 from pipeline.sources import open_fs
+from pipeline.storage import TornFileError, read_json, write_json
+
+logger = logging.getLogger(__name__)
 
 # model_info keys that describe where a model ran, not what it computes.
 _VOLATILE_MODEL_KEYS = frozenset({"device"})
@@ -43,11 +49,37 @@ def identity(input_uri: str, model_info: dict[str, Any] | None, parameters: dict
 
 
 def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
-    path = f"{root}/{MANIFEST}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    """The manifest, None when there is none; TornFileError when it does not parse."""
+    manifest = read_json(fs, f"{root}/{MANIFEST}")
+    if manifest is not None and not isinstance(manifest, dict):
+        raise TornFileError(f"{root}/{MANIFEST} is torn (not a JSON object)")
+    return manifest
+
+
+def recover_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """read_manifest, but a torn manifest is rebuilt from a committed file's key-value metadata
+    (it holds the model, parameters, version and input: what a rerun is checked against);
+    the per-run history is lost. None when there is nothing to rebuild from."""
+    try:
+        return read_manifest(fs, root)
+    except TornFileError as exc:
+        logger.warning("%s; rebuilding it from the committed files' metadata", exc)
+    from pipeline.resume import read_markers
+
+    markers, _ = read_markers(fs, root)
+    for marker in markers.values():
+        for name in marker.get("files", []):
+            try:
+                with fs.open(f"{root}/{name}", "rb") as f:
+                    meta = json.loads(pq.read_schema(f).metadata[METADATA_KEY])
+            except (OSError, KeyError, TypeError, ValueError):
+                continue
+            return {
+                "tool": "diffseg-labeler", "version": meta.get("version"), "input": meta.get("input"),
+                "model": meta.get("model"), "parameters": meta.get("parameters", {}), "runs": [], "counts": {},
+                "rebuilt_from": name,
+            }
+    return None
 
 
 def read_labels_manifest(labels: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -64,13 +96,11 @@ def read_labels_manifest(labels: str, storage_options: dict[str, Any] | None = N
     return manifest if isinstance(manifest, dict) else None
 
 
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
-    """Write via a temp name then move, so a kill never leaves half a manifest."""
-    path = f"{root}/{MANIFEST}"
-    tmp = f"{root}/_manifest.json.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, path)
+def write_manifest(
+    fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any], policy: RetryPolicy | None = None
+) -> None:
+    """Atomic (temp name + rename, or one PUT), so a kill or a full disk never leaves half a manifest."""
+    write_json(fs, f"{root}/{MANIFEST}", manifest, policy=policy, indent=2)
 
 
 def check_compatible(

@@ -10,10 +10,13 @@ Order of work, cheapest and most likely to fail first:
   3. the input listed and the shard plan extended, both streamed (sources, resume);
      what a killed run left is dropped, committed shards are skipped;
   4. Ray Data: shards -> read+decode (CPU tasks) -> LabelActor pool
-     -> encode (CPU tasks) -> ShardSink in the driver;
+     -> encode + write (CPU tasks: spill parts on the workers) -> part records
+     -> the Committer in the driver (a finalize task per shard, its marker);
   5. the manifest: "complete", "incomplete" or, after Ctrl-C / SIGTERM, "interrupted".
 
 The driver never loads the model (a small head node is enough); the model actors do.
+Nor does it see a label row: the workers write them. It holds the output's lease (one
+writer per output) from the checks to the end.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline import lease
+from pipeline.commit import CommitError, Committer
 from pipeline.credentials import refuse_url_credentials
 from pipeline.dataset_card import write_dataset_card
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -33,15 +38,18 @@ from pipeline.errors import LabelError
 from pipeline.interrupt import RunInterrupted, stop_signals
 from pipeline.manifest import new_manifest, write_manifest
 from pipeline.preflight import Checked, default_dtype, preflight
-from pipeline.resume import DamagedPlanError, clean_uncommitted, done_shards, read_markers, update_plan
+from pipeline.redo import retry_item, rows_to_retry
+from pipeline.resume import clean_uncommitted, drop_markers, read_markers, shards_by_id, update_plan_rebuilding
+from pipeline.retry import RetryPolicy, describe, is_transient, storage_refusal
 from pipeline.schema import DONE_DIR, MANIFEST, PLAN, STAGE_NAMES, TMP_DIR, shard_of_part
-from pipeline.sink import ShardSink, write_marker
+from pipeline.sink import OutputLocation
 from pipeline.sources import iter_inputs
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = ("fp32", "fp16", "bf16")
 READ_CPUS = 0.25  # a plan-shard read task (see shard_dataset)
+ENCODE_BATCH_ROWS = 64  # rows per encode + write task, at most (see build_dataset)
 
 __all__ = ["label", "LabelError", "LabelOptions", "validate_options", "DEFAULT_MODEL"]
 
@@ -76,6 +84,10 @@ class LabelOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     paper_preprocess: bool = False  # the paper's protocol: centre-crop to a square, label at S x S
     allow_unsafe_weights: bool = False  # load pickle weights (.bin/.ckpt: they can run code)
+    max_actors: int | None = None  # autoscaling clusters: the model actor pool grows from `actors` up to this
+    actor_resources: dict[str, float] | None = None  # custom Ray resources each model actor needs
+    storage_retry_s: float = 120.0  # how long a storage operation retries connection errors, timeouts, 5xx
+    retry_errors: list[str] | None = None  # redo committed error rows of these kinds ("read error", ...)
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
@@ -129,6 +141,11 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         t = time.perf_counter()
         checked = preflight(input, output, opts)
         times["checks"] = time.perf_counter() - t
+        try:  # one output, one writer: before Ray starts, so a second run is refused in a second
+            held = lease.acquire(checked.out_fs, checked.out_root, output)
+        except lease.LeaseHeldError as exc:
+            raise LabelError(str(exc)) from None
+        held.start_heartbeat()
         ray, own_ray = None, False
         try:
             t = time.perf_counter()
@@ -141,70 +158,89 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
             parameters = opts.label_parameters(image_size, dtype)
             checked.check_against_previous(model_info, parameters)
         except (LabelError, RunInterrupted):
+            held.release()
             checked.discard()
             _shutdown(ray, own_ray)
             raise
         try:
             return _run(ray, stop, checked, opts, devices, dtype, image_size, model_info, parameters, times,
-                        started)
+                        started, held)
+        except CommitError as exc:
+            raise LabelError(str(exc)) from None
+        except (LabelError, RunInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the output's bookkeeping could not be read or written
+            if isinstance(exc, OSError) or is_transient(exc):
+                raise LabelError(_storage_sentence(output, exc)) from None
+            raise
         finally:
             _shutdown(ray, own_ray)
+            held.release()
 
 
 def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: DevicePlan, dtype: str,
          image_size: int, model_info: dict[str, Any], parameters: dict[str, Any], times: dict[str, float],
-         started: float) -> dict[str, Any]:
+         started: float, held: Any = None) -> dict[str, Any]:
     """From a checked, compatible output to a committed one (the part that writes)."""
     out_fs, out_root, output = checked.out_fs, checked.out_root, checked.output
     if opts.overwrite:  # only now: a run that cannot even start must not delete labels
         _remove_previous_output(out_fs, out_root)
+    policy = RetryPolicy(deadline_s=float(opts.storage_retry_s))
     manifest = new_manifest(checked.input_root, output, model_info, parameters, checked.previous)
-    write_manifest(out_fs, out_root, manifest)
+    write_manifest(out_fs, out_root, manifest, policy)
 
     t = time.perf_counter()
+    markers, torn = read_markers(out_fs, out_root, policy)
     try:
-        plan = update_plan(out_fs, out_root, iter_inputs(checked.input, opts.storage_options), opts.rows_per_file)
-    except DamagedPlanError as exc:
-        raise LabelError(f"{output}: {exc}.") from None
+        plan, dropped = update_plan_rebuilding(
+            out_fs, out_root, lambda: iter_inputs(checked.input, opts.storage_options), opts.rows_per_file, markers)
     except (OSError, ValueError) as exc:
         raise LabelError(f"Cannot list input {checked.input!r}: {type(exc).__name__}: {_one_line(exc)}") from None
-    done = done_shards(out_fs, out_root)
-    removed = clean_uncommitted(out_fs, out_root, done)
+    if dropped:
+        logger.warning("the shard plan was rebuilt: %d committed shard(s) no longer match it and are redone",
+                       len(dropped))
+        drop_markers(out_fs, out_root, markers, dropped)
+    removed = clean_uncommitted(out_fs, out_root, markers, torn)
+    done = set(markers)
+    retry_rows = rows_to_retry(out_fs, out_root, markers, opts.retry_errors) if opts.retry_errors else {}
     times["list+plan"] = time.perf_counter() - t
     if removed:
         logger.warning("removed %d uncommitted file(s) left by an earlier run", len(removed))
 
     metadata = {"model": manifest["model"], "parameters": parameters, "version": manifest["version"],
                 "input": checked.input_root}
-    sink = ShardSink(out_fs, out_root, opts.rows_per_file, metadata)
+    committer = Committer(out_fs, out_root, OutputLocation(output, opts.storage_options), opts.rows_per_file,
+                          metadata, policy)
     interrupted: RunInterrupted | None = None
     t = time.perf_counter()
     try:
         shards_ds, todo = shard_dataset(ray, out_fs, out_root, plan.index, opts.storage_options, done)
-        if todo:
+        for shard_id in todo:
+            committer.expect(shard_id)
+        if retry_rows:  # --retry-errors: the rows to redo, as work items of their own
+            plan_shards = shards_by_id(out_fs, out_root, retry_rows)
+            items = [retry_item(plan_shards[sid], rows) for sid, rows in sorted(retry_rows.items())]
+            for sid, rows in retry_rows.items():
+                committer.expect(sid, replace={"marker": markers[sid], "drop": [i for i, _ in rows]})
+            retry_ds = ray.data.from_items(items, override_num_blocks=len(items))
+            shards_ds = retry_ds if shards_ds is None else shards_ds.union(retry_ds)
+        if shards_ds is not None:
             dataset = build_dataset(
                 ray, shards_ds, checked.input_root, opts, image_size=image_size, dtype=dtype,
                 use_gpu=devices.use_gpu, gpus_per_actor=devices.gpus_per_actor, resources=ray.cluster_resources(),
+                committer=committer,
             )
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                sink.add(batch)
-            # The stream finished, so every task ran: shards that sent no row are empty inputs.
-            seen = set(sink.committed) | set(sink.open)
-            for shard_id in todo:
-                if shard_id not in seen:
-                    write_marker(out_fs, out_root, shard_id,
-                                 {"shard_id": shard_id, "rows": 0, "errors": {}, "files": [],
-                                  "committed_at": time.time()})
-                    sink.committed.append(shard_id)
+            drive(dataset, committer, held)
     except RunInterrupted as exc:
         interrupted = exc  # open shards are dropped: uncommitted, a rerun redoes them
     times["pipeline"] = time.perf_counter() - t
 
     with stop.deferred():
         gc.collect()
-        markers = read_markers(out_fs, out_root)
-        summary = summarize(opts, checked.input, output, checked.input_root, manifest, markers, sink, plan.shards,
-                            len(done), plan.new, times, started)
+        final_markers, _ = read_markers(out_fs, out_root, policy)
+        markers = list(final_markers.values())
+        summary = summarize(opts, checked.input, output, checked.input_root, manifest, markers, committer,
+                            plan.shards, len(done), plan.new, times, started)
         if interrupted is not None:
             manifest["status"] = "interrupted"
             summary["complete"] = False
@@ -221,17 +257,47 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
             "images_per_s": summary["images_per_s"],
             "stage_seconds": summary["stage_seconds"],
         })
-        write_manifest(out_fs, out_root, manifest)
+        write_manifest(out_fs, out_root, manifest, policy)
         write_dataset_card(out_fs, out_root, manifest)  # load_dataset(OUTPUT) reads the labels
     if interrupted is not None:
         interrupted.committed, interrupted.total = len(markers), plan.shards
         raise interrupted
-    if sink.open:
+    if committer.failed:
+        first_id, why = sorted(committer.failed.items())[0]
         raise LabelError(
-            f"{len(sink.open)} shard(s) did not receive all their rows and were not committed "
-            f"(first: {sorted(sink.incomplete().items())[:3]}); rerun the same command to finish them."
+            f"{len(committer.failed)} shard(s) were left uncommitted because storage stayed unreachable after "
+            f"retrying for {policy.deadline_s:g} s (first: shard {first_id}: {why}); rerun the same command "
+            "when it is reachable to finish them."
+        )
+    if committer.incomplete():
+        raise LabelError(
+            f"{len(committer.incomplete())} shard(s) did not receive all their rows and were not committed "
+            f"(first: {sorted(committer.incomplete().items())[:3]}); rerun the same command to finish them."
         )
     return summary
+
+
+def drive(dataset: Any, committer: Committer, held: Any = None) -> None:
+    """The driver loop: consume the part records the writers send and commit shards as they complete.
+
+    Only records reach this process (no label bytes). Stops the run (CommitError,
+    LabelError) when the output refuses writes or another run took the lease.
+    """
+    import ray
+
+    try:
+        for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(records)
+            if held is not None and held.lost:
+                raise LabelError(f"Another run took over the lease of {committer.output.url!r}; this run stopped.")
+    except ray.exceptions.RayTaskError:
+        raise  # an exception in our own code: a bug, shown as such
+    except ray.exceptions.RayError as exc:  # workers, objects or nodes lost past Ray's retries
+        raise LabelError(
+            f"The Ray cluster lost work it could not recover ({describe(exc)}); committed shards are kept: "
+            "rerun the same command to finish."
+        ) from None
+    committer.finish()
 
 
 def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_options: dict[str, Any] | None,
@@ -264,9 +330,12 @@ def build_dataset(
     use_gpu: bool,
     gpus_per_actor: float,
     resources: dict[str, float],
+    committer: Committer,
 ):
-    """The Ray Data plan (lazy): shards (a dataset, see shard_dataset) -> decoded rows -> labels -> output rows."""
+    """The Ray Data plan (lazy): shards (a dataset, see shard_dataset) -> decoded rows -> labels ->
+    output rows -> spill parts written by the workers -> part records (all the driver reads)."""
     from pipeline.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
+    from pipeline.sink import write_rows
     from pipeline.tasks import encode_rows, read_decode
 
     cpus = float(resources.get("CPU", 1))
@@ -296,16 +365,21 @@ def build_dataset(
             "image_column": opts.image_column,
             "max_pixels": opts.max_pixels,
             "paper_preprocess": bool(opts.paper_preprocess),
+            "retry": committer.policy,
         },
     )
+    # A model actor that dies (its process killed, its node lost) is restarted and its
+    # batches retried: Ray Data's defaults for actor pools (max_restarts=-1,
+    # max_task_retries=-1), kept as they are. --max-actors makes the pool autoscale.
     ds = ds.map_batches(
         LabelActor,
         batch_size=int(opts.batch_size),
         batch_format="numpy",
         # Two calls at a time per actor: one's host work overlaps the other's device work.
-        compute=pool_strategy(actors),
+        compute=pool_strategy(actors, opts.max_actors),
         num_gpus=gpus_per_actor if use_gpu else None,
         num_cpus=actor_cpus,
+        resources=opts.actor_resources or None,
         fn_constructor_kwargs={
             "model": opts.model,
             "device": "cuda" if use_gpu else "cpu",
@@ -320,8 +394,17 @@ def build_dataset(
             "allow_unsafe_weights": bool(opts.allow_unsafe_weights),
         },
     )
-    ds = ds.map_batches(encode_rows, batch_size=64, batch_format="numpy", num_cpus=task_cpus,
+    # Encode + write take up to 64 rows a task (fewer tasks: less work for the driver's
+    # Ray Data executor) but never more than a shard's rows, so the rows a shard waits for
+    # in the batcher, and the work a kill loses, stay bounded by the shard size (a fixed
+    # 64 held small shards back for a whole run). Both are CPU task maps with the same
+    # resources: Ray fuses them into one task, and the rows never leave that worker.
+    write_batch = min(int(opts.rows_per_file), ENCODE_BATCH_ROWS)
+    ds = ds.map_batches(encode_rows, batch_size=write_batch, batch_format="numpy", num_cpus=task_cpus,
                         fn_kwargs={"rle": opts.rle})
+    ds = ds.map_batches(write_rows, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
+                        fn_kwargs={"output": committer.output, "metadata": committer.metadata,
+                                   "policy": committer.policy})
     return ds
 
 
@@ -362,7 +445,7 @@ def probe_model(model: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def summarize(
-    opts: LabelOptions, input: str, output: str, root: str, manifest: dict, markers: list[dict], sink: ShardSink,
+    opts: LabelOptions, input: str, output: str, root: str, manifest: dict, markers: list[dict], sink: Committer,
     total_shards: int, skipped: int, new_shards: int, times: dict[str, float], started: float,
 ) -> dict[str, Any]:
     """Counts over the whole output (all runs) and this run's throughput and stage times.
@@ -380,7 +463,8 @@ def summarize(
     for col, name in STAGE_NAMES.items():
         if sink.stage_seconds.get(col):
             stage[f"{name} (worker s)"] = round(sink.stage_seconds[col], 3)
-    stage["write (driver s)"] = round(sink.write_seconds, 3)
+    stage["write (worker s)"] = round(sink.write_seconds, 3)
+    stage["commit (driver s)"] = round(sink.driver_seconds, 3)
     steady = sink.steady_rate()
     return {
         "input": input,
@@ -394,7 +478,8 @@ def summarize(
         "shards": {"total": total_shards, "done": len(markers), "skipped_already_done": skipped,
                    "written_this_run": len(sink.committed), "new_in_plan": new_shards},
         "this_run": {"images": sink.rows, "labelled": sink.rows - run_errors,
-                     "errors_by_kind": dict(sorted(sink.errors.items())), "duplicates_dropped": sink.duplicates},
+                     "errors_by_kind": dict(sorted(sink.errors.items())), "duplicates_dropped": sink.duplicates,
+                     "error_rows_retried": sink.replaced},
         "complete": len(markers) == total_shards and not sink.open,
         "seconds": round(time.time() - started, 3),
         "images_per_s": round(sink.rows / pipeline_s, 3) if sink.rows and pipeline_s > 0 else None,
@@ -427,6 +512,22 @@ def validate_options(opts: LabelOptions) -> None:
     if isinstance(opts.cpus_per_actor, bool) or not isinstance(opts.cpus_per_actor, (int, float)) \
             or not opts.cpus_per_actor > 0:
         raise LabelError(f"--cpus-per-actor must be a number > 0, not {opts.cpus_per_actor!r}.")
+    if opts.max_actors is not None and (
+        isinstance(opts.max_actors, bool) or not isinstance(opts.max_actors, int) or opts.max_actors < (opts.actors or 1)
+    ):
+        raise LabelError(f"--max-actors must be an integer no smaller than --actors, not {opts.max_actors!r}.")
+    if opts.actor_resources is not None and (
+        not isinstance(opts.actor_resources, dict)
+        or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in opts.actor_resources.items())
+    ):
+        raise LabelError("--actor-resources must map resource names to positive amounts, e.g. '{\"labeler\": 1}'.")
+    if isinstance(opts.storage_retry_s, bool) or not isinstance(opts.storage_retry_s, (int, float)) \
+            or opts.storage_retry_s < 0:
+        raise LabelError(f"--storage-retry-s must be a number of seconds >= 0, not {opts.storage_retry_s!r}.")
+    if opts.retry_errors is not None and (
+        isinstance(opts.retry_errors, str) or not all(isinstance(k, str) and k.strip() for k in opts.retry_errors)
+    ):
+        raise LabelError(f"--retry-errors takes error kinds such as 'read error', not {opts.retry_errors!r}.")
     problem = device_option_problem(opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
     if problem:
         raise LabelError(problem)
@@ -440,6 +541,18 @@ def validate_options(opts: LabelOptions) -> None:
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LabelError(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}.")
+
+
+def _storage_sentence(output: str, exc: BaseException) -> str:
+    """One sentence for a storage fault of the output's bookkeeping that outlived the retries."""
+    refusal = storage_refusal(exc)
+    if refusal:
+        return (f"Cannot write the output {output!r}: {refusal} ({describe(exc)}); free space or fix its "
+                "permissions, then rerun the same command to resume.")
+    if is_transient(exc):
+        return (f"The output {output!r} stayed unreachable ({describe(exc)}); rerun the same command when it "
+                "is reachable: committed shards are kept.")
+    return f"Cannot use the output {output!r}: {describe(exc)}."
 
 
 def _remove_previous_output(fs: Any, root: str) -> None:
@@ -465,13 +578,21 @@ def _init_ray(address: str | None) -> tuple[Any, bool]:
     auth_log.addFilter(_drop_token_auth_note)
     try:
         ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-        raise LabelError(f"Cannot start or join {where}: {_one_line(exc)} (is it running? try `ray status`).") \
-            from None
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions too ("node timed out during startup")
+        raise LabelError(_ray_start_sentence(address, exc)) from None
     finally:
         auth_log.removeFilter(_drop_token_auth_note)
     return ray, True
+
+
+def _ray_start_sentence(address: str | None, exc: BaseException) -> str:
+    text = _one_line(exc)
+    if "timed out during startup" in text:
+        return ("Ray's node timed out during startup (its processes did not register in 30 s: the machine is "
+                "overloaded or short of memory); try again when it is less busy, or start Ray once yourself "
+                "(`ray start --head`) and pass --ray-address auto.")
+    where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+    return f"Cannot start or join {where}: {text} (is it running? try `ray status`)."
 
 
 def _drop_token_auth_note(record: logging.LogRecord) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import LabelError
-from pipeline.manifest import IncompatibleOutputError, check_compatible, read_manifest
+from pipeline.manifest import IncompatibleOutputError, check_compatible, recover_manifest
 from pipeline.sources import NoInputError, first_input, input_root, open_fs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +111,7 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
             raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
 
     try:
-        previous = None if opts.overwrite else read_manifest(out_fs, out_root)
+        previous = None if opts.overwrite else recover_manifest(out_fs, out_root)  # a torn one is rebuilt
     except (OSError, ValueError) as exc:
         raise LabelError(f"Cannot read the manifest of {output!r}: {_one_line(exc)}") from None
     checked = Checked(input, output, root, out_fs, out_root, model, image_size, None, previous, False)

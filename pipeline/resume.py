@@ -4,9 +4,11 @@ The input listing is cut into deterministic work shards (``rows_per_file`` image
 files each; one shard per tar or Parquet input). The plan is saved in the output
 (``_plan.jsonl.gz``) on the first run and reused by every rerun, so shard ids never
 shift; files that appeared since are appended as new shards. A shard is done iff
-its marker ``_done/<shard>.json`` exists; anything else a killed run left behind
-(``_inprogress/``, parts renamed before the marker was written) is deleted before
-the rerun starts.
+its marker ``_done/<shard>.json`` exists (and parses); anything else a killed run
+left behind (``_inprogress/``, files renamed before the marker was written, files of
+a shard's older generation not listed in its marker, a torn marker) is deleted before
+the rerun starts. A torn plan is rebuilt from the listing; a committed shard is kept
+only if its files hold exactly the inputs of the rebuilt shard of the same id.
 
 Everything here streams, so a driver plans millions of images in constant memory:
 the listing is cut into shards and written as it comes; a rerun remembers which
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import posixpath
 import shutil
 import tempfile
@@ -29,13 +32,17 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 import fsspec
 import numpy as np
 
-from pipeline.schema import DONE_DIR, PLAN, TMP_DIR, shard_of_part
+from pipeline.retry import RetryPolicy, call_with_retries
+from pipeline.schema import DONE_DIR, PLAN, TMP_DIR, marker_name, shard_of_part
 from pipeline.sources import read_literal
+from pipeline.storage import remove
+
+logger = logging.getLogger(__name__)
 
 _DIGEST = 16
 _HEADER = gzip.compress(b'{"diffseg_plan": 2}\n', mtime=0)
@@ -273,45 +280,109 @@ class _replacing:
             self.fs.rm(self.tmp)
 
 
-def done_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[int]:
-    """Ids of shards whose completion marker exists."""
-    done_dir = f"{root}/{DONE_DIR}"
-    if not fs.exists(done_dir):
-        return set()
-    out = set()
-    for p in fs.ls(done_dir, detail=False):
-        stem = posixpath.basename(p).split(".")[0]
-        if stem.isdigit() and p.endswith(".json"):
-            out.add(int(stem))
-    return out
+def update_plan_rebuilding(
+    fs: fsspec.AbstractFileSystem, root: str, inputs: Callable[[], Iterable[tuple[str, str]]], images_per_shard: int,
+    markers: dict[int, dict],
+) -> tuple[PlanSummary, list[int]]:
+    """update_plan, but a damaged plan is rebuilt from the listing (``inputs()`` gives it afresh).
+
+    Returns (plan, ids of committed shards that no longer match it). A committed shard is kept
+    only when the ``source`` of its rows is exactly the paths of the rebuilt shard with its id
+    (read from its files: only on this rare path), so no image is ever labelled twice.
+    """
+    try:
+        return update_plan(fs, root, inputs(), images_per_shard), []
+    except DamagedPlanError as exc:
+        logger.warning("%s; rebuilding it from the input listing", str(exc).split(";")[0])
+    fs.rm_file(f"{root}/{PLAN}")
+    plan = update_plan(fs, root, inputs(), images_per_shard)
+    kept: set[int] = set()
+    for shard in iter_plan(fs, root):
+        marker = markers.get(shard.shard_id)
+        if marker is not None and marker.get("files") and _sources(fs, root, marker) == set(shard.paths):
+            kept.add(shard.shard_id)
+    return plan, sorted(set(markers) - kept)
 
 
-def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
-    """Every committed shard's marker (one batched read)."""
+def _sources(fs: fsspec.AbstractFileSystem, root: str, marker: dict) -> set[str]:
+    import pyarrow.parquet as pq
+
+    found: set[str] = set()
+    for name in marker["files"]:
+        with fs.open(f"{root}/{name}", "rb") as f:
+            found.update(pq.read_table(f, columns=["source"]).column(0).to_pylist())
+    return found
+
+
+def read_markers(
+    fs: fsspec.AbstractFileSystem, root: str, policy: RetryPolicy | None = None
+) -> tuple[dict[int, dict], list[str]]:
+    """Every committed shard's marker (one batched read): ({shard_id: marker}, paths of torn markers)."""
     done_dir = f"{root}/{DONE_DIR}"
-    if not fs.exists(done_dir):
-        return []
-    paths = [p for p in fs.ls(done_dir, detail=False) if p.endswith(".json")]
+    policy = policy or RetryPolicy()
+    if not call_with_retries(fs.exists, done_dir, policy=policy):
+        return {}, []
+    paths = sorted(p for p in call_with_retries(fs.ls, done_dir, detail=False, policy=policy) if _is_marker(p))
     if not paths:
-        return []
-    contents = read_literal(fs, sorted(paths))  # never fs.cat: it reads "out[2]/..." as a glob
-    for data in contents:
-        if isinstance(data, BaseException):
-            raise data
-    return [json.loads(data) for data in contents]
+        return {}, []
+
+    def read_all() -> list[bytes]:
+        contents = read_literal(fs, paths)  # never fs.cat: it reads "out[2]/..." as a glob
+        for data in contents:
+            if isinstance(data, BaseException):
+                raise data
+        return contents
+
+    markers: dict[int, dict] = {}
+    torn: list[str] = []
+    for p, data in zip(paths, call_with_retries(read_all, policy=policy)):
+        try:
+            marker = json.loads(data)
+            markers[int(marker["shard_id"])] = marker
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            torn.append(p)
+    return markers, torn
 
 
-def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, done: set[int]) -> list[str]:
-    """Delete what a killed run left behind: temp parts and parts of shards without a marker."""
-    removed = []
+def _is_marker(path: str) -> bool:
+    base = posixpath.basename(path)
+    return base.endswith(".json") and base.split(".")[0].isdigit()
+
+
+def clean_uncommitted(
+    fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], torn: list[str] = (),
+) -> list[str]:
+    """Delete what a killed run left behind: spill parts, torn markers, files of shards without a
+    marker, and files of a committed shard that its marker does not list (an older generation)."""
+    removed = list(torn)
+    remove(fs, list(torn))
     tmp = f"{root}/{TMP_DIR}"
     if fs.exists(tmp):
         removed.extend(fs.find(tmp))
         fs.rm(tmp, recursive=True)
     if fs.exists(root):
+        stale = []
         for p in fs.ls(root, detail=False):
             shard_id = shard_of_part(p)
-            if shard_id is not None and shard_id not in done:
-                fs.rm(p)
-                removed.append(p)
+            if shard_id is None:
+                continue
+            marker = markers.get(shard_id)
+            if marker is None or ("files" in marker and posixpath.basename(p) not in marker["files"]):
+                stale.append(p)
+        remove(fs, stale)
+        removed.extend(stale)
     return removed
+
+
+def drop_markers(fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], shard_ids: list[int]) -> None:
+    """Un-commit shards: delete their markers (first) and their files."""
+    remove(fs, [f"{root}/{DONE_DIR}/{marker_name(sid)}" for sid in shard_ids])
+    remove(fs, [f"{root}/{name}" for sid in shard_ids for name in markers[sid].get("files", [])])
+    for sid in shard_ids:
+        del markers[sid]
+
+
+def shards_by_id(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[int]) -> dict[int, Shard]:
+    """These shards of the saved plan (streamed: only they are kept)."""
+    wanted = set(shard_ids)
+    return {s.shard_id: s for s in iter_plan(fs, root) if s.shard_id in wanted} if wanted else {}

@@ -35,12 +35,20 @@ STAGE_NAMES = {"_t_decode": "read+decode", "_t_model": "model", "_t_merge": "mer
 MANIFEST = "_manifest.json"
 PLAN = "_plan.jsonl.gz"
 DONE_DIR = "_done"  # one marker per committed shard, written last
-TMP_DIR = "_inprogress"  # parts being written; never read
+TMP_DIR = "_inprogress"  # spill parts written by workers, one folder per shard; never read as labels
+LEASE = "_lease.json"  # the run that writes this output now (pipeline/lease.py)
 METADATA_KEY = b"diffseg"
 
 
-def part_name(shard_id: int, part: int) -> str:
-    return f"labels-{shard_id:06d}-{part:03d}.parquet"
+def part_name(shard_id: int, part: int, generation: int = 0) -> str:
+    """A committed file's name; ``generation`` > 0 for a shard rewritten by ``--retry-errors``."""
+    suffix = f"-g{generation}" if generation else ""
+    return f"labels-{shard_id:06d}-{part:03d}{suffix}.parquet"
+
+
+def spill_dir(shard_id: int) -> str:
+    """Folder (relative to the output root) of a shard's spill parts."""
+    return f"{TMP_DIR}/{shard_id:06d}"
 
 
 def marker_name(shard_id: int) -> str:

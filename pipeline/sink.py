@@ -1,39 +1,68 @@
-"""The Parquet sink: rows in, committed shards out, each exactly once.
+"""The worker side of the Parquet sink: label rows become files on the node that made them.
 
-A shard's rows arrive in any order and any batching. Full parts (``rows_per_file``
-rows) are written under ``_inprogress/`` as they fill; when every row of the shard
-has arrived, the parts are renamed to their final names and then the shard's
-marker ``_done/<shard>.json`` is written. The marker, written last, is the commit:
-on a rerun, shards with a marker are skipped and any other file of theirs is
-deleted (see resume.py), so a kill at any moment leaves nothing half-counted.
-Rows are de-duplicated by image_id within a shard, so a retried Ray task cannot
-add a row twice.
+``write_rows`` is the last stage of the Ray Data plan. Each batch it gets (rows of
+any shards, in any order) is split by shard and written as one *spill part* per
+shard under ``_inprogress/<shard>/``: an uncompressed Arrow IPC file (writing and
+reading it back cost next to nothing; zstd is paid once, in the final file), named
+by a digest of its image ids, so a retried task rewrites the same file instead of
+adding a second one. What leaves the worker is one small *part record* per spill
+part (RECORD_SCHEMA: shard id, file, row count, 8-byte hashes of the image ids,
+error counts, stage seconds); the label bytes never travel to the driver.
+
+``finalize_shard`` runs as a Ray task once the driver has seen every row of a
+shard: it streams the spill parts into the shard's committed files
+``labels-<shard>-<part>.parquet`` (zstd, the run's key-value metadata, at most
+``rows_per_file`` rows each) and returns their names. The driver then writes the
+shard's marker, the commit (pipeline/commit.py).
+
+Storage faults never raise out of here (a raise would fail the whole Ray Data
+job): transient ones are retried (pipeline/retry.py), and a fault that persists
+comes back in the record as ``failure`` (``fatal`` for a full or read-only disk).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import posixpath
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.retry import UNAVAILABLE, RetryPolicy, call_with_retries, describe, is_transient, storage_refusal
 from pipeline.schema import (
-    DONE_DIR,
     METADATA_KEY,
     OUTPUT_SCHEMA,
     SHARD_ID,
     SHARD_ROWS,
     TIMING_COLUMNS,
-    TMP_DIR,
-    marker_name,
     part_name,
+    spill_dir,
 )
+from pipeline.storage import remove, write_bytes
+
+COMPRESSION = "zstd"
+
+# One record per spill part: all the driver ever receives from the writers.
+RECORD_SCHEMA = pa.schema([
+    ("shard_id", pa.int64()),
+    ("shard_rows", pa.int64()),  # rows in the shard; -1 while the reader does not know yet
+    ("file", pa.string()),  # spill part, relative to the output root; null when nothing was written
+    ("rows", pa.int64()),  # rows in the batch for this shard (written or not)
+    ("row_hashes", pa.binary()),  # 8 bytes per row: blake2b of the image id (duplicates, retries)
+    ("errors", pa.string()),  # JSON {error kind: rows}
+    ("bytes", pa.int64()),
+    ("failure", pa.string()),  # why these rows were not written (storage), else null
+    ("fatal", pa.bool_()),  # the failure is a full / read-only / forbidden output: stop the run
+    ("node_id", pa.string()),
+    *[(col, pa.float64()) for col in TIMING_COLUMNS],
+    ("_t_write", pa.float64()),
+])
 
 
 def error_kind(error: str) -> str:
@@ -41,136 +70,204 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0].strip() or "error"
 
 
-@dataclass
-class _OpenShard:
-    seen: set[str] = field(default_factory=set)
-    pending: list[pa.Table] = field(default_factory=list)
-    pending_rows: int = 0
-    total: int = -1
-    parts: list[str] = field(default_factory=list)  # temp paths written so far
-    rows: int = 0
-    errors: Counter = field(default_factory=Counter)
+@dataclass(frozen=True)
+class OutputLocation:
+    """Where the output lives, as workers reach it: URL + fsspec options."""
+
+    url: str
+    storage_options: dict[str, Any] | None = None
+
+    def open(self):
+        """(filesystem, root path without protocol)."""
+        return _open(self.url, json.dumps(self.storage_options or {}, sort_keys=True))
 
 
-class ShardSink:
-    """Buffers rows per shard, writes bounded Parquet parts, commits finished shards."""
+@lru_cache(maxsize=8)
+def _open(url: str, options: str):
+    from pipeline.sources import open_fs
 
-    def __init__(
-        self,
-        fs: fsspec.AbstractFileSystem,
-        root: str,
-        rows_per_file: int,
-        metadata: dict[str, Any],
-        compression: str = "zstd",
-    ):
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self.rows_per_file = rows_per_file
-        self.schema = OUTPUT_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-        self.compression = compression
-        self.open: dict[int, _OpenShard] = {}
-        self.committed: list[int] = []
-        self.rows = 0
-        self.errors: Counter = Counter()
-        self.stage_seconds: Counter = Counter()
-        self.write_seconds = 0.0
-        self.duplicates = 0
-        self._first_batch: tuple[float, int] | None = None  # (arrival time, rows)
-        self._last_arrival = 0.0
-
-    # ------------------------------------------------------------------ intake
-    def add(self, batch: pa.Table) -> None:
-        """Take a batch of rows (output columns plus shard bookkeeping and timings)."""
-        if batch.num_rows == 0:
-            return
-        now = time.perf_counter()
-        if self._first_batch is None:
-            self._first_batch = (now, batch.num_rows)
-        self._last_arrival = now
-        for col in TIMING_COLUMNS:
-            if col in batch.column_names:
-                self.stage_seconds[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
-        shard_ids = batch.column(SHARD_ID).to_numpy()
-        for shard_id in sorted(set(shard_ids.tolist())):
-            rows = batch.filter(pc.equal(batch.column(SHARD_ID), shard_id))
-            self._add_to_shard(int(shard_id), rows)
-
-    def _add_to_shard(self, shard_id: int, rows: pa.Table) -> None:
-        shard = self.open.setdefault(shard_id, _OpenShard())
-        total = int(pc.max(rows.column(SHARD_ROWS)).as_py())
-        shard.total = max(shard.total, total)
-        ids = rows.column("image_id").to_pylist()
-        keep = [i for i, image_id in enumerate(ids) if image_id not in shard.seen]
-        if len(keep) < len(ids):
-            self.duplicates += len(ids) - len(keep)
-            rows = rows.take(pa.array(keep, pa.int64()))
-            ids = [ids[i] for i in keep]
-        shard.seen.update(ids)
-        if rows.num_rows:
-            rows = rows.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-            for err in rows.column("error").to_pylist():
-                if err is not None:
-                    shard.errors[error_kind(err)] += 1
-            shard.pending.append(rows)
-            shard.pending_rows += rows.num_rows
-            shard.rows += rows.num_rows
-        while shard.pending_rows >= self.rows_per_file:
-            self._write_part(shard_id, shard, self.rows_per_file)
-        if shard.total >= 0 and len(shard.seen) >= shard.total:
-            self._commit(shard_id, shard)
-
-    # ------------------------------------------------------------------ output
-    def _write_part(self, shard_id: int, shard: _OpenShard, nrows: int | None) -> None:
-        table = pa.concat_tables(shard.pending)
-        nrows = table.num_rows if nrows is None else nrows
-        head, rest = table.slice(0, nrows), table.slice(nrows)
-        path = f"{self.root}/{TMP_DIR}/{part_name(shard_id, len(shard.parts))}"
-        start = time.perf_counter()
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with self.fs.open(path, "wb") as f:
-            pq.write_table(head.replace_schema_metadata(self.schema.metadata), f, compression=self.compression)
-        self.write_seconds += time.perf_counter() - start
-        shard.parts.append(path)
-        shard.pending = [rest] if rest.num_rows else []
-        shard.pending_rows = rest.num_rows
-
-    def _commit(self, shard_id: int, shard: _OpenShard) -> None:
-        if shard.pending_rows or not shard.parts and shard.rows:
-            self._write_part(shard_id, shard, None)
-        start = time.perf_counter()
-        final = []
-        for tmp in shard.parts:
-            dest = f"{self.root}/{posixpath.basename(tmp)}"
-            self.fs.mv(tmp, dest)
-            final.append(posixpath.basename(dest))
-        marker = {
-            "shard_id": shard_id,
-            "rows": shard.rows,
-            "errors": dict(shard.errors),
-            "files": final,
-            "committed_at": time.time(),
-        }
-        write_marker(self.fs, self.root, shard_id, marker)
-        self.write_seconds += time.perf_counter() - start
-        self.rows += shard.rows
-        self.errors.update(shard.errors)
-        self.committed.append(shard_id)
-        del self.open[shard_id]
-
-    def steady_rate(self) -> float:
-        """Rows/s from the first batch's arrival to the last's: throughput without start-up."""
-        if self._first_batch is None or self._last_arrival <= self._first_batch[0]:
-            return 0.0
-        return (self.rows - self._first_batch[1]) / (self._last_arrival - self._first_batch[0])
-
-    def incomplete(self) -> dict[int, tuple[int, int]]:
-        """Shards still open: {shard_id: (rows seen, rows expected or -1)}."""
-        return {sid: (len(s.seen), s.total) for sid, s in self.open.items()}
+    fs, root = open_fs(url, json.loads(options) or None)
+    return fs, root.rstrip("/") or root
 
 
-def write_marker(fs: fsspec.AbstractFileSystem, root: str, shard_id: int, marker: dict[str, Any]) -> None:
-    """Write a shard's completion marker (the commit point of the shard)."""
-    path = f"{root.rstrip('/')}/{DONE_DIR}/{marker_name(shard_id)}"
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(marker, f)
+def row_hashes(image_ids: list[str]) -> bytes:
+    """8 bytes per id (blake2b): compact identities the driver de-duplicates rows by."""
+    return b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in image_ids)
+
+
+def parquet_bytes(table: pa.Table, metadata: bytes) -> bytes:
+    """A whole Parquet file in memory (written in one PUT, so it is atomic on object stores too)."""
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: metadata}), buf, compression=COMPRESSION)
+    return buf.getvalue()
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    """A spill part: the rows as one uncompressed Arrow IPC file, in memory (one PUT)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray (benchmarks, tests)
+        return None
+
+
+def write_rows(batch: pa.Table, *, output: OutputLocation, metadata: bytes, policy: RetryPolicy) -> pa.Table:
+    """Ray Data stage: output rows (+ ``_shard_id``, ``_shard_rows``, timings) -> spill parts -> part records."""
+    fs, root = output.open()
+    records: list[dict[str, Any]] = []
+    if batch.num_rows:
+        shard_col = batch.column(SHARD_ID)
+        shard_ids = sorted(set(shard_col.to_pylist()))
+        for shard_id in shard_ids:
+            rows = batch if len(shard_ids) == 1 else batch.filter(pc.equal(shard_col, shard_id))
+            records.append(_write_shard_rows(fs, root, int(shard_id), rows, metadata, policy))
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def _write_shard_rows(fs, root: str, shard_id: int, rows: pa.Table, metadata: bytes, policy: RetryPolicy) -> dict:
+    start = time.perf_counter()
+    ids = rows.column("image_id").to_pylist()
+    hashes = row_hashes(ids)
+    errors = Counter(error_kind(e) for e in rows.column("error").to_pylist() if e is not None)
+    record: dict[str, Any] = {
+        "shard_id": shard_id,
+        "shard_rows": int(pc.max(rows.column(SHARD_ROWS)).as_py()),
+        "file": None, "rows": rows.num_rows, "row_hashes": hashes, "errors": json.dumps(dict(errors)),
+        "bytes": 0, "failure": None, "fatal": False, "node_id": _node_id(),
+    }
+    for col in TIMING_COLUMNS:
+        record[col] = float(pc.sum(rows.column(col)).as_py() or 0.0) if col in rows.column_names else 0.0
+    if errors.get(UNAVAILABLE):
+        # Storage was unreachable for some rows even after retrying: this shard cannot be
+        # committed in this run, so its other rows are not written either.
+        first = next(e for e in rows.column("error").to_pylist() if e is not None and e.startswith(UNAVAILABLE))
+        record["failure"] = first
+    else:
+        rel = f"{spill_dir(shard_id)}/{hashlib.blake2b(b''.join(sorted(_chunks(hashes))), digest_size=8).hexdigest()}.arrow"
+        try:
+            data = ipc_bytes(rows.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            call_with_retries(write_bytes, fs, f"{root}/{rel}", data, policy=policy)
+            record["file"], record["bytes"] = rel, len(data)
+        except Exception as exc:  # noqa: BLE001 - storage faults come back in the record
+            record.update(_failure(exc, f"writing {rel}"))
+    record["_t_write"] = time.perf_counter() - start
+    return record
+
+
+def _chunks(hashes: bytes) -> list[bytes]:
+    return [hashes[i : i + 8] for i in range(0, len(hashes), 8)]
+
+
+def _failure(exc: BaseException, doing: str) -> dict[str, Any]:
+    refusal = storage_refusal(exc)
+    if refusal:
+        return {"failure": f"{refusal} ({doing}: {describe(exc)})", "fatal": True}
+    if is_transient(exc):
+        return {"failure": f"{UNAVAILABLE}: {describe(exc)} ({doing})", "fatal": False}
+    raise exc  # a bug, not storage: let Ray Data report it
+
+
+def finalize_shard(
+    output: OutputLocation,
+    shard_id: int,
+    parts: list[str],
+    rows_per_file: int,
+    metadata: bytes,
+    policy: RetryPolicy,
+    replace: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Turn a shard's spill parts into its committed files; returns {files, bytes[, rows, errors]} or a failure.
+
+    ``replace`` (``--retry-errors``): {"files": the shard's committed files, "generation": g,
+    "drop": image ids}: rows of those files whose image id is in ``drop`` or in the spill
+    parts are replaced by the new rows,
+    and everything is written as generation ``g`` (new names; the driver deletes the old
+    files after writing the new marker).
+    """
+    start = time.perf_counter()
+    fs, root = output.open()
+    try:
+        result = _merge(fs, root, shard_id, parts, rows_per_file, metadata, policy, replace)
+        _remove_spill(fs, root, shard_id, policy)
+        result.update(shard_id=shard_id, seconds=time.perf_counter() - start)
+        return result
+    except Exception as exc:  # noqa: BLE001
+        result = _failure(exc, f"committing shard {shard_id}")
+        result.update(shard_id=shard_id, seconds=time.perf_counter() - start)
+        return result
+
+
+def _read_table(fs, path: str, policy: RetryPolicy) -> pa.Table:
+    """A spill part (Arrow IPC) or a committed file (Parquet), read whole."""
+    data = call_with_retries(fs.cat_file, path, policy=policy)
+    if path.endswith(".arrow"):
+        return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    return pq.read_table(pa.BufferReader(data))
+
+
+def _merge(
+    fs, root: str, shard_id: int, parts: list[str], rows_per_file: int, metadata: bytes, policy: RetryPolicy,
+    replace: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Stream the parts (old files first when replacing) into files of at most ``rows_per_file`` rows."""
+    generation = int(replace["generation"]) if replace else 0
+    new_ids: set[str] = set(replace.get("drop", [])) if replace else set()
+    sources: list[tuple[str, bool]] = [(f"{root}/{p}", False) for p in sorted(parts)]
+    if replace:
+        for path, _ in sources:
+            new_ids.update(_read_table(fs, path, policy).column("image_id").to_pylist())
+        sources = [(f"{root}/{name}", True) for name in replace["files"]] + sources
+    files: list[str] = []
+    total_bytes = 0
+    rows = 0
+    errors: Counter = Counter()
+    pending: list[pa.Table] = []
+    pending_rows = 0
+
+    def flush(n: int) -> None:
+        nonlocal pending, pending_rows, total_bytes
+        table = pa.concat_tables(pending)
+        head, rest = table.slice(0, n), table.slice(n)
+        name = part_name(shard_id, len(files), generation)
+        data = parquet_bytes(head, metadata)
+        call_with_retries(write_bytes, fs, f"{root}/{name}", data, policy=policy)
+        files.append(name)
+        total_bytes += len(data)
+        pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    for path, is_old in sources:
+        table = _read_table(fs, path, policy).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        if is_old and new_ids:
+            keep = pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(new_ids), pa.string())))
+            table = table.filter(keep)
+        rows += table.num_rows
+        errors.update(error_kind(e) for e in table.column("error").to_pylist() if e is not None)
+        pending.append(table)
+        pending_rows += table.num_rows
+        while pending_rows >= rows_per_file:
+            flush(rows_per_file)
+    if pending_rows or not files:
+        flush(pending_rows)
+    return {"files": files, "bytes": total_bytes, "rows": rows, "errors": dict(errors)}
+
+
+def _remove_spill(fs, root: str, shard_id: int, policy: RetryPolicy) -> None:
+    folder = f"{root}/{spill_dir(shard_id)}"
+    try:
+        leftovers = call_with_retries(fs.ls, folder, detail=False, policy=policy)
+    except FileNotFoundError:
+        return
+    call_with_retries(remove, fs, list(leftovers), policy=policy)
+    try:
+        fs.rmdir(folder)
+    except (OSError, NotImplementedError):
+        pass
+

@@ -16,8 +16,9 @@ import pyarrow as pa
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
 from pipeline.encode import encode_label
 from pipeline.labels import unpack_label_map
+from pipeline.retry import RetryPolicy, resilient_read
 from pipeline.schema import SEGMENT, SHARD_ID, SHARD_ROWS
-from pipeline.sources import RawImage, read_source
+from pipeline.sources import RawImage
 
 T = TypeVar("T")
 
@@ -34,17 +35,22 @@ def read_decode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     chunk: int = DECODE_CHUNK,
     paper_preprocess: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Shards (columns shard_id, kind, paths) -> decoded rows, ``chunk`` at a time.
+    """Shards (columns shard_id, kind, paths[, only]) -> decoded rows, ``chunk`` at a time.
 
     The shard's row count is only known at the end for tar and Parquet shards, so the
     last chunk is held back and carries it (``_shard_rows``); earlier ones carry -1.
+    ``only`` (``--retry-errors``): the image ids to read from the shard, or None for all.
     """
-    for shard_id, kind, paths in zip(batch["shard_id"], batch["kind"], batch["paths"]):
+    only_column = batch["only"] if "only" in batch else [None] * len(batch["shard_id"])
+    for shard_id, kind, paths, only in zip(batch["shard_id"], batch["kind"], batch["paths"], only_column):
         paths = [str(p) for p in paths]
+        only = [str(i) for i in only] if isinstance(only, (list, tuple, np.ndarray)) else None  # None: NaN
         held: dict[str, np.ndarray] | None = None
         rows = 0
-        for chunk_rows in chunked(_safe_read(kind, paths, root, storage_options, image_column), chunk):
+        reads = _safe_read(kind, paths, root, storage_options, image_column, retry, only)
+        for chunk_rows in chunked(reads, chunk):
             start = time.perf_counter()
             out = _decode_chunk(chunk_rows, image_size, max_pixels, paper_preprocess)
             out["_t_decode"] = np.full(len(chunk_rows), (time.perf_counter() - start) / len(chunk_rows))
@@ -60,11 +66,13 @@ def read_decode(
 
 
 def _safe_read(
-    kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None
+    kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None,
+    retry: RetryPolicy | None = None, only: list[str] | None = None,
 ) -> Iterator[RawImage]:
-    """read_source, but a shard that cannot be opened or breaks midway ends in one error row."""
+    """read_source with the world's faults retried (pipeline/retry.py), but a shard that cannot be
+    opened or breaks midway for a reason of its own ends in one error row."""
     try:
-        yield from read_source(kind, paths, root, storage_options, image_column)
+        yield from resilient_read(kind, paths, root, storage_options, image_column, retry, only)
     except Exception as exc:  # noqa: BLE001 - corrupt tar / Parquet: say so in a row, go on
         from pipeline.sources import relative_id
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from jobs import cli
 from jobs.connect import connect
 from jobs.run import SUMMARY_PREFIX
 from pipeline_helpers import make_photo_folder, read_output
+from ray_processes import free_ports, stop_group
 
 PORT_FLAGS = (
     "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
@@ -49,21 +48,6 @@ class Head:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-            if s.getsockname()[1] not in ports:
-                ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def start_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Head:
@@ -120,37 +104,8 @@ def _wait_ready(head: Head, timeout_s: float) -> None:
 
 def stop_head(head: Head, grace_s: float = 5.0) -> None:
     """SIGTERM the head's process group, SIGKILL what is left after ``grace_s``, remove its files."""
-    pgid = head.process.pid  # start_new_session: the group id is the leader's pid
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(pgid):
-            time.sleep(0.5)
-        if not _group_alive(pgid):
-            break
-    try:
-        head.process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+    stop_group(head.process, grace_s)
     shutil.rmtree(head.root, ignore_errors=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a process of the group is alive (zombies waiting to be reaped do not count)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------ tests

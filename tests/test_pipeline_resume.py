@@ -42,7 +42,7 @@ def test_rerun_labels_only_what_is_missing(ray_session, tmp_path):
     assert resumed["shards"]["written_this_run"] == 2  # shard 1 again + the new shard 3
     assert resumed["this_run"]["images"] == 3 and resumed["images"] == 7 and resumed["complete"]
     assert sorted(_ids(out)) == sorted(ids + ["late.png"])  # exactly once
-    assert not any((out / "_inprogress").iterdir())
+    assert not (out / "_inprogress").exists()  # spill parts and the folder are gone
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["runs"]) == 3
     assert manifest["counts"]["images"] == 7
@@ -90,5 +90,48 @@ def test_killed_run_then_rerun_gives_every_image_exactly_once(ray_session, tmp_p
                     num_points=4)
     assert summary["complete"] and summary["images"] == 18
     assert summary["shards"]["skipped_already_done"] == killed_at
+    got = _ids(out)
+    assert len(got) == len(set(got)) and sorted(got) == ids
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / "_done").glob("*.json"))) if (out / "_done").exists() else 0
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_lose_only_the_shards_in_flight(ray_session, tmp_path):
+    """Each run commits shard by shard (no lumps of a fixed batch), so a kill loses at most the
+    shards in flight, and each rerun redoes exactly the shards without a marker."""
+    import random
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    ids = make_photo_folder(src, copies=10)  # 30 images, 15 shards of 2
+    args = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4", "--rows-per-file", "2",
+            "--batch-size", "2", "--actors", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    rng = random.Random(16)
+    history = []
+    for _ in range(2):
+        before = _markers(out)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "label", str(src), str(out), *args], cwd=REPO,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and _markers(out) == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 2.0))  # a random moment after this run could first commit
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        history.append((before, _markers(out)))
+    print("committed shards before/after each killed run:", history)
+    assert all(after > before for before, after in history), history  # every run made progress
+    assert history[-1][1] < 15, "the last kill came after the end: nothing left to redo"
+    committed = history[-1][1]
+    summary = label(str(src), str(out), rows_per_file=2, batch_size=2, model="tiny-random", image_size=64,
+                    num_points=4)
+    assert summary["complete"] and summary["shards"]["skipped_already_done"] == committed
+    assert summary["this_run"]["images"] == 30 - 2 * committed  # redone: exactly the uncommitted shards
     got = _ids(out)
     assert len(got) == len(set(got)) and sorted(got) == ids

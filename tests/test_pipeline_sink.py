@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.encode import decode_png, encode_label
 from pipeline.schema import OUTPUT_SCHEMA, SHARD_ID, SHARD_ROWS
-from pipeline.sink import ShardSink
+from pipeline.commit import Committer
+from pipeline.retry import UNAVAILABLE, RetryPolicy
+from pipeline.sink import RECORD_SCHEMA, OutputLocation, write_rows
 from pipeline_helpers import read_output
 
 
@@ -58,26 +60,56 @@ def _rows(shard_id, ids, total, error=None):
     })
 
 
-def test_sink_commits_a_shard_only_when_all_rows_arrived_and_bounds_rows_per_file(tmp_path):
+def test_workers_write_parts_and_the_driver_commits_each_shard_once(ray_session, tmp_path):
+    """write_rows (the worker stage, called here directly) -> part records -> Committer (driver)."""
     fs = fsspec.filesystem("file")
-    sink = ShardSink(fs, str(tmp_path), rows_per_file=2, metadata={"model": "m"})
-    sink.add(_rows(3, ["a", "b", "c"], -1))  # total not known yet (tar/parquet reader)
-    assert sink.committed == [] and not (tmp_path / "_done").exists()
-    sink.add(pa.concat_tables([_rows(3, ["b"], 5), _rows(4, ["x"], 1, error="not an image: junk")]))
-    assert sink.committed == [4] and sink.duplicates == 1
-    sink.add(_rows(3, ["d", "e"], 5))
-    assert sorted(sink.committed) == [3, 4] and not sink.open
+    where = OutputLocation(str(tmp_path))
+    committer = Committer(fs, str(tmp_path), where, rows_per_file=2, metadata={"model": "m"},
+                          policy=RetryPolicy(deadline_s=1))
+    for shard_id in (3, 4, 5):
+        committer.expect(shard_id)
+
+    def write(table):
+        records = write_rows(table, output=where, metadata=committer.metadata, policy=committer.policy)
+        assert "label_map" not in records.column_names and records.schema == RECORD_SCHEMA
+        return records
+
+    first = write(_rows(3, ["a", "b", "c"], -1))  # total not known yet (tar/parquet reader)
+    committer.add(first)
+    committer.add(first)  # a retried task: the same rows again, same spill file
+    assert committer.committed == [] and not (tmp_path / "_done").exists()
+    committer.add(write(pa.concat_tables([_rows(3, ["d"], 5), _rows(4, ["x"], 1, error="not an image: junk")])))
+    committer.add(write(_rows(3, ["e"], 5)))
+    committer.finish()  # shard 5 sent no row: an empty input, committed empty
+    assert sorted(committer.committed) == [3, 4, 5] and committer.duplicates == 3
+    assert not committer.incomplete() and not committer.failed and committer.rows == 6
+    # shard 3 came in three spill parts: merged into files of at most 2 rows
     assert sorted(p.name for p in tmp_path.glob("*.parquet")) == [
         "labels-000003-000.parquet", "labels-000003-001.parquet", "labels-000003-002.parquet",
         "labels-000004-000.parquet"]
-    assert list((tmp_path / "_inprogress").iterdir()) == []
+    assert not (tmp_path / "_inprogress").exists()  # spill parts, their folders and the folder are gone
     marker = json.loads((tmp_path / "_done" / "000003.json").read_text())
     assert marker["rows"] == 5 and len(marker["files"]) == 3
     assert json.loads((tmp_path / "_done" / "000004.json").read_text())["errors"] == {"not an image": 1}
+    assert json.loads((tmp_path / "_done" / "000005.json").read_text())["files"] == []
     table = read_output(str(tmp_path))
     assert table.schema.remove_metadata() == OUTPUT_SCHEMA
     assert sorted(table.column("image_id").to_pylist()) == ["a", "b", "c", "d", "e", "x"]
     assert max(pq.ParquetFile(p).metadata.num_rows for p in tmp_path.glob("*.parquet")) <= 2
-    assert pq.ParquetFile(tmp_path / "labels-000004-000.parquet").metadata.row_group(0).column(0).compression == "ZSTD"
-    assert json.loads(pq.read_schema(tmp_path / "labels-000004-000.parquet").metadata[b"diffseg"]) == {"model": "m"}
-    assert sink.stage_seconds["_t_model"] == pytest.approx(3.5)
+    for name in ("labels-000004-000.parquet", "labels-000003-001.parquet"):
+        assert pq.ParquetFile(tmp_path / name).metadata.row_group(0).column(0).compression == "ZSTD"
+        assert json.loads(pq.read_schema(tmp_path / name).metadata[b"diffseg"]) == {"model": "m"}
+    assert committer.stage_seconds["_t_model"] == pytest.approx(0.5 * 9)  # 6 rows + 3 duplicates: work done
+
+
+def test_rows_that_storage_could_not_read_are_never_committed(ray_session, tmp_path):
+    fs = fsspec.filesystem("file")
+    where = OutputLocation(str(tmp_path))
+    committer = Committer(fs, str(tmp_path), where, rows_per_file=4, metadata={}, policy=RetryPolicy(deadline_s=1))
+    committer.expect(0)
+    unreachable = f"{UNAVAILABLE}: EndpointConnectionError: Could not connect (retried for 1 s)"
+    batch = pa.concat_tables([_rows(0, ["a"], 2), _rows(0, ["b"], 2, error=unreachable)])
+    committer.add(write_rows(batch, output=where, metadata=b"{}", policy=committer.policy))
+    committer.finish()
+    assert committer.committed == [] and set(committer.failed) == {0} and UNAVAILABLE in committer.failed[0]
+    assert not list(tmp_path.glob("*.parquet")) and not (tmp_path / "_done").exists()
