@@ -20,6 +20,7 @@ writer per output) from the checks to the end.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import math
@@ -50,6 +51,7 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = ("fp32", "fp16", "bf16")
 READ_CPUS = 0.25  # a plan-shard read task (see shard_dataset)
 ENCODE_BATCH_ROWS = 64  # rows per encode + write task, at most (see build_dataset)
+OUTPUT_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 __all__ = ["label", "LabelError", "LabelOptions", "validate_options", "DEFAULT_MODEL"]
 
@@ -145,6 +147,10 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
             held = lease.acquire(checked.out_fs, checked.out_root, output)
         except lease.LeaseHeldError as exc:
             raise LabelError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a full, read-only or unreachable output
+            if isinstance(exc, OSError) or is_transient(exc):
+                raise LabelError(_storage_sentence(output, exc)) from None
+            raise
         held.start_heartbeat()
         ray, own_ray = None, False
         try:
@@ -195,6 +201,8 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
         plan, dropped = update_plan_rebuilding(
             out_fs, out_root, lambda: iter_inputs(checked.input, opts.storage_options), opts.rows_per_file, markers)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in OUTPUT_FULL_ERRNOS:  # writing the plan, not listing
+            raise LabelError(_storage_sentence(output, exc)) from None
         raise LabelError(f"Cannot list input {checked.input!r}: {type(exc).__name__}: {_one_line(exc)}") from None
     if dropped:
         logger.warning("the shard plan was rebuilt: %d committed shard(s) no longer match it and are redone",

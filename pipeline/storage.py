@@ -64,7 +64,7 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str, *, policy: RetryPolicy |
     """The parsed JSON at ``path``, None when absent; TornFileError when it exists but does not parse."""
     try:
         data = call_with_retries(fs.cat_file, path, policy=policy or RetryPolicy())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder of the path is missing or is a file
         return None
     try:
         return json.loads(data)

@@ -153,7 +153,7 @@ def test_torn_manifest_marker_and_plan_are_detected_and_rebuilt(ray_session, tmp
     assert rebuilt["status"] == "complete" and rebuilt["model"]["model"] == "tiny-random"
     assert rebuilt["parameters"]["num_points"] == 4
     with gzip.open(out / "_plan.jsonl.gz", "rt") as f:
-        assert len(f.readlines()) == 3
+        assert sum('"shard_id"' in line for line in f) == 3  # the rebuilt plan
     # the identity checked on resume survived the rebuild: other settings are still refused
     from pipeline import LabelError
 
@@ -217,4 +217,5 @@ def test_ray_node_timeout_at_startup_is_one_sentence_with_what_to_try():
     assert sentence.startswith("Ray's node timed out during startup") and "\n" not in sentence
     assert "try again when it is less busy" in sentence and "--ray-address auto" in sentence
     other = _ray_start_sentence("10.0.0.1:6379", ConnectionError("GCS unreachable\n  at line 2"))
-    assert other == "Could not start or join the Ray cluster at '10.0.0.1:6379': GCS unreachable at line 2"
+    assert other == ("Cannot start or join the Ray cluster at '10.0.0.1:6379': GCS unreachable at line 2 "
+                     "(is it running? try `ray status`).")
