@@ -121,7 +121,8 @@ def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_ses
     try:
         while driver.is_alive() and time.monotonic() < deadline and killed is None:
             actors = label_actor_pids(os.getpid())
-            if actors and (out / "_done").exists() and any((out / "_done").glob("*.json")):
+            # the model has labelled its first batch (a spill part exists): most of its work is still ahead
+            if actors and (out / "_inprogress").exists() and any((out / "_inprogress").rglob("*.arrow")):
                 killed = min(actors)
                 committed_at_kill = len(list((out / "_done").glob("*.json")))
                 os.kill(killed, signal.SIGKILL)
