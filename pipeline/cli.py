@@ -6,7 +6,8 @@ import json
 import logging
 import shlex
 import sys
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.credentials import storage_options_json
 from pipeline.devices import DEVICES
@@ -157,9 +158,8 @@ def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
     from pipeline.stderr_filter import filtered_stderr
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json")}
-    _show_notes()
     try:
-        with filtered_stderr():
+        with _notes_on_stderr(), filtered_stderr():
             summary = label(args.input, args.output, **options)
     except LabelError as exc:
         print(f"diffseg label: error: {exc}", file=sys.stderr)
@@ -183,16 +183,37 @@ def interrupted_sentence(exc: Any, command: Sequence[str]) -> str:
             f"resume with the same command: {shlex.join(command)}")
 
 
-def _show_notes() -> None:
-    """The job's own notes (INFO and up from the ``pipeline`` loggers) on stderr, one line each."""
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (not the stream
+    that was current when the handler was made, which a caller may since have closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+@contextmanager
+def _notes_on_stderr() -> Iterator[None]:
+    """The job's own notes (INFO and up from the ``pipeline`` loggers) on stderr, one line
+    each, for the length of one command; the logger is left as it was found afterwards
+    (``main`` may be called many times in one process: tests, notebooks)."""
     notes = logging.getLogger("pipeline")
-    if not any(getattr(h, "_diffseg_notes", False) for h in notes.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("diffseg: %(message)s"))
-        handler._diffseg_notes = True  # type: ignore[attr-defined]
-        notes.addHandler(handler)
-        notes.setLevel(logging.INFO)
-        notes.propagate = False
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("diffseg: %(message)s"))
+    saved = (notes.level, notes.propagate)
+    notes.addHandler(handler)
+    notes.setLevel(logging.INFO)
+    notes.propagate = False
+    try:
+        yield
+    finally:
+        notes.removeHandler(handler)
+        notes.setLevel(saved[0])
+        notes.propagate = saved[1]
 
 
 if __name__ == "__main__":

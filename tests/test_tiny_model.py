@@ -117,3 +117,36 @@ def test_a_stale_cache_from_another_builder_is_not_reused(tmp_path, monkeypatch)
     (stale / "model_index.json").write_text("{}")
     assert tiny_random_path() != stale
     assert tiny_random_path().name.startswith("sd1-") and len(tiny_random_path().name) == 16
+
+
+def test_quiet_loading_from_overlapping_threads_leaves_the_loggers_as_found():
+    """Two model loads that overlap (an actor's concurrent calls, workers building
+    tiny-random together) must not leave diffseg's notes silenced afterwards."""
+    import logging
+    import threading
+
+    from diffseg_core.model_loading import quiet_loading
+
+    ours = logging.getLogger("diffseg_core")
+    before = ours.level
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with quiet_loading():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second():
+        a_in.wait(5)
+        with quiet_loading():
+            b_in.set()
+            a_out.wait(5)  # the first leaves while the second is still inside
+            assert ours.level == logging.ERROR
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ours.level == before
