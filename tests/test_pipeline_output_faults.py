@@ -19,6 +19,7 @@ from pipeline.lease import LeaseHeldError, acquire
 from pipeline.retry import storage_refusal
 from pipeline.schema import LEASE
 from pipeline_helpers import FAST, make_photo_folder, read_output
+from s3_server import moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_ARGS = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4", "--batch-size", "4"]
@@ -86,21 +87,8 @@ def test_on_s3_the_lease_is_a_conditional_put(s3_server):
 
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
-    import boto3
-    import s3fs
-
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **options["client_kwargs"]).create_bucket(Bucket="labels-bucket")
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    yield fs, options
-    server.stop()
+    with moto_s3("labels-bucket") as fs_and_options:
+        yield fs_and_options
 
 
 @pytest.mark.slow

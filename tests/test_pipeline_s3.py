@@ -7,25 +7,13 @@ import pytest
 
 from pipeline import label
 from pipeline_helpers import FAST, encoded, photos, read_output, write_parquet_shard
+from s3_server import moto_s3
 
 
 @pytest.fixture(scope="module")
 def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
-    import boto3
-    import s3fs
-
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **options["client_kwargs"]).create_bucket(Bucket="labels-bucket")
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    yield fs, options
-    server.stop()
+    with moto_s3("labels-bucket") as fs_and_options:
+        yield fs_and_options
 
 
 def test_s3_images_and_parquet_in_s3_labels_out(ray_session, s3, tmp_path):
