@@ -10,7 +10,9 @@ the capture).  Peak extra memory per layer is one chunk of probabilities plus th
 per-resolution buffer; all heads of all layers are never held at once.
 
 Every other attention layer (``attn2`` cross-attention, the VAE's attention)
-keeps diffusers' `AttnProcessor2_0` (scaled_dot_product_attention).
+keeps diffusers' `AttnProcessor2_0` (scaled_dot_product_attention), unless a
+vocabulary is set: then ``attn2`` layers get `diffseg_core.class_probe`'s
+processor, which computes the same output and probes the vocabulary beside it.
 
 With ``CaptureState.sdpa_output`` (the extractor sets it on GPUs) the layer's
 output comes from ``scaled_dot_product_attention`` instead, and the
@@ -35,6 +37,7 @@ __all__ = [
     "head_sum_softmax",
     "SelfAttentionCaptureProcessor",
     "StopUNet",
+    "attention_layers",
     "install_capture",
     "self_attention_layers",
 ]
@@ -59,10 +62,19 @@ class CaptureState:
     (B, r*r, r*r) float32; ``counts[r]`` the number of layers added.  With
     ``keep_layers`` each layer's head-mean is also kept in ``layers[name]``
     (for tests and analysis; costs one buffer per layer).
+
+    ``num_layers``/``last_layer``: the layers one call must see and the one
+    it stops after, set by `begin` (with the vocabulary probe, the ``attn2``
+    layers count too and the last of them comes after the last ``attn1``).
     """
 
     num_layers: int = 0
     last_layer: str | None = None
+    self_layers: int = 0
+    last_self_layer: str | None = None
+    probe_layers: int = 0
+    last_probe_layer: str | None = None
+    probe_active: bool = False
     early_stop: bool = True
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     active: bool = False
@@ -79,6 +91,13 @@ class CaptureState:
         self.counts = {}
         self.layers = {}
         self.seen = 0
+
+    def begin(self, probe: bool = False) -> None:
+        """Start a call, with or without the ``attn2`` probe (see `diffseg_core.class_probe`)."""
+        self.reset()
+        self.probe_active = bool(probe and self.probe_layers)
+        self.num_layers = self.self_layers + (self.probe_layers if self.probe_active else 0)
+        self.last_layer = self.last_probe_layer if self.probe_active else self.last_self_layer
 
     def add(self, head_sum: torch.Tensor, resolution: int, rows: slice, heads: int, name: str) -> None:
         """Add a chunk (B, q, N) of probabilities summed over some heads, divided by ``heads``."""
@@ -233,7 +252,12 @@ def _chunks(batch: int, heads: int, seq_len: int, chunk_bytes: int) -> tuple[int
 
 
 def self_attention_layers(unet: torch.nn.Module) -> list[tuple[str, Attention]]:
-    """All ``attn1`` layers of a UNet, in execution order (down, mid, up).
+    """All ``attn1`` layers of a UNet, in execution order (down, mid, up)."""
+    return attention_layers(unet, "attn1")
+
+
+def attention_layers(unet: torch.nn.Module, kind: str) -> list[tuple[str, Attention]]:
+    """All ``kind`` (``attn1`` or ``attn2``) layers of a UNet, in execution order (down, mid, up).
 
     Module registration order is not execution order for
     ``UNet2DConditionModel`` (``mid_block`` is registered after ``up_blocks``),
@@ -250,7 +274,7 @@ def self_attention_layers(unet: torch.nn.Module) -> list[tuple[str, Attention]]:
     layers = []
     for prefix, module in stages:
         for name, sub in module.named_modules():
-            if isinstance(sub, Attention) and name.split(".")[-1] == "attn1":
+            if isinstance(sub, Attention) and name.split(".")[-1] == kind:
                 layers.append((f"{prefix}.{name}" if prefix else name, sub))
     return layers
 
@@ -259,7 +283,8 @@ def install_capture(unet: torch.nn.Module, state: CaptureState) -> list[str]:
     """Put capture processors on every attn1 layer and SDPA on every other one.
 
     Returns the captured layer names in execution order; sets
-    ``state.num_layers`` and ``state.last_layer``.
+    ``state.self_layers`` and ``state.last_self_layer`` (and, until `begin`
+    says otherwise, ``num_layers`` and ``last_layer``).
     """
     layers = self_attention_layers(unet)
     if not layers:
@@ -270,6 +295,6 @@ def install_capture(unet: torch.nn.Module, state: CaptureState) -> list[str]:
             module.set_processor(AttnProcessor2_0())
     for name, module in layers:
         module.set_processor(SelfAttentionCaptureProcessor(name, state))
-    state.num_layers = len(layers)
-    state.last_layer = layers[-1][0]
+    state.self_layers = state.num_layers = len(layers)
+    state.last_self_layer = state.last_layer = layers[-1][0]
     return [name for name, _ in layers]

@@ -14,12 +14,18 @@
 3. Every ``attn1`` layer's softmax(QK^T/sqrt(d)) is averaged over heads as it
    is computed and then over the layers sharing a resolution; resolutions come
    from sequence lengths.  The UNet stops right after its last ``attn1`` layer.
+
+With a vocabulary (``from_pretrained(..., vocabulary=...)``), `extract` also
+returns, from the same UNet call, every ``attn2`` layer's softmax over the
+vocabulary's classes (`diffseg_core.class_probe`), averaged over heads and
+layers per resolution; the UNet then stops after its last ``attn2`` layer.
 """
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,8 +41,9 @@ from diffseg_core.attention_capture import (
 from diffseg_core.model_check import attention_resolutions
 from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
 from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
+from diffseg_core.vocabulary import Vocabulary
 
-__all__ = ["AttentionExtractor", "ModelLoadError", "DEFAULT_MODEL", "preprocess_images", "resolve_vae_dtype"]
+__all__ = ["AttentionExtractor", "Extraction", "ModelLoadError", "DEFAULT_MODEL", "preprocess_images", "resolve_vae_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +147,16 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     return module.to(device) if current == dtype else module.to(device, dtype)
 
 
+@dataclass
+class Extraction:
+    """What one UNet pass gives: ``self_attention`` ``{r: (B, r*r, r*r)}`` (rows sum to 1) and,
+    with a vocabulary, ``class_attention`` ``{r: (B, r*r, C)}`` (each query's softmax over the
+    C classes, rows sum to 1), both float32 on the extractor's device."""
+
+    self_attention: dict[int, torch.Tensor]
+    class_attention: dict[int, torch.Tensor] | None = None
+
+
 def _to_rgb_uint8(a: np.ndarray, index: int) -> np.ndarray:
     if a.dtype != np.uint8:
         raise TypeError(f"image {index}: expected uint8 pixels, got {a.dtype}")
@@ -217,6 +234,14 @@ class AttentionExtractor:
             early_stop=early_stop, chunk_bytes=chunk_bytes, sdpa_output=on_gpu if sdpa_output is None else sdpa_output
         )
         self.layer_names = install_capture(self.unet, self._state)
+        self.vocabulary = loaded.vocabulary  # EncodedVocabulary or None
+        self._probe = None
+        self.probe_layer_names: list[str] = []
+        if self.vocabulary is not None:
+            from diffseg_core.class_probe import ClassProbe, install_probe
+
+            self._probe = ClassProbe(self.vocabulary.embeddings, chunk_bytes=chunk_bytes)
+            self.probe_layer_names = install_probe(self.unet, self._state, self._probe)
         self.compiled = bool(compile)
         if self.compiled:
             self._compile()
@@ -247,6 +272,7 @@ class AttentionExtractor:
         early_stop: bool = True,
         chunk_bytes: int | None = None,
         vae_dtype: str | torch.dtype | None = None,
+        vocabulary: "str | list[str] | Vocabulary | None" = None,
         **gpu_options: Any,
     ) -> "AttentionExtractor":
         """Load a model: hub id, local diffusers folder, single ``.safetensors`` file, or ``"tiny-random"``.
@@ -258,14 +284,23 @@ class AttentionExtractor:
         architecture's configs.  Raises `ModelLoadError` (an ``OSError``) when
         the model is missing or unreadable.  ``vae_dtype`` and ``gpu_options``
         (``sdpa_output``, ``channels_last``, ``compile``): see the class.
+
+        ``vocabulary``: class names to probe for (a preset name such as
+        ``"coco-stuff-27"``, ``"person,dog,grass"``, a list, or a `Vocabulary`);
+        encoded once here by the model's text encoder(s).  Raises
+        `diffseg_core.vocabulary.VocabularyError` (a ``ValueError``) for one
+        that cannot be used.
         """
         name = os.fspath(model)
         resolve_dtype(dtype, torch.device(device or "cpu"))  # fail on a bad dtype before loading
         if vae_dtype is not None and str(vae_dtype).lower() != "auto":
             resolve_dtype(vae_dtype, torch.device(device or "cpu"))
+        vocab = Vocabulary.parse(vocabulary) if vocabulary is not None else None  # before loading too
         random_weights = name == TINY_RANDOM
         resolved = resolve_model(name)
-        loaded = load_model(resolved, revision=revision, allow_unsafe_weights=allow_unsafe_weights, config=config)
+        loaded = load_model(
+            resolved, revision=revision, allow_unsafe_weights=allow_unsafe_weights, config=config, vocabulary=vocab
+        )
         if random_weights:
             logger.warning("AttentionExtractor: 'tiny-random' has RANDOM weights; its attention maps are meaningless")
         return cls(
@@ -284,11 +319,17 @@ class AttentionExtractor:
     @keep_layers.setter
     def keep_layers(self, value: bool) -> None:
         self._state.keep_layers = bool(value)
+        if self._probe is not None:
+            self._probe.keep_layers = bool(value)
 
     @property
     def last_layers(self) -> dict[str, torch.Tensor]:
-        """Per-layer head-mean maps {layer name: (B, N, N)} of the last call when `keep_layers` is set."""
-        return dict(self._state.layers)
+        """Per-layer head-mean maps {layer name: (B, N, N)} of the last call when `keep_layers` is set;
+        with a vocabulary, also each probed ``attn2`` layer's {name: (B, N, C)} of the last `extract`."""
+        layers = dict(self._state.layers)
+        if self._probe is not None:
+            layers.update(self._probe.layers)
+        return layers
 
     @property
     def early_stop(self) -> bool:
@@ -314,6 +355,8 @@ class AttentionExtractor:
                 self_attention_layers=len(self.layer_names),
                 random_weights=self._random_weights,
             )
+            if self.vocabulary is not None:
+                info["vocabulary"] = dict(self.vocabulary.vocabulary.to_json(), prompts=list(self.vocabulary.prompts))
             self._info = info
         return dict(self._info)
 
@@ -337,6 +380,11 @@ class AttentionExtractor:
         (B, 3, S, S) already in [-1, 1] (used as given, S a multiple of 8).
         """
         return self.attention(self.encode(self.to_pixels(images)))
+
+    @torch.inference_mode()
+    def extract(self, images: ImagesLike) -> Extraction:
+        """Self-attention maps and, with a vocabulary, class attention, from one UNet pass."""
+        return self._unet_pass(self.encode(self.to_pixels(images)), probe=self.vocabulary is not None)
 
     def to_pixels(self, images: ImagesLike) -> torch.Tensor:
         """(B, 3, S, S) float in [-1, 1]: preprocessed images, or a float tensor as given.
@@ -375,7 +423,10 @@ class AttentionExtractor:
 
     @torch.inference_mode()
     def attention(self, latents: torch.Tensor) -> dict[int, torch.Tensor]:
-        """One UNet call on clean latents; returns the captured maps."""
+        """One UNet call on clean latents; returns the captured maps (no vocabulary probe)."""
+        return self._unet_pass(latents, probe=False).self_attention
+
+    def _unet_pass(self, latents: torch.Tensor, probe: bool) -> Extraction:
         b = latents.shape[0]
         kwargs: dict[str, Any] = {}
         if self.is_sdxl:
@@ -387,7 +438,9 @@ class AttentionExtractor:
             }
         t = torch.tensor(self.timestep, device=self.device, dtype=torch.long)
         state = self._state
-        state.reset()
+        state.begin(probe=probe)
+        if probe:
+            self._probe.reset()
         state.active = True
         try:
             self.unet(latents, t, encoder_hidden_states=self._hidden.expand(b, -1, -1), return_dict=False, **kwargs)
@@ -397,8 +450,8 @@ class AttentionExtractor:
             state.active = False
         if state.seen != state.num_layers:
             state.reset()
-            raise RuntimeError(f"captured {state.seen} of {state.num_layers} self-attention layers")
-        return state.result()
+            raise RuntimeError(f"captured {state.seen} of {state.num_layers} attention layers")
+        return Extraction(state.result(), self._probe.result() if probe else None)
 
     def _compile(self) -> None:
         """torch.compile the parts with fixed shapes and no Python state (the capture hooks stay eager)."""
@@ -413,5 +466,6 @@ class AttentionExtractor:
         return (
             f"AttentionExtractor(model={self._loaded_info['model']!r}, device={self.device}, dtype={self.dtype}, "
             f"vae_dtype={self.vae_dtype}, "
-            f"image_size={self.image_size}, timestep={self.timestep}, layers={len(self.layer_names)})"
+            f"image_size={self.image_size}, timestep={self.timestep}, layers={len(self.layer_names)}"
+            + (f", classes={len(self.vocabulary.names)})" if self.vocabulary is not None else ")")
         )

@@ -6,21 +6,42 @@
 Each image's merged proposals (R x R) are upsampled bilinearly straight to that
 image's own size before the per-pixel argmax, so label boundaries are as
 smooth at 3000 px as at 512 px (never a nearest-neighbour resize of a 512 map).
+
+With a vocabulary, segments also get class names from the same UNet pass:
+
+    labeler = Labeler.from_pretrained(model, vocabulary="person,dog,grass")
+    for result in labeler.label(images):
+        result.label_map, result.classes, result.scores, result.class_map
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from diffseg_core.class_vote import DEFAULT_CLASS_THRESHOLD, check_voting, combine_class_attention, vote_classes
 from diffseg_core.extract import DEFAULT_MODEL, AttentionExtractor
 from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.parameters import anchor_grid_problem
 from diffseg_core.segmentor import DiffSeg
 
-__all__ = ["Labeler", "anchor_grid_problem", "image_sizes"]
+__all__ = ["LabeledImage", "Labeler", "anchor_grid_problem", "image_sizes"]
+
+
+@dataclass
+class LabeledImage:
+    """One image's labels: ``label_map`` int64 (H, W), segment ids 0..K-1; with a vocabulary,
+    ``classes`` int64 (K,) (index into the vocabulary, -1 = unknown), ``scores`` float32 (K,)
+    (share of the segment's pixels that vote for its class) and ``class_map`` uint8 (H, W)
+    (class per pixel, 255 = unknown)."""
+
+    label_map: np.ndarray
+    classes: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    class_map: np.ndarray | None = None
 
 
 def image_sizes(images: Any) -> list[tuple[int, int]]:
@@ -40,9 +61,25 @@ def image_sizes(images: Any) -> list[tuple[int, int]]:
 class Labeler:
     """Stable Diffusion self-attention + DiffSeg -> label maps at each image's own size."""
 
-    def __init__(self, extractor: AttentionExtractor, diffseg: DiffSeg):
+    def __init__(
+        self,
+        extractor: AttentionExtractor,
+        diffseg: DiffSeg,
+        *,
+        class_voting: str = "majority",
+        class_threshold: float = DEFAULT_CLASS_THRESHOLD,
+    ):
+        check_voting(class_voting, class_threshold)
         self.extractor = extractor
         self.diffseg = diffseg
+        self.class_voting = class_voting
+        self.class_threshold = float(class_threshold)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The vocabulary's names (class i of `label`'s results), or None without one."""
+        vocab = self.extractor.vocabulary
+        return vocab.names if vocab is not None else None
 
     @classmethod
     def from_pretrained(
@@ -55,23 +92,30 @@ class Labeler:
         timestep: int = 300,
         revision: str | None = None,
         allow_unsafe_weights: bool = False,
+        vocabulary: Any = None,
+        class_voting: str = "majority",
+        class_threshold: float = DEFAULT_CLASS_THRESHOLD,
         **diffseg_kwargs: Any,
     ) -> "Labeler":
         """Load the model (see `AttentionExtractor.from_pretrained`) and build ``DiffSeg(**diffseg_kwargs)``.
 
         ``image_size=None`` is the model's native size (512 for SD 1.x).
+        ``vocabulary`` (a preset such as ``"coco-stuff-27"``, ``"person,dog,grass"`` or a
+        list) names segments in `label`; ``class_voting`` ``"majority"`` or ``"mean"``;
+        a segment whose class holds less than ``class_threshold`` of its pixels is unknown.
         """
         diffseg = DiffSeg(**diffseg_kwargs)  # validate the cheap part before loading a model
+        check_voting(class_voting, class_threshold)
         extractor = AttentionExtractor.from_pretrained(
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
-            revision=revision, allow_unsafe_weights=allow_unsafe_weights,
+            revision=revision, allow_unsafe_weights=allow_unsafe_weights, vocabulary=vocabulary,
         )
         problem = anchor_grid_problem(
             diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size
         )
         if problem:
             raise ValueError(problem)
-        return cls(extractor, diffseg)
+        return cls(extractor, diffseg, class_voting=class_voting, class_threshold=class_threshold)
 
     def __call__(self, images: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Label maps, int64 (H_i, W_i) with values 0..K_i-1, one per image, in order."""
@@ -93,6 +137,23 @@ class Labeler:
             for p, (h, w) in zip(proposals, sizes)
         ]
 
+    def label(self, images: Sequence[np.ndarray] | np.ndarray) -> list[LabeledImage]:
+        """Label maps and, with a vocabulary, each segment's class, from one UNet pass per batch."""
+        sizes = image_sizes(images)
+        if not sizes:
+            return []
+        extraction = self.extractor.extract(images)
+        label_maps = self.labels_from_attention(extraction.self_attention, sizes)
+        if extraction.class_attention is None:
+            return [LabeledImage(label_map=m) for m in label_maps]
+        class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)
+        out = []
+        for labels, maps in zip(label_maps, class_maps):
+            voted = vote_classes(maps, labels, voting=self.class_voting, threshold=self.class_threshold)
+            out.append(LabeledImage(label_map=labels, classes=voted.classes, scores=voted.scores,
+                                    class_map=voted.class_map(labels)))
+        return out
+
     @property
     def model_info(self) -> dict[str, Any]:
         """The extractor's provenance plus the DiffSeg parameters."""
@@ -104,6 +165,8 @@ class Labeler:
             "refine": self.diffseg.refine,
             "weights": _jsonable_weights(self.diffseg.weights),
         }
+        if self.extractor.vocabulary is not None:
+            info["class_voting"] = {"voting": self.class_voting, "threshold": self.class_threshold}
         return info
 
     def __repr__(self) -> str:

@@ -219,11 +219,11 @@ def labels_from_proposals(proposals: torch.Tensor, output_size: tuple[int, int])
     band = max(1, NMS_BAND_ELEMENTS // (k * width))
     labels = torch.empty((height, width), dtype=torch.long, device=device)
     for top in range(0, height, band):
-        labels[top : top + band] = _argmax_first(along_height[top : top + band] @ along_width)
+        labels[top : top + band] = argmax_first(along_height[top : top + band] @ along_width)
     return labels
 
 
-def _argmax_first(scores: torch.Tensor) -> torch.Tensor:
+def argmax_first(scores: torch.Tensor) -> torch.Tensor:
     """argmax over axis 0 of (K, H, W), first maximum on ties.
 
     On a CPU a running maximum: torch's argmax over the outer axis of a

@@ -94,6 +94,7 @@ class LoadedModel:
     resolved: str = ""  # local path or hub id
     revision: str | None = None
     weight_files: list[str] = field(default_factory=list)
+    vocabulary: Any = None  # EncodedVocabulary when load_model was given one
 
 
 def load_model(
@@ -102,29 +103,32 @@ def load_model(
     revision: str | None = None,
     allow_unsafe_weights: bool = False,
     config: str | None = None,
+    vocabulary: Any = None,
 ) -> LoadedModel:
     """Load UNet + VAE encoder and the empty-prompt conditioning, on CPU in float32.
 
     ``config`` is only used for single-file checkpoints: a local diffusers
     folder (or hub id) with the component configs, needed offline.
+    ``vocabulary`` (a `diffseg_core.vocabulary.Vocabulary`) is encoded by the
+    text encoder(s) while they are loaded (``LoadedModel.vocabulary``).
     """
     name = os.fspath(model)
     path = Path(name).expanduser()
     if path.is_file():
-        loaded = _load_single_file(name, path, allow_unsafe_weights, config)
+        loaded = _load_single_file(name, path, allow_unsafe_weights, config, vocabulary)
     elif path.is_dir():
-        loaded = _load_folder(name, path, allow_unsafe_weights)
+        loaded = _load_folder(name, path, allow_unsafe_weights, vocabulary)
     elif looks_like_path(name):
         raise ModelLoadError(name, "no such file or folder.")
     else:
-        loaded = _load_hub(name, revision, allow_unsafe_weights)
+        loaded = _load_hub(name, revision, allow_unsafe_weights, vocabulary)
     return loaded
 
 
 # ----------------------------------------------------------------------------- sources
 
 
-def _load_folder(name: str, path: Path, allow_unsafe: bool) -> LoadedModel:
+def _load_folder(name: str, path: Path, allow_unsafe: bool, vocabulary: Any = None) -> LoadedModel:
     for sub in ("unet", "vae"):
         if not (path / sub).is_dir():
             raise ModelLoadError(name, f"the folder has no '{sub}' subfolder (expected a diffusers model folder).")
@@ -133,14 +137,14 @@ def _load_folder(name: str, path: Path, allow_unsafe: bool) -> LoadedModel:
     parts = text_parts(index, lambda sub: (path / sub).is_dir())
     for sub in parts:
         check_weights(name, path / sub, allow_unsafe)
-    loaded = _load_components(name, str(path), None, allow_unsafe, parts)
+    loaded = _load_components(name, str(path), None, allow_unsafe, parts, vocabulary)
     loaded.source = "folder"
     loaded.resolved = str(path.resolve())
     loaded.weight_files = folder_weight_files(path, parts)
     return loaded
 
 
-def _load_hub(name: str, revision: str | None, allow_unsafe: bool) -> LoadedModel:
+def _load_hub(name: str, revision: str | None, allow_unsafe: bool, vocabulary: Any = None) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     try:
@@ -150,14 +154,16 @@ def _load_hub(name: str, revision: str | None, allow_unsafe: bool) -> LoadedMode
         why = "not a local path, and not in the Hugging Face cache" if offline else "not a local path or reachable hub repo"
         raise ModelLoadError(name, f"{why} ({type(exc).__name__}: {_first_line(exc)}).") from exc
     parts = text_parts(index, lambda sub: index.get(sub, [None])[0] is not None)
-    loaded = _load_components(name, name, revision, allow_unsafe, parts)
+    loaded = _load_components(name, name, revision, allow_unsafe, parts, vocabulary)
     loaded.source = "hub"
     loaded.resolved = name
     loaded.revision = _hub_commit(name, revision) or revision
     return loaded
 
 
-def _load_single_file(name: str, path: Path, allow_unsafe: bool, config: str | None) -> LoadedModel:
+def _load_single_file(
+    name: str, path: Path, allow_unsafe: bool, config: str | None, vocabulary: Any = None
+) -> LoadedModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if path.suffix != ".safetensors" and not allow_unsafe:
@@ -180,7 +186,7 @@ def _load_single_file(name: str, path: Path, allow_unsafe: bool, config: str | N
     parts = [(pipe.tokenizer, pipe.text_encoder)]
     if is_sdxl:
         parts.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    loaded = _finish(pipe.unet, pipe.vae, [p for p in parts if p[1] is not None])
+    loaded = _finish(pipe.unet, pipe.vae, [p for p in parts if p[1] is not None], vocabulary)
     del pipe
     gc.collect()
     loaded.source = "single_file"
@@ -193,7 +199,7 @@ def _load_single_file(name: str, path: Path, allow_unsafe: bool, config: str | N
 
 
 def _load_components(
-    name: str, where: str, revision: str | None, allow_unsafe: bool, text_parts: list[str]
+    name: str, where: str, revision: str | None, allow_unsafe: bool, text_parts: list[str], vocabulary: Any = None
 ) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -219,43 +225,71 @@ def _load_components(
         tokenizer = load(f"'{tok_sub}'", lambda: CLIPTokenizer.from_pretrained(where, subfolder=tok_sub, revision=revision))
         encoder = load(f"'{sub}'", lambda: cls.from_pretrained(where, subfolder=sub, **common))
         parts.append((tokenizer, encoder))
-    return _finish(unet, vae, parts)
+    return _finish(unet, vae, parts, vocabulary)
 
 
-def _finish(unet, vae, text_parts: list[tuple[Any, Any]]) -> LoadedModel:
-    """Drop the VAE decoder, encode the empty prompt, free the text encoders."""
+def _finish(unet, vae, text_parts: list[tuple[Any, Any]], vocabulary: Any = None) -> LoadedModel:
+    """Drop the VAE decoder, encode the empty prompt (and the vocabulary), free the text encoders."""
     vae.decoder = None
     vae.post_quant_conv = None
     is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if not text_parts:
         raise ValueError("no text encoder to encode the empty prompt with")
+    for _, encoder in text_parts:
+        encoder.to("cpu", torch.float32).eval()
+    tokenizers = [tokenizer for tokenizer, _ in text_parts]
+    empty = [
+        tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for tokenizer in tokenizers
+    ]
     with torch.inference_mode():
-        states, pooled = [], None
-        for tokenizer, encoder in text_parts:
-            encoder.to("cpu", torch.float32).eval()
-            ids = tokenizer(
-                "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            if is_sdxl:
-                out = encoder(ids, output_hidden_states=True)
-                if pooled is None and out[0].ndim == 2:
-                    pooled = out[0]
-                states.append(out.hidden_states[-2])
-            else:
-                mask = None
-                if getattr(encoder.config, "use_attention_mask", False):
-                    mask = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt").attention_mask
-                states.append(encoder(ids, attention_mask=mask)[0])
-        hidden = torch.cat(states, dim=-1).float().clone()
+        hidden, pooled = encode_token_ids(text_parts, empty, is_sdxl)
+        hidden = hidden.clone()
+        encoded = None
+        if vocabulary is not None:
+            from diffseg_core.vocabulary import encode_vocabulary
+
+            encoded = encode_vocabulary(
+                vocabulary, tokenizers, lambda rows: encode_token_ids(text_parts, rows, is_sdxl)[0]
+            )
     added: dict[str, torch.Tensor] = {}
     if is_sdxl:
         if pooled is None:
             raise ValueError("SDXL-family UNet but no projection text encoder (text_encoder_2) for pooled embeddings")
         added["text_embeds"] = pooled.float().clone()
-    del text_parts, states
+    del text_parts, tokenizers
     gc.collect()
-    return LoadedModel(unet=unet.eval(), vae=vae.eval(), encoder_hidden_states=hidden, added_cond=added, is_sdxl=is_sdxl)
+    return LoadedModel(unet=unet.eval(), vae=vae.eval(), encoder_hidden_states=hidden, added_cond=added,
+                       is_sdxl=is_sdxl, vocabulary=encoded)
+
+
+def encode_token_ids(
+    text_parts: list[tuple[Any, Any]], rows: list[torch.Tensor], is_sdxl: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states (P, L, D) float32 of prompts given as token ids, one (P, L) tensor per
+    text encoder, the way diffusers' pipelines encode a prompt: SD 1.x the last hidden state,
+    the SDXL family both encoders' penultimate states concatenated (and the pooled embedding
+    of the projection encoder)."""
+    states, pooled = [], None
+    for (tokenizer, encoder), ids in zip(text_parts, rows):
+        if is_sdxl:
+            out = encoder(ids, output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        else:
+            mask = None
+            if getattr(encoder.config, "use_attention_mask", False):
+                mask = (torch.arange(ids.shape[1]) <= _eos_positions(ids, tokenizer)[:, None]).long()
+            states.append(encoder(ids, attention_mask=mask)[0])
+    return torch.cat(states, dim=-1).float(), pooled
+
+
+def _eos_positions(ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Index of each row's first EOS: the tokenizer's attention mask covers BOS..EOS."""
+    is_eos = ids == tokenizer.eos_token_id
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((ids.shape[0],), ids.shape[1] - 1))
 
 
 def sdxl_time_ids(unet, pooled_dim: int, image_size: int) -> torch.Tensor:

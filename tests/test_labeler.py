@@ -105,3 +105,29 @@ def test_anchor_grid_larger_than_the_attention_is_a_clear_error(tiny_model_path)
     with pytest.raises(ValueError, match=r"num_points=16 needs .* at least 16 x 16.* gives 8 x 8"):
         Labeler.from_pretrained(tiny_model_path, image_size=64)
     assert Labeler.from_pretrained(tiny_model_path, image_size=64, num_points=8).diffseg.num_points == 8
+
+
+def test_label_with_a_vocabulary_names_every_segment_or_says_unknown(labeler, tiny_model_path):
+    named = Labeler.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16,
+                                    vocabulary="person,dog,grass,sky", class_threshold=0.3)
+    assert named.class_names == ("person", "dog", "grass", "sky")
+    images = [_image(97, 211), _image(128, 128, 3)]
+    results = named.label(images)
+    for img, result, plain in zip(images, results, labeler(images)):
+        np.testing.assert_array_equal(result.label_map, plain)  # segments do not change
+        k = int(result.label_map.max()) + 1
+        assert result.classes.shape == result.scores.shape == (k,)
+        assert set(result.classes.tolist()) <= {-1, 0, 1, 2, 3}
+        assert ((result.scores >= 0) & (result.scores <= 1)).all()
+        assert (result.classes[result.scores < 0.3] == -1).all()
+        assert result.class_map.shape == img.shape[:2] and result.class_map.dtype == np.uint8
+        lut = np.where(result.classes >= 0, result.classes, 255)
+        np.testing.assert_array_equal(result.class_map, lut[result.label_map])
+    assert named.model_info["class_voting"] == {"voting": "majority", "threshold": 0.3}
+    # without a vocabulary, label() gives label maps only
+    assert labeler.label(images[:1])[0].classes is None
+
+
+def test_bad_class_voting_fails_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="class voting"):
+        Labeler.from_pretrained(tmp_path / "missing", vocabulary="dog,cat", class_voting="median")
