@@ -13,6 +13,13 @@ Methods, measured in the same run on the same modules:
 - naive: diffusers' default ``AttnProcessor`` (non-SDPA) on every attention
   layer, every attn1 probability tensor (B*heads, N, N) kept for the whole
   UNet call, averaged afterwards.
+- with ``--vocabulary-classes C``: ours with the vocabulary probe on every
+  attn2 layer (`AttentionExtractor.extract`; C random class embeddings, as a
+  text encoder would give, the cost does not depend on them) against ours
+  without it, on the same modules, and the voting (combine + vote at the image
+  size) per image.
+
+Vocabulary cost (CPU):  python benchmarks/extract_bench.py --no-baseline --vocabulary-classes 27
 
 CPU (here):   python benchmarks/extract_bench.py
 GPU:          python benchmarks/extract_bench.py --device cuda --dtypes fp16,bf16 --batch-sizes 1,2,4,8,16,32,64
@@ -45,11 +52,19 @@ from benchmarks.gpu_monitor import GpuMonitor  # noqa: E402
 from diffseg_core.attention_capture import install_capture, self_attention_layers  # noqa: E402
 from diffseg_core.extract import AttentionExtractor, resolve_dtype  # noqa: E402
 from diffseg_core.model_loading import LoadedModel  # noqa: E402
+from diffseg_core.vocabulary import PRESETS, EncodedVocabulary, Vocabulary  # noqa: E402
 
 BOUND_IMAGES_PER_S = 450.0  # H100, see the module docstring
 
 
 # ----------------------------------------------------------------------------- models
+
+
+def random_vocabulary(classes: int, width: int = 768) -> EncodedVocabulary:
+    """``classes`` names (COCO-Stuff-27's first, then numbered) with random unit-scale embeddings."""
+    names = list(PRESETS["coco-stuff-27"])[:classes] + [f"class {i}" for i in range(27, classes)]
+    gen = torch.Generator().manual_seed(1)
+    return EncodedVocabulary(vocabulary=Vocabulary(tuple(names)), embeddings=torch.randn(classes, width, generator=gen))
 
 
 def build_sd14_architecture() -> LoadedModel:
@@ -144,6 +159,18 @@ def naive_attention(extractor: AttentionExtractor, latents: torch.Tensor) -> dic
     finally:
         store.clear()
         install_capture(unet, extractor._state)  # put ours back
+
+
+def vote_batch(class_attention: dict[int, torch.Tensor], size: int) -> list:
+    """Classes for every image of a batch from its class attention, at the image size.
+
+    The segments are a fixed 8 x 8 grid of blocks: the cost of voting does not depend on them.
+    """
+    from diffseg_core.class_vote import combine_class_attention, vote_classes
+
+    labels = (torch.arange(size)[:, None] * 8 // size) * 8 + torch.arange(size)[None, :] * 8 // size
+    maps = combine_class_attention(class_attention)
+    return [vote_classes(m, labels) for m in maps]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -246,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--chunk-mib", type=int, default=None,
                    help="bound on one chunk of float32 attention probabilities (default: the extractor's)")
+    p.add_argument("--vocabulary-classes", type=int, default=0,
+                   help="also time the vocabulary probe with this many classes (27: COCO-Stuff-27)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
 
@@ -269,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     t0 = time.perf_counter()
     loaded = build_sd14_architecture()
+    if args.vocabulary_classes:
+        loaded.vocabulary = random_vocabulary(args.vocabulary_classes)
     extra = {"chunk_bytes": args.chunk_mib * 2**20} if args.chunk_mib else {}
     ex = AttentionExtractor(loaded, model="sd14-architecture-random-weights", device=device, dtype=dtype,
                             image_size=args.image_size, vae_dtype=args.vae_dtype, **extra)
@@ -313,6 +344,10 @@ def run_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
                         return vae32.encode(pixels.float()).latent_dist.mean
 
                 methods["vae_encode_fp32"] = encode_fp32
+            if args.vocabulary_classes:
+                methods["ours_unet_with_vocabulary"] = lambda: ex._unet_pass(latents, probe=True)
+                class_attention = ex._unet_pass(latents, probe=True).class_attention
+                methods["class_vote (combine + vote, per batch)"] = lambda: vote_batch(class_attention, args.image_size)
             if not args.no_baseline:
                 methods["naive_unet"] = lambda: naive_attention(ex, latents)
             try:
@@ -335,6 +370,15 @@ def run_dtype(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
             rows.append({"method": "ours_end_to_end (vae + unet)", "batch": batch,
                          "images_per_s": batch / (vae_s + ours_unet_s),
                          "early_stop_saving": 1 - ours_unet_s / full_s})
+            if args.vocabulary_classes:
+                cpu = {k: min(timed[k]["cpu_seconds_per_call"]) for k in timed}
+                vocab_s = batch / timed["ours_unet_with_vocabulary"]["images_per_s"]
+                vote_s = batch / timed["class_vote (combine + vote, per batch)"]["images_per_s"]
+                rows.append({"method": f"ratio with/without a {args.vocabulary_classes}-class vocabulary",
+                             "batch": batch, "unet_stage": vocab_s / ours_unet_s,
+                             "unet_stage_cpu_time": cpu["ours_unet_with_vocabulary"] / cpu["ours_unet"],
+                             "end_to_end": (vae_s + vocab_s + vote_s) / (vae_s + ours_unet_s),
+                             "vote_seconds_per_image": vote_s / batch})
             if naive_oom:
                 rows.append({"method": "naive_unet", "batch": batch, "error": "out of memory"})
             elif "naive_unet" in timed:

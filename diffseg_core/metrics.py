@@ -32,6 +32,14 @@ Notes that follow from matching exactly like the reference:
 * Segment ids above ``_DENSE_ID_LIMIT`` are first renumbered (order kept)
   so that arbitrary large ids cannot blow up the matrix.
 
+Class maps (``matching="none"``): predictions that already are classes (a
+vocabulary's class maps) are scored directly, with no matching, as
+open-vocabulary segmentation is: ``TP[c]`` = pixels predicted ``c`` whose class
+is ``c``, ``FP[c]`` = labelled pixels predicted ``c`` of another class,
+``FN[c]`` = pixels of class ``c`` predicted otherwise. A prediction outside
+``[0, num_classes)`` (255, "unknown") is no class: its pixels count as FN of
+their true class only.
+
 No I/O, no Ray: the accumulator ships between workers as plain data via
 :meth:`SegmentationMetrics.to_dict` / :meth:`SegmentationMetrics.from_dict`.
 """
@@ -42,7 +50,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["SegmentationMetrics", "hungarian_match"]
+__all__ = ["MATCHING", "SegmentationMetrics", "hungarian_match"]
+
+#: "hungarian": predictions are segment ids, matched per image (the paper);
+#: "none": predictions are classes (a vocabulary's class maps), scored as they are.
+MATCHING = ("hungarian", "none")
 
 # Largest segment id used directly as a matrix column (as the reference does);
 # larger ids are renumbered densely first.
@@ -128,6 +140,23 @@ def _mapping(hist: np.ndarray, classes: np.ndarray, cols: np.ndarray, segment_id
     return dict(sorted((int(segment_ids[k]), int(c)) for c, k in zip(classes, cols) if present[k]))
 
 
+def _score_classes(
+    p: np.ndarray, g: np.ndarray, num_classes: int
+) -> tuple[dict[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """TP/FP/FN of predicted classes ``p`` against ``g`` (labelled pixels), no matching.
+
+    Predictions outside [0, num_classes) are "unknown": FN of the true class, never FP.
+    """
+    known = p < num_classes
+    hist = np.bincount(g[known] * num_classes + p[known], minlength=num_classes * num_classes)
+    hist = hist.reshape(num_classes, num_classes)  # [true class, predicted class]
+    tp = np.diagonal(hist).astype(np.int64)
+    fp = hist.sum(axis=0) - tp
+    fn = np.bincount(g, minlength=num_classes).astype(np.int64) - tp
+    mapping = {int(c): int(c) for c in np.unique(p[known])}
+    return mapping, tp, fp.astype(np.int64), fn
+
+
 def _check_config(num_classes: int, ignore_index: int) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -161,10 +190,13 @@ class SegmentationMetrics:
     always equals ``tp.sum() + fn.sum()``), ``num_images``.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = -1, matching: str = "hungarian") -> None:
         _check_config(num_classes, ignore_index)
+        if matching not in MATCHING:
+            raise ValueError(f"matching must be one of {', '.join(MATCHING)}, got {matching!r}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
+        self.matching = matching
         self.tp = np.zeros(self.num_classes, dtype=np.int64)
         self.fp = np.zeros(self.num_classes, dtype=np.int64)
         self.fn = np.zeros(self.num_classes, dtype=np.int64)
@@ -185,13 +217,17 @@ class SegmentationMetrics:
         labelled pixel).
         """
         p, g = _validate(pred, gt, self.num_classes, self.ignore_index)
-        hist, classes, cols, segment_ids = _match_flat(p, g, self.num_classes)
-        matched = hist[classes, cols]
-        tp = np.zeros(self.num_classes, dtype=np.int64)
-        fp = np.zeros(self.num_classes, dtype=np.int64)
-        tp[classes] = matched
-        fp[classes] = hist[:, cols].sum(axis=0) - matched
-        fn = hist.sum(axis=1) - tp
+        if self.matching == "none":
+            mapping, tp, fp, fn = _score_classes(p, g, self.num_classes)
+        else:
+            hist, classes, cols, segment_ids = _match_flat(p, g, self.num_classes)
+            matched = hist[classes, cols]
+            tp = np.zeros(self.num_classes, dtype=np.int64)
+            fp = np.zeros(self.num_classes, dtype=np.int64)
+            tp[classes] = matched
+            fp[classes] = hist[:, cols].sum(axis=0) - matched
+            fn = hist.sum(axis=1) - tp
+            mapping = _mapping(hist, classes, cols, segment_ids)
         labelled = int(p.size)
 
         self.tp += tp
@@ -200,7 +236,7 @@ class SegmentationMetrics:
         self.labelled_pixels += labelled
         self.num_images += 1
         return {
-            "mapping": _mapping(hist, classes, cols, segment_ids),
+            "mapping": mapping,
             "tp": tp,
             "fp": fp,
             "fn": fn,
@@ -217,6 +253,8 @@ class SegmentationMetrics:
             raise ValueError(f"cannot merge: num_classes {self.num_classes} vs {other.num_classes}")
         if other.ignore_index != self.ignore_index:
             raise ValueError(f"cannot merge: ignore_index {self.ignore_index} vs {other.ignore_index}")
+        if other.matching != self.matching:
+            raise ValueError(f"cannot merge: matching {self.matching} vs {other.matching}")
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn
@@ -252,6 +290,7 @@ class SegmentationMetrics:
         return {
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
+            "matching": self.matching,
             "tp": self.tp.tolist(),
             "fp": self.fp.tolist(),
             "fn": self.fn.tolist(),
@@ -263,7 +302,7 @@ class SegmentationMetrics:
     def from_dict(cls, d: dict[str, Any]) -> "SegmentationMetrics":
         """Inverse of :meth:`to_dict`; raises ``ValueError`` on malformed data."""
         try:
-            m = cls(d["num_classes"], d.get("ignore_index", -1))
+            m = cls(d["num_classes"], d.get("ignore_index", -1), d.get("matching", "hungarian"))
             for key in ("tp", "fp", "fn"):
                 arr = np.asarray(d[key])
                 if arr.shape != (m.num_classes,) or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
@@ -280,6 +319,7 @@ class SegmentationMetrics:
     def __repr__(self) -> str:
         s = self.summary()
         return (
-            f"SegmentationMetrics(num_classes={self.num_classes}, num_images={s['num_images']}, "
+            f"SegmentationMetrics(num_classes={self.num_classes}, matching={self.matching!r}, "
+            f"num_images={s['num_images']}, "
             f"pixel_accuracy={s['pixel_accuracy']:.4f}, miou={s['miou']:.4f})"
         )

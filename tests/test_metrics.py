@@ -329,3 +329,45 @@ def test_reproduces_official_fixture_scores(case):
     m.update(z["official"], z["labels"])
     assert m.pixel_accuracy() == pytest.approx(summary["acc"], rel=1e-12)
     assert m.miou() == pytest.approx(summary["miou"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- class maps, no matching
+
+
+def test_class_maps_are_scored_without_matching():
+    # gt            pred (classes; 255 = unknown)
+    # 0 0 1 -1      0 1 1 2
+    # 2 2 1  1      255 2 1 0
+    # labelled pixels: 7 (one ignored). per class (true rows, predicted cols):
+    # class 0: TP 1 (0,0); FP: gt1 predicted 0 at (1,3) -> 1; FN: (0,1) predicted 1 -> 1
+    # class 1: TP 2 ((0,2), (1,2)); FP: (0,1) -> 1; FN: (1,3) predicted 0 -> 1
+    # class 2: TP 1 ((1,1)); FP 0 (the ignored pixel does not count); FN: (1,0) unknown -> 1
+    gt = a([[0, 0, 1, -1], [2, 2, 1, 1]])
+    pred = a([[0, 1, 1, 2], [255, 2, 1, 0]])
+    m = SegmentationMetrics(num_classes=3, matching="none")
+    r = m.update(pred, gt)
+    assert m.tp.tolist() == [1, 2, 1]
+    assert m.fp.tolist() == [1, 1, 0]
+    assert m.fn.tolist() == [1, 1, 1]
+    assert m.labelled_pixels == 7 == m.tp.sum() + m.fn.sum()
+    assert m.pixel_accuracy() == pytest.approx(4 / 7)
+    assert m.miou() == pytest.approx((1 / 3 + 2 / 4 + 1 / 2) / 3)
+    assert r["mapping"] == {0: 0, 1: 1, 2: 2}
+    # Hungarian matching would have permuted nothing here, but it would on swapped classes:
+    swapped = SegmentationMetrics(num_classes=3, matching="none")
+    swapped.update(a([[1, 1, 0, 0]]), a([[0, 0, 1, 1]]))
+    assert swapped.pixel_accuracy() == 0.0
+    hungarian = SegmentationMetrics(num_classes=3)
+    hungarian.update(a([[1, 1, 0, 0]]), a([[0, 0, 1, 1]]))
+    assert hungarian.pixel_accuracy() == 1.0
+
+
+def test_class_map_metrics_round_trip_and_refuse_to_merge_with_matched_ones():
+    m = SegmentationMetrics(num_classes=2, matching="none")
+    m.update(a([[0, 1]]), a([[0, 0]]))
+    again = SegmentationMetrics.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.matching == "none" and again.tp.tolist() == m.tp.tolist()
+    with pytest.raises(ValueError, match="matching"):
+        m.merge(SegmentationMetrics(num_classes=2))
+    with pytest.raises(ValueError, match="matching must be"):
+        SegmentationMetrics(num_classes=2, matching="greedy")
