@@ -27,6 +27,7 @@ __all__ = [
     "ModelLoadError",
     "ModelCheck",
     "check_model",
+    "load_tokenizers",
     "attention_resolutions",
     "self_attention_layer_count",
     "read_safetensors_header",
@@ -209,6 +210,37 @@ def check_model(model: str | os.PathLike, *, revision: str | None = None,
     if looks_like_path(name):
         raise ModelLoadError(name, "no such file or folder.")
     return _check_hub(name, revision, allow_unsafe_weights)
+
+
+def load_tokenizers(check: ModelCheck) -> list[Any]:
+    """The checked model's tokenizer(s) alone (``tokenizer``, SDXL family also ``tokenizer_2``):
+    no weights and no torch, what judging a vocabulary needs before any work. ``[]`` for a
+    single-file checkpoint, which holds no tokenizer (its vocabulary is judged when it loads).
+    Raises `ModelLoadError` when a tokenizer cannot be read."""
+    from transformers import CLIPTokenizer
+
+    if check.source == "single_file":
+        return []
+    if check.source == "hub":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = json.loads(Path(hf_hub_download(check.resolved, "model_index.json",
+                                                    revision=check.revision)).read_text())
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(check.model, f"its model_index.json could not be read ({type(exc).__name__}).") from None
+        where, parts = check.resolved, text_parts(index, lambda sub: index.get(sub, [None])[0] is not None)
+    else:
+        path = Path(check.resolved)
+        where, parts = str(path), text_parts(read_model_index(path), lambda sub: (path / sub).is_dir())
+    out = []
+    for sub in parts:
+        folder = sub.replace("text_encoder", "tokenizer")
+        try:
+            out.append(CLIPTokenizer.from_pretrained(where, subfolder=folder, revision=check.revision))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(check.model, f"its '{folder}' could not be loaded ({type(exc).__name__}).") from None
+    return out
 
 
 def looks_like_path(name: str) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "EncodedVocabulary",
     "Vocabulary",
     "VocabularyError",
+    "check_vocabulary",
     "encode_vocabulary",
     "pack_prompts",
 ]
@@ -266,6 +267,20 @@ def prompt_ids(tokenizer: Any, content: Sequence[int]) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+def check_vocabulary(vocabulary: Vocabulary, tokenizers: Sequence[Any]) -> PromptLayout:
+    """The prompt layout for these tokenizer(s), or VocabularyError: a name longer than one
+    prompt, names a tokenizer cannot tell apart or does not know, tokenizers that disagree.
+    Needs only the tokenizers (see ``model_loading.load_tokenizers``): the check before any work."""
+    layout = prompt_layout(tokenizers[0], vocabulary)
+    lengths = [stop - start for _, start, stop in layout.spans]
+    for tokenizer in tokenizers[1:]:
+        if [len(t) for t in class_token_ids(tokenizer, vocabulary)] != lengths or len(
+            separator_ids(tokenizer)
+        ) != len(separator_ids(tokenizers[0])):
+            raise VocabularyError("the model's tokenizers split the class names differently")
+    return layout
+
+
 def encode_vocabulary(
     vocabulary: Vocabulary, tokenizers: Sequence[Any], encode_ids: EncodeIds
 ) -> EncodedVocabulary:
@@ -277,16 +292,12 @@ def encode_vocabulary(
     states (P, L, D) the UNet would be conditioned on (see
     ``model_loading.encode_token_ids``).
     """
-    layout = prompt_layout(tokenizers[0], vocabulary)
+    layout = check_vocabulary(vocabulary, tokenizers)
     lengths = [stop - start for _, start, stop in layout.spans]
     rows = []
     for tokenizer in tokenizers:
         tokens = class_token_ids(tokenizer, vocabulary)
-        if [len(t) for t in tokens] != lengths:
-            raise VocabularyError("the model's tokenizers split the class names differently")
         sep = separator_ids(tokenizer)
-        if len(sep) != len(separator_ids(tokenizers[0])):
-            raise VocabularyError("the model's tokenizers split the class names differently")
         content = [[] for _ in layout.prompts]
         for (p, _, _), ids in zip(layout.spans, tokens):
             content[p].extend((sep if content[p] else []) + ids)

@@ -157,3 +157,18 @@ def test_a_long_vocabulary_is_split_over_prompts_keeping_each_class_whole(tiny_m
     # opens the second prompt is encoded as if it opened a vocabulary of its own
     alone = load_model(tiny_model_path, vocabulary=Vocabulary.parse([names[10], names[0]])).vocabulary
     torch.testing.assert_close(alone.embeddings[0], encoded.embeddings[10], atol=1e-5, rtol=0)
+
+
+def test_tokenizers_alone_check_a_vocabulary(tiny_model_path, tiny_sdxl_model_path):
+    from diffseg_core.model_check import ModelCheck, check_model, load_tokenizers
+    from diffseg_core.vocabulary import check_vocabulary
+
+    assert len(load_tokenizers(check_model(tiny_model_path))) == 1
+    sdxl = load_tokenizers(check_model(tiny_sdxl_model_path))
+    assert len(sdxl) == 2
+    layout = check_vocabulary(Vocabulary.parse("person,dog"), sdxl)
+    assert layout.spans == [(0, 1, 7), (0, 7, 8)]
+    with pytest.raises(VocabularyError, match="more than one prompt"):
+        check_vocabulary(Vocabulary.parse(["dog", "y" * 76]), sdxl)
+    # a checkpoint holds no tokenizer: its vocabulary is judged when it loads
+    assert load_tokenizers(ModelCheck(model="x.safetensors", resolved="x.safetensors", source="single_file")) == []
