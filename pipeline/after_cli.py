@@ -58,6 +58,9 @@ def add_subcommands(subparsers: Any) -> None:
                    help="--baselines: model input size (default: the labels' _manifest.json, else the model's native)")
     e.add_argument("--image-column", default=None, help="--baselines, Parquet inputs: the image-bytes column")
     e.add_argument("--baseline-batch-size", type=int, default=4, help="--baselines: images per extractor call")
+    e.add_argument("--semantic", action="store_true",
+                   help="score the class maps of labels made with --vocabulary as they are, no matching: "
+                   "presets coco-stuff-27 and cityscapes against those formats; masks: class i = mask value i")
     e.set_defaults(handler=run_eval)
 
     x = subparsers.add_parser(
@@ -110,6 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
             use_ray=args.use_ray, workers=args.workers, ray_address=args.ray_address,
             storage_options=args.storage_options, baselines=args.baselines, images=args.images, model=args.model,
             image_size=args.image_size, image_column=args.image_column, baseline_batch_size=args.baseline_batch_size,
+            semantic=args.semantic,
         )
     except _USER_ERRORS as exc:
         return _fail("eval", exc)

@@ -78,3 +78,20 @@ def encode_label(labels: np.ndarray, rle: bool) -> tuple[bytes, int, list[dict[s
     """(PNG bytes, num_segments, segments) for one raw label map."""
     compacted, n = compact(labels)
     return png_bytes(compacted, n), n, segments(compacted, n, rle)
+
+
+def class_png(class_map: np.ndarray) -> bytes:
+    """8-bit greyscale PNG of a class map (vocabulary index per pixel, 255 = unknown)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(class_map, dtype=np.uint8), mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def name_segments(segs: list[dict[str, Any]], classes: Any, scores: Any, names: Any) -> None:
+    """Give each segment (in id order) its ``class`` (a name, or None: unknown) and ``class_score``, in place."""
+    if len(classes) != len(segs) or len(scores) != len(segs):
+        raise ValueError(f"{len(segs)} segments but {len(classes)} classes and {len(scores)} scores")
+    for seg, c, score in zip(segs, classes, scores):
+        c = int(c)
+        seg["class"] = str(names[c]) if 0 <= c < len(names) else None
+        seg["class_score"] = float(score)

@@ -10,6 +10,12 @@ driver merges, so the scores are the dataset-level ones, not a mean of images.
 Small sets run in-process; larger ones (or ``use_ray=True``) read the label
 Parquet with Ray Data and score batches in an actor pool, each actor holding
 the ground-truth index once.
+
+``semantic=True`` (``--semantic``) scores the class maps of labels made with a
+vocabulary directly against the ground truth, with no matching (the
+open-vocabulary protocol): class i of the ``coco-stuff-27`` / ``cityscapes``
+presets is class i of those formats; for ``masks`` class i is mask value i.
+Unknown pixels (255) count as misses of their true class.
 """
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ from typing import Any, Sequence
 
 
 from diffseg_core.metrics import SegmentationMetrics
+from diffseg_core.vocabulary import PRESETS
 from pipeline.datasets_gt import (
     GroundTruth, GroundTruthError, listed_rows, load_ground_truth, read_image_list, rows_with_ground_truth,
 )
 from pipeline.image_index import center_crop_resize
-from pipeline.label_files import arrow_filesystem, committed_label_files, iter_label_batches, label_map
+from pipeline.label_files import (
+    arrow_filesystem, class_map, committed_label_files, iter_label_batches, label_map, vocabulary_names,
+)
 
 EVAL_COLUMNS = ("image_id", "label_map", "error")
 RAY_THRESHOLD = 500  # rows; below this the Ray start-up costs more than it saves
@@ -37,12 +46,19 @@ class EvalSpec:
 
     ground_truth: GroundTruth
     image_list: set[str] | None = None
+    semantic: bool = False  # score class maps as they are (no matching)
+
+    @property
+    def columns(self) -> list[str]:
+        return [*EVAL_COLUMNS, "class_map"] if self.semantic else list(EVAL_COLUMNS)
+
+    def metrics(self) -> SegmentationMetrics:
+        return SegmentationMetrics(self.ground_truth.num_classes, -1, matching="none" if self.semantic else "hungarian")
 
 
 def _empty_partial(spec: EvalSpec) -> dict[str, Any]:
-    gt = spec.ground_truth
     return {
-        "metrics": SegmentationMetrics(gt.num_classes, -1).to_dict(),
+        "metrics": spec.metrics().to_dict(),
         "rows": 0, "in_list": 0, "label_errors": 0, "missing_gt": 0, "gt_errors": 0, "resized": 0,
         "examples": {"label_errors": [], "missing_gt": [], "gt_errors": []},
     }
@@ -51,7 +67,7 @@ def _empty_partial(spec: EvalSpec) -> dict[str, Any]:
 def score_rows(rows: Sequence[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]:
     """Score label rows (dicts with image_id, label_map, error) -> a partial result (plain data)."""
     gt = spec.ground_truth
-    metrics = SegmentationMetrics(gt.num_classes, -1)
+    metrics = spec.metrics()
     out = _empty_partial(spec)
     listed = listed_rows(rows, spec.image_list)
     out["rows"] += len(rows)
@@ -59,7 +75,7 @@ def score_rows(rows: Sequence[dict[str, Any]], spec: EvalSpec) -> dict[str, Any]
     for row, uri in rows_with_ground_truth(listed, gt, note=lambda kind, text: _note(out, kind, text)):
         image_id = row["image_id"]
         try:
-            pred = label_map(row)
+            pred = class_map(row) if spec.semantic else label_map(row)
             target = gt.load(uri)
             if target.shape != pred.shape:
                 target = center_crop_resize(target, pred.shape, nearest=True)
@@ -117,7 +133,7 @@ def _run_ray(files: list[str], spec: EvalSpec, workers: int | None, ray_address:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = workers or max(1, cpus - 1)
     filesystem, paths = arrow_filesystem(files, storage_options)
-    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(list(EVAL_COLUMNS))
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(spec.columns)
     ds = ds.map_batches(_ScoreBatches, fn_constructor_kwargs={"spec": spec}, batch_size=64,
                         batch_format="pyarrow", compute=ActorPoolStrategy(size=size), num_cpus=1)
     return [json.loads(r["partial"]) for r in ds.take_all()]
@@ -156,28 +172,43 @@ def evaluate(
     image_size: int | None = None,
     image_column: str | None = None,
     baseline_batch_size: int = 4,
+    semantic: bool = False,
 ) -> dict[str, Any]:
     """Score the committed labels under ``labels`` against ``ground_truth``; returns the report dict.
 
     ``use_ray``: None decides by size (Ray from RAY_THRESHOLD rows), True/False forces it.
     ``baselines``: also score K-Means-C / K-Means-S from the attention of the source images
     under ``images`` (pipeline.baselines; in-process), reported under ``"baselines"``.
+    ``semantic``: score the class maps (labels made with a vocabulary) with no matching.
     Raises GroundTruthError / NoLabelsError with one clear sentence on unusable input.
     """
     if baselines and not images:
         raise ValueError("--baselines needs --images INPUT: the images the labels were made from "
                          "(the label files hold no attention to cluster).")
+    class_names = mask_names = None
+    if semantic:
+        if baselines:
+            raise ValueError("--semantic scores class maps and --baselines segment ids: run them separately.")
+        class_names = vocabulary_names(labels, storage_options)
+        if class_names is None:
+            raise ValueError(f"{labels} holds no class maps: label with --vocabulary to score them with --semantic.")
+        if format == "masks":  # class i is mask value i: name the table's rows after the vocabulary
+            num_classes = len(class_names) if num_classes is None else num_classes
+            mask_names = class_names if num_classes == len(class_names) else None
     gt = load_ground_truth(format, ground_truth, categories=categories, coco_offset=coco_offset,
-                           num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options)
+                           num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options,
+                           class_names=mask_names)
+    if semantic:
+        check_semantic(class_names, gt, format)
     wanted = read_image_list(image_list, storage_options) if image_list else None
-    spec = EvalSpec(gt, wanted)
+    spec = EvalSpec(gt, wanted, semantic=semantic)
     files = committed_label_files(labels, storage_options)
     if use_ray is None:
         use_ray = _count_rows(files, storage_options) >= RAY_THRESHOLD
     if use_ray:
         partials = _run_ray(files, spec, workers, ray_address, storage_options)
     else:
-        partials = [score_rows(rows, spec) for rows in iter_label_batches(files, EVAL_COLUMNS, storage_options)]
+        partials = [score_rows(rows, spec) for rows in iter_label_batches(files, spec.columns, storage_options)]
     result = report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
     if baselines:
         from pipeline.baselines import compute_baselines
@@ -191,6 +222,22 @@ def evaluate(
     return result
 
 
+def check_semantic(names: Sequence[str], gt: GroundTruth, format: str) -> None:
+    """Raise ValueError unless class i of these labels is class i of the ground truth."""
+    if format in PRESETS:
+        if list(names) != list(PRESETS[format]):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"--semantic --format {format} scores labels made with --vocabulary {format} (its class i is the "
+                f"format's class i); these were made with {len(names)} other classes ({shown})."
+            )
+    elif len(names) > gt.num_classes:
+        raise ValueError(
+            f"the labels' vocabulary has {len(names)} classes but the masks have {gt.num_classes} "
+            "(--num-classes): class i of the vocabulary is mask value i."
+        )
+
+
 def report(total: dict[str, Any], spec: EvalSpec, format: str, *, used_ray: bool,
            image_list: str | None) -> dict[str, Any]:
     """The JSON-able result: scores, per-class IoU, what was skipped and why."""
@@ -198,6 +245,9 @@ def report(total: dict[str, Any], spec: EvalSpec, format: str, *, used_ray: bool
     iou = metrics.iou_per_class()
     names = spec.ground_truth.class_names
     notes = list(spec.ground_truth.notes)
+    if spec.semantic:
+        notes.append("class maps scored as they are, no matching (open-vocabulary protocol); "
+                     "unknown pixels count as misses of their true class")
     if total["resized"]:
         notes.append(
             f"{total['resized']} ground-truth map(s) differ in size from their label: centre-cropped to the "
@@ -205,6 +255,7 @@ def report(total: dict[str, Any], spec: EvalSpec, format: str, *, used_ray: bool
         )
     out = {
         "format": format,
+        "semantic": spec.semantic,
         "pixel_accuracy": metrics.pixel_accuracy(),
         "miou": metrics.miou(),
         "num_images": metrics.num_images,
@@ -230,7 +281,8 @@ def format_report(r: dict[str, Any]) -> str:
 
     sk = r["skipped"]
     lines = [
-        f"{r['format']}: {r['num_images']} images scored, {r['labelled_pixels']} labelled pixels"
+        f"{r['format']}{' class maps' if r.get('semantic') else ''}: {r['num_images']} images scored, "
+        f"{r['labelled_pixels']} labelled pixels"
         f" (skipped: {sk['label_errors']} label errors, {sk['missing_gt']} without ground truth,"
         f" {sk['gt_errors']} unreadable ground truth)",
     ]

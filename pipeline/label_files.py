@@ -76,6 +76,37 @@ def label_map(row: dict[str, Any]) -> np.ndarray:
     return decode_png(row["label_map"])
 
 
+def class_map(row: dict[str, Any]) -> np.ndarray:
+    """The (H, W) int64 class map of an ok row labelled with a vocabulary (255 = unknown)."""
+    data = row.get("class_map")
+    if data is None:
+        raise ValueError(f"{row.get('image_id')}: no class map (label with --vocabulary to get class maps)")
+    return decode_png(data)
+
+
+def vocabulary_names(labels: str, storage_options: dict[str, Any] | None = None) -> list[str] | None:
+    """The class names the labels under ``labels`` were made with (index = class-map value), or
+    None when they were made without a vocabulary: from ``_manifest.json``, else from the first
+    label file's key-value metadata."""
+    import json
+
+    from pipeline.manifest import read_labels_manifest
+    from pipeline.schema import METADATA_KEY
+
+    manifest = read_labels_manifest(labels, storage_options)
+    vocab = (manifest or {}).get("vocabulary")
+    if vocab is None and manifest is None:
+        files = committed_label_files(labels, storage_options)
+        fs, path = open_fs(files[0], storage_options)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        try:
+            vocab = json.loads(meta.get(METADATA_KEY, b"{}")).get("vocabulary")
+        except ValueError:
+            vocab = None
+    return list(vocab["names"]) if isinstance(vocab, dict) and vocab.get("names") else None
+
+
 def is_error(row: dict[str, Any]) -> bool:
     """A row with no label (its ``error`` says why)."""
     return row.get("error") is not None or row.get("label_map") is None

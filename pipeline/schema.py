@@ -24,6 +24,28 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# With a vocabulary (``--vocabulary``), and only then, segments name their class and the row
+# carries a class map: outputs made without one keep exactly the schema above.
+CLASS_SEGMENT = pa.struct(
+    list(SEGMENT)
+    + [
+        ("class", pa.string()),  # a vocabulary name, or null: unknown
+        ("class_score", pa.float32()),  # share of the segment's pixels that vote for its class
+    ]
+)
+CLASS_MAP = "class_map"  # PNG (8-bit) of the vocabulary index per pixel, UNKNOWN_CLASS where none
+UNKNOWN_CLASS = 255
+CLASS_OUTPUT_SCHEMA = pa.schema(
+    [f if f.name != "segments" else pa.field("segments", pa.list_(CLASS_SEGMENT)) for f in OUTPUT_SCHEMA]
+    + [pa.field(CLASS_MAP, pa.binary())]
+)
+
+
+def output_schema(classes: bool) -> pa.Schema:
+    """The output table's schema: with the class fields when the run has a vocabulary."""
+    return CLASS_OUTPUT_SCHEMA if classes else OUTPUT_SCHEMA
+
+
 # Columns that travel with each row to the sink but are not written.
 SHARD_ID = "_shard_id"
 SHARD_ROWS = "_shard_rows"  # rows in the row's shard; -1 while the reader does not know yet

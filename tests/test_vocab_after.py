@@ -1,0 +1,87 @@
+"""After labeling with a vocabulary: eval --semantic, export, gallery and reader on class maps.
+
+Label rows are written directly in the pipeline's format (tests/after_helpers.py),
+with hand-chosen segment classes, so every expected number is computed by hand.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from after_helpers import write_labels, write_png
+from diffseg_core.vocabulary import PRESETS
+from pipeline.after_cli import main as after_main
+from pipeline.evaluate import evaluate
+
+CITY = PRESETS["cityscapes"]
+ROAD, SKY, CAR = CITY.index("road"), CITY.index("sky"), CITY.index("car")  # 0, 16, 19 (ids 7, 23, 26)
+
+
+def _city_gt(tmp_path):
+    ids = np.array([[7, 7, 26, 26], [0, 23, 23, 26]], dtype=np.uint8)  # road road car car / void sky sky car
+    gt_dir = tmp_path / "cityscapes" / "gtFine" / "val" / "frankfurt"
+    write_png(gt_dir / "frankfurt_000000_000294_gtFine_labelIds.png", ids)
+    return tmp_path / "cityscapes" / "gtFine"
+
+
+IMAGE = "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png"
+
+
+def test_semantic_cityscapes_scores_class_maps_without_matching(tmp_path):
+    gt = _city_gt(tmp_path)
+    # segments: 0 = top-left pixel, 1 = the rest of the top row + (1,3), 2 = (1,1),(1,2), 3 = (1,0) (void)
+    pred = np.array([[0, 1, 1, 1], [3, 2, 2, 1]])
+    # classes: seg0 road, seg1 car, seg2 unknown, seg3 sky
+    classes = np.array([ROAD, CAR, -1, SKY])
+    labels = write_labels(tmp_path / "labels", [[(IMAGE, (pred, classes, np.array([1.0, 0.75, 0.4, 1.0])))]],
+                          vocabulary=CITY)
+    r = evaluate(str(labels), str(gt), "cityscapes", use_ray=False, semantic=True)
+    # labelled pixels: 7 (the void pixel (1,0) is ignored, so seg3's "sky" costs nothing)
+    # road: TP (0,0); FN (0,1) predicted car           -> IoU 1/2
+    # car:  TP (0,2),(0,3),(1,3); FP (0,1)             -> IoU 3/4
+    # sky:  TP 0; FN (1,1),(1,2) unknown; FP 0         -> IoU 0
+    assert r["semantic"] is True
+    assert r["pixel_accuracy"] == pytest.approx(4 / 7)
+    assert r["per_class_iou"]["road"] == pytest.approx(0.5)
+    assert r["per_class_iou"]["car"] == pytest.approx(0.75)
+    assert r["per_class_iou"]["sky"] == 0.0
+    assert r["miou"] == pytest.approx((0.5 + 0.75 + 0.0) / 3)
+    assert any("no matching" in n for n in r["notes"])
+    # the same labels scored as segments (Hungarian) permute freely and score higher
+    matched = evaluate(str(labels), str(gt), "cityscapes", use_ray=False)
+    assert matched["pixel_accuracy"] > r["pixel_accuracy"]
+
+
+def test_semantic_masks_class_i_is_mask_value_i_and_cli(tmp_path, capsys):
+    vocab = ["water", "boat", "sky"]
+    write_png(tmp_path / "gt" / "a" / "img.png", np.array([[0, 0, 1], [2, 2, 255]], dtype=np.uint8))
+    pred = np.array([[0, 0, 1], [1, 1, 1]])
+    labels = write_labels(tmp_path / "labels", [[("a/img.jpg", (pred, np.array([0, 2]), np.array([1.0, 0.6])))]],
+                          vocabulary=vocab)
+    assert after_main(["eval", str(labels), str(tmp_path / "gt"), "--format", "masks", "--semantic", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    # class map: water water sky / sky sky (sky); labelled 5 px
+    # water TP 2; boat FN 1 (predicted sky); sky TP 2, FP 1
+    assert r["pixel_accuracy"] == pytest.approx(4 / 5)
+    assert r["per_class_iou"] == {"water": 1.0, "boat": 0.0, "sky": pytest.approx(2 / 3)}
+    assert after_main(["eval", str(labels), str(tmp_path / "gt"), "--format", "masks", "--semantic"]) == 0
+    assert "masks class maps: 1 images scored" in capsys.readouterr().out
+
+
+def test_semantic_errors_are_one_sentence(tmp_path, capsys):
+    gt = _city_gt(tmp_path)
+    plain = write_labels(tmp_path / "plain", [[(IMAGE, np.zeros((2, 4), dtype=np.int64))]])
+    own = write_labels(tmp_path / "own", [[(IMAGE, (np.zeros((2, 4), dtype=np.int64), np.array([0]), np.array([1.0])))]],
+                       vocabulary=["road", "car"])
+    cases = [
+        ([str(plain), str(gt), "--format", "cityscapes", "--semantic"], "holds no class maps: label with --vocabulary"),
+        ([str(own), str(gt), "--format", "cityscapes", "--semantic"], "made with --vocabulary cityscapes"),
+        ([str(own), str(gt), "--format", "cityscapes", "--semantic", "--baselines", "--images", "x"],
+         "run them separately"),
+    ]
+    for argv, message in cases:
+        assert after_main(["eval", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
