@@ -11,6 +11,10 @@
 * :func:`ray_dataset`, the same pairs as a ``ray.data.Dataset``
   (columns ``image_id``, ``image`` (H, W, 3) uint8, ``label`` (H, W) int64).
 
+``target="class_map"`` (labels made with ``--vocabulary``) yields each image's
+class map instead of its segment ids: the vocabulary index per pixel, the same
+class in every image, 255 where unknown (``ignore_index=255`` for cross-entropy).
+
 Images are decoded at their own size after EXIF orientation, the frame the
 labels were made in. A label of another size (e.g. made on a centre crop) gets
 the image centre-cropped and resized to it. ``size`` resizes both (the image
@@ -25,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import arrow_filesystem, committed_label_files, is_error, label_map
+from pipeline.label_files import arrow_filesystem, class_map, committed_label_files, is_error, label_map
 from pipeline.sources import open_fs
 
 try:
@@ -37,6 +41,15 @@ except ImportError:  # pragma: no cover - torch is a dependency; keep the Ray pa
 
 logger = logging.getLogger(__name__)
 READ_COLUMNS = ("image_id", "label_map", "error")
+TARGETS = {"label_map": label_map, "class_map": class_map}  # what a pair's labels are
+
+
+def _target(target: str) -> tuple[list[str], Callable[[dict[str, Any]], np.ndarray]]:
+    """(columns to read, row -> (H, W) int64 map) for ``target``."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    columns = list(READ_COLUMNS) + ([target] if target not in READ_COLUMNS else [])
+    return columns, TARGETS[target]
 
 
 def _as_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -69,6 +82,7 @@ class PseudoLabelDataset(IterableDataset):
     else 0/1. ``transform(image_uint8_hwc, labels_int64_hw)`` replaces the default
     conversion to tensors; ``return_id=True`` yields (image_id, image, label). The image index (one listing of ``images_uri``) and the
     label files' row counts are read once, here, and shipped to the workers.
+    ``target``: ``"label_map"`` (segment ids) or ``"class_map"`` (classes; labels made with a vocabulary).
     """
 
     def __init__(
@@ -84,7 +98,9 @@ class PseudoLabelDataset(IterableDataset):
         return_id: bool = False,
         storage_options: dict[str, Any] | None = None,
         image_column: str | None = None,
+        target: str = "label_map",
     ) -> None:
+        self.columns, self.target = _target(target)
         if shard_by not in ("row", "file"):
             raise ValueError(f"shard_by must be 'row' or 'file', not {shard_by!r}")
         if rank is None or world_size is None:
@@ -101,6 +117,8 @@ class PseudoLabelDataset(IterableDataset):
         self.transform = transform or default_transform
         self.storage_options = storage_options
         self.files = committed_label_files(labels_uri, storage_options)
+        if target == "class_map":
+            _check_class_maps(labels_uri, self.files, storage_options)
         self.row_groups = [_row_group_sizes(f, storage_options) for f in self.files]
         self.index = ImageIndex.build(images_uri, storage_options, image_column)
 
@@ -129,18 +147,20 @@ class PseudoLabelDataset(IterableDataset):
         for f, rg, rows in self._my_rows():
             fs, path = open_fs(self.files[f], self.storage_options)
             with fs.open(path, "rb") as fh:
-                table = pq.ParquetFile(fh).read_row_group(rg, columns=list(READ_COLUMNS))
-            for image_id, image, labels in join_pairs(self.index, table.take(rows).to_pylist(), self.size):
+                table = pq.ParquetFile(fh).read_row_group(rg, columns=self.columns)
+            for image_id, image, labels in join_pairs(self.index, table.take(rows).to_pylist(), self.size,
+                                                      self.target):
                 pair = self.transform(image, labels)
                 yield (image_id, *pair) if self.return_id else pair
 
 
 def join_pairs(
-    index: ImageIndex, records: list[dict[str, Any]], size: tuple[int, int] | None
+    index: ImageIndex, records: list[dict[str, Any]], size: tuple[int, int] | None,
+    labels_of: Callable[[dict[str, Any]], np.ndarray] = label_map,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(image_id, image, labels) for each ok label row: every row its own pair, ids matched
     exactly (an id is text, never a pattern); a source image that is missing or does not
-    decode is skipped with a warning."""
+    decode is skipped with a warning. ``labels_of(row)``: the row's segment ids, or its class map."""
     by_id: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if not is_error(r):
@@ -151,11 +171,19 @@ def join_pairs(
             continue
         for row in by_id[image_id]:
             try:
-                image, labels = make_pair(data, label_map(row), size)
+                image, labels = make_pair(data, labels_of(row), size)
             except Exception as exc:  # noqa: BLE001 - an undecodable source image: skip it
                 logger.warning("skipping %s: %s: %s", image_id, type(exc).__name__, exc)
                 continue
             yield image_id, image, labels
+
+
+def _check_class_maps(labels_uri: str, files: list[str], storage_options: dict[str, Any] | None) -> None:
+    """ValueError when the label files hold no class maps (labels made without a vocabulary)."""
+    fs, path = open_fs(files[0], storage_options)
+    with fs.open(path, "rb") as f:
+        if "class_map" not in pq.ParquetFile(f).schema_arrow.names:
+            raise ValueError(f"{labels_uri} holds no class maps: label with --vocabulary to train on classes")
 
 
 def _row_group_sizes(uri: str, storage_options: dict[str, Any] | None) -> list[int]:
@@ -168,12 +196,13 @@ def _row_group_sizes(uri: str, storage_options: dict[str, Any] | None) -> list[i
 class _JoinImages:
     """Ray Data callable class: label rows -> (image_id, image, label) rows; holds the image index once."""
 
-    def __init__(self, index: ImageIndex, size: tuple[int, int] | None) -> None:
+    def __init__(self, index: ImageIndex, size: tuple[int, int] | None, target: str = "label_map") -> None:
         self.index, self.size = index, size
+        _, self.target = _target(target)
 
     def __call__(self, batch: Any) -> dict[str, list]:
         out: dict[str, list] = {"image_id": [], "image": [], "label": []}
-        for image_id, image, labels in join_pairs(self.index, batch.to_pylist(), self.size):
+        for image_id, image, labels in join_pairs(self.index, batch.to_pylist(), self.size, self.target):
             out["image_id"].append(image_id)
             out["image"].append(image)
             out["label"].append(labels)
@@ -189,17 +218,23 @@ def ray_dataset(
     batch_size: int = 32,
     storage_options: dict[str, Any] | None = None,
     image_column: str | None = None,
+    target: str = "label_map",
 ):
-    """A lazy ``ray.data.Dataset`` of the pairs (columns image_id, image, label). Needs ``ray.init()``."""
+    """A lazy ``ray.data.Dataset`` of the pairs (columns image_id, image, label). Needs ``ray.init()``.
+    ``target="class_map"``: ``label`` is the class map (labels made with a vocabulary)."""
     import ray
     from ray.data import ActorPoolStrategy
 
+    columns, _ = _target(target)
     files = committed_label_files(labels_uri, storage_options)
+    if target == "class_map":
+        _check_class_maps(labels_uri, files, storage_options)
     index = ImageIndex.build(images_uri, storage_options, image_column)
     filesystem, paths = arrow_filesystem(files, storage_options)
-    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(list(READ_COLUMNS))
+    ds = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
     return ds.map_batches(
-        _JoinImages, fn_constructor_kwargs={"index": index, "size": _as_size(size)}, batch_size=batch_size,
+        _JoinImages, fn_constructor_kwargs={"index": index, "size": _as_size(size), "target": target},
+        batch_size=batch_size,
         batch_format="pyarrow", compute=ActorPoolStrategy(size=concurrency), num_cpus=1,
     )
 

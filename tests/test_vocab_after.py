@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from after_helpers import write_labels, write_png
 from diffseg_core.vocabulary import PRESETS
@@ -85,3 +86,39 @@ def test_semantic_errors_are_one_sentence(tmp_path, capsys):
         assert after_main(["eval", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def _photo_folder(tmp_path, names, size=(12, 16)):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_reader_yields_class_maps(tmp_path):
+    from pipeline.reader import PseudoLabelDataset, iter_pairs
+
+    images = _photo_folder(tmp_path, ["a.png", "b.png"])
+    left_right = np.zeros((12, 16), dtype=np.int64)
+    left_right[:, 8:] = 1
+    rows = [("a.png", (left_right, np.array([2, -1]), np.array([0.9, 0.2]))),
+            ("b.png", (np.zeros((12, 16), dtype=np.int64), np.array([0]), np.array([1.0]))),
+            ("c.png", "decode error: not an image")]
+    labels = write_labels(tmp_path / "labels", [rows], vocabulary=["road", "car", "sky"])
+    got = {i: lab for i, _, lab in PseudoLabelDataset(str(labels), str(images), target="class_map", return_id=True)}
+    assert sorted(got) == ["a.png", "b.png"]
+    expected_a = np.where(left_right == 0, 2, 255)
+    assert got["a.png"].dtype == torch.int64 and np.array_equal(got["a.png"].numpy(), expected_a)
+    assert np.array_equal(got["b.png"].numpy(), np.zeros((12, 16)))
+    # resized for batching: nearest, so 255 stays 255 and no class is invented
+    for _, _, classes in iter_pairs(str(labels), str(images), size=6, target="class_map", return_id=True):
+        assert classes.shape == (6, 6) and set(np.unique(classes)) <= {0, 2, 255}
+    plain = write_labels(tmp_path / "plain", [[("a.png", left_right)]])
+    with pytest.raises(ValueError, match="no class maps"):
+        PseudoLabelDataset(str(plain), str(images), target="class_map")
+    with pytest.raises(ValueError, match="target must be"):
+        PseudoLabelDataset(str(labels), str(images), target="classes")
