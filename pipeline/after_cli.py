@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.credentials import storage_options_json
 from pipeline.datasets_gt import FORMATS
-from pipeline.export import DATUMARO_IMAGES, LAYOUTS
+from pipeline.export import DATUMARO_IMAGES, LAYOUTS, MAPS
 from pipeline.help_format import DefaultsHelpFormatter
 
 
@@ -70,6 +70,8 @@ def add_subcommands(subparsers: Any) -> None:
         "OUT/annotations/instances_default.json, the layout Datumaro and CVAT import). --to coco-results OUT.json: "
         "a COCO results list for COCO.loadRes / COCOeval, image ids as in the instances file, score = the "
         "segment's area fraction (DiffSeg has no confidence). --to png DIR: one label-map PNG per image. "
+        "Labels made with --vocabulary: the COCO categories are the vocabulary's classes (plus 'unknown' when "
+        "used), coco-results scores are the segments' class scores, and --maps class writes class maps. "
         "Error rows are skipped.",
     )
     x.add_argument("labels", help="output folder of `diffseg label`")
@@ -78,6 +80,9 @@ def add_subcommands(subparsers: Any) -> None:
     x.add_argument("--layout", choices=LAYOUTS, default="file",
                    help="--to coco: 'file' writes DEST as the JSON; 'datumaro' writes "
                    "DEST/annotations/instances_default.json")
+    x.add_argument("--maps", choices=MAPS, default="label",
+                   help="--to png: 'label' writes segment ids, 'class' the class maps of labels made with "
+                   "--vocabulary (class index per pixel, 255 = unknown)")
     x.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     x.set_defaults(handler=run_export)
 
@@ -129,6 +134,8 @@ def run_export(args: argparse.Namespace) -> int:
         return _fail("export", ValueError(f"--to must be coco, coco-results or png, not {kind!r}"))
     if args.layout != "file" and kind != "coco":
         return _fail("export", ValueError(f"--layout {args.layout} applies to --to coco only"))
+    if args.maps != "label" and kind != "png":
+        return _fail("export", ValueError(f"--maps {args.maps} applies to --to png only"))
     try:
         if kind == "coco":
             counts = export_coco(args.labels, dest, args.storage_options, layout=args.layout)
@@ -141,10 +148,10 @@ def run_export(args: argparse.Namespace) -> int:
         elif kind == "coco-results":
             counts = export_coco_results(args.labels, dest, args.storage_options)
             print(f"wrote {counts['path']}: {counts['annotations']} segments of {counts['images']} images, "
-                  f"score = area fraction ({counts['errors']} error rows skipped)")
+                  f"score = {counts['score']} ({counts['errors']} error rows skipped)")
         else:
-            counts = export_png(args.labels, dest, args.storage_options)
-            print(f"wrote {counts['images']} label maps under {dest} ({counts['errors']} error rows skipped"
+            counts = export_png(args.labels, dest, args.storage_options, maps=args.maps)
+            print(f"wrote {counts['images']} {args.maps} maps under {dest} ({counts['errors']} error rows skipped"
                   + (f", {counts['collisions']} given a ~N suffix: their PNG path was another id's" if counts["collisions"] else "")
                   + ")")
     except _USER_ERRORS as exc:

@@ -15,6 +15,13 @@ labels' input was a local folder, ``images/default`` is a link to it, so
 ``images/default/<file_name>`` is each labelled picture; otherwise it is an
 empty folder to copy or link the images into.
 
+Labels made with a vocabulary (``--vocabulary``) export its classes instead:
+category ``i + 1`` is vocabulary class ``i`` (same order as the class maps),
+each segment has its class's category and ``attributes.class_score``; segments
+of unknown class go to one extra category "unknown" (listed only when used), so
+nothing is dropped and no class is made up. ``--to png`` writes the class maps
+with ``--maps class`` (8-bit, 255 = unknown).
+
 COCO results (``--to coco-results``): what ``COCO.loadRes`` and ``COCOeval`` take,
 a list of ``{image_id, category_id, segmentation, score}`` (no ``bbox``:
 ``loadRes`` would take its area for the segment's; it derives the box from the RLE). Image ids are
@@ -22,6 +29,8 @@ the instances file's (both number the ok rows 1..N in the same order), so the tw
 files of one labels folder pair up. DiffSeg has no confidence: ``score`` is the
 segment's area as a fraction of its image (0..1], a documented, deterministic
 ranking (larger segments first) for the tools that need one, not a probability.
+With a vocabulary, ``score`` is the segment's ``class_score`` (the share of its
+pixels that vote for its class).
 
 The JSON is streamed: images and annotations go to temporary files while the
 label rows are read, then are joined, so memory stays bounded on big sets.
@@ -41,42 +50,83 @@ from typing import Any, Iterator
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
+from pipeline.label_files import (
+    ROW_COLUMNS, committed_label_files, is_error, iter_label_batches, label_map, vocabulary_names,
+)
 from pipeline.manifest import read_labels_manifest
 from pipeline.sources import IMAGE_EXTENSIONS, open_fs
 
 SEGMENT_CATEGORY = {"id": 1, "name": "segment", "supercategory": "segment"}
+UNKNOWN_CATEGORY = "unknown"
+MAPS = ("label", "class")  # --to png: segment-id maps or class maps
+
+
+class Categories:
+    """COCO categories: "segment" alone, or one per vocabulary class plus "unknown" when used."""
+
+    def __init__(self, names: list[str] | None) -> None:
+        self.names = names
+        self.unknown_used = False
+
+    def of(self, segment: dict[str, Any] | None) -> tuple[int, float | None]:
+        """(category id, class score) of a row's segment record."""
+        if self.names is None:
+            return SEGMENT_CATEGORY["id"], None
+        name = (segment or {}).get("class")
+        score = (segment or {}).get("class_score")
+        if name is None or name not in self.names:
+            self.unknown_used = True
+            return len(self.names) + 1, score
+        return self.names.index(name) + 1, score
+
+    def to_json(self) -> list[dict[str, Any]]:
+        if self.names is None:
+            return [SEGMENT_CATEGORY]
+        cats = [{"id": i + 1, "name": n, "supercategory": "class"} for i, n in enumerate(self.names)]
+        if self.unknown_used:
+            cats.append({"id": len(self.names) + 1, "name": UNKNOWN_CATEGORY, "supercategory": UNKNOWN_CATEGORY})
+        return cats
 LAYOUTS = ("file", "datumaro")
 DATUMARO_INSTANCES = "annotations/instances_default.json"  # Datumaro: annotations/<task>_<subset>.json
 DATUMARO_IMAGES = "images/default"  # Datumaro: images/<subset>/<file_name>
 
 
-def segment_annotations(labels: np.ndarray, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
-    """One COCO annotation per segment id present in ``labels`` (H, W)."""
+def segment_annotations(labels: np.ndarray, image_id: int, first_ann_id: int,
+                        segments: list[dict[str, Any]] | None = None,
+                        categories: Categories | None = None) -> list[dict[str, Any]]:
+    """One COCO annotation per segment id present in ``labels`` (H, W); with ``categories`` of a
+    vocabulary, each takes its class from the row's ``segments`` records."""
     from pycocotools import mask as mask_utils
 
+    by_id = {int(s["id"]): s for s in segments or ()}
+    categories = categories or Categories(None)
     anns = []
     for k, seg in enumerate(np.unique(labels)):
         rle = mask_utils.encode(np.asfortranarray((labels == seg).astype(np.uint8)))
+        category, score = categories.of(by_id.get(int(seg)))
+        attributes: dict[str, Any] = {"segment_id": int(seg)}
+        if categories.names is not None:
+            attributes["class_score"] = score
         anns.append({
             "id": first_ann_id + k,
             "image_id": image_id,
-            "category_id": SEGMENT_CATEGORY["id"],
+            "category_id": category,
             "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
             "area": float(mask_utils.area(rle)),
             "bbox": [float(v) for v in mask_utils.toBbox(rle)],
             "iscrowd": 0,
-            "attributes": {"segment_id": int(seg)},
+            "attributes": attributes,
         })
     return anns
 
 
-def _coco_rows(labels_uri: str, storage_options: dict[str, Any] | None,
-               counts: dict[str, int]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+def _coco_rows(labels_uri: str, storage_options: dict[str, Any] | None, counts: dict[str, int],
+               categories: Categories) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """(COCO image, its annotations) per ok row, ids numbered from 1 in file order; counts errors."""
     files = committed_label_files(labels_uri, storage_options)
+    columns = ROW_COLUMNS + (("segments",) if categories.names is not None else ())
     images = annotations = 0
-    for rows in iter_label_batches(files, storage_options=storage_options):
+    for rows in iter_label_batches(files, columns, storage_options=storage_options):
         for row in rows:
             if is_error(row):
                 counts["errors"] += 1
@@ -84,7 +134,7 @@ def _coco_rows(labels_uri: str, storage_options: dict[str, Any] | None,
             lm = label_map(row)
             images += 1
             image = {"id": images, "file_name": row["image_id"], "width": int(lm.shape[1]), "height": int(lm.shape[0])}
-            anns = segment_annotations(lm, images, annotations + 1)
+            anns = segment_annotations(lm, images, annotations + 1, row.get("segments"), categories)
             annotations += len(anns)
             yield image, anns
 
@@ -104,9 +154,10 @@ def export_coco(labels_uri: str, out_path: str, storage_options: dict[str, Any] 
         raise ValueError(f"--layout datumaro writes into a folder, and {out_path} is a file")
     out.parent.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"images": 0, "annotations": 0, "errors": 0, "path": str(out)}
+    categories = Categories(vocabulary_names(labels_uri, storage_options))
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         with open(os.path.join(tmp, "images"), "w") as img_f, open(os.path.join(tmp, "annotations"), "w") as ann_f:
-            for image, anns in _coco_rows(labels_uri, storage_options, counts):
+            for image, anns in _coco_rows(labels_uri, storage_options, counts, categories):
                 img_f.write(("," if counts["images"] else "") + json.dumps(image))
                 counts["images"] += 1
                 for ann in anns:
@@ -116,7 +167,7 @@ def export_coco(labels_uri: str, out_path: str, storage_options: dict[str, Any] 
         with open(part, "w") as f:
             f.write('{"info": {"description": "DiffSeg pseudo-labels", "source": ')
             f.write(json.dumps(labels_uri) + '}, "licenses": [], "categories": ')
-            f.write(json.dumps([SEGMENT_CATEGORY]) + ', "images": [')
+            f.write(json.dumps(categories.to_json()) + ', "images": [')
             with open(os.path.join(tmp, "images")) as src:
                 shutil.copyfileobj(src, f)
             f.write('], "annotations": [')
@@ -154,17 +205,21 @@ def export_coco_results(labels_uri: str, out_path: str,
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"images": 0, "annotations": 0, "errors": 0, "path": str(out)}
+    categories = Categories(vocabulary_names(labels_uri, storage_options))
+    counts["score"] = "area fraction" if categories.names is None else "class score"
     part = out.with_name(out.name + ".tmp")
     try:
         with open(part, "w") as f:
             f.write("[")
-            for image, anns in _coco_rows(labels_uri, storage_options, counts):
+            for image, anns in _coco_rows(labels_uri, storage_options, counts, categories):
                 counts["images"] += 1
                 pixels = image["width"] * image["height"]
                 for ann in anns:
                     # no "bbox": loadRes would then take the box's area as the segment's
+                    score = ann["attributes"].get("class_score")
                     result = {"image_id": ann["image_id"], "category_id": ann["category_id"],
-                              "segmentation": ann["segmentation"], "score": ann["area"] / pixels}
+                              "segmentation": ann["segmentation"],
+                              "score": ann["area"] / pixels if score is None else score}
                     f.write(("," if counts["annotations"] else "") + json.dumps(result))
                     counts["annotations"] += 1
             f.write("]\n")
@@ -200,15 +255,24 @@ def distinct_path(rel: str, taken: set[str]) -> str:
     return candidate
 
 
-def export_png(labels_uri: str, out_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_png(labels_uri: str, out_dir: str, storage_options: dict[str, Any] | None = None,
+               maps: str = "label") -> dict[str, Any]:
     """One label-map PNG per ok row (the stored PNG bytes, 8- or 16-bit), at ``out_dir/png_relpath(id)``.
+
+    ``maps="class"``: the class maps instead (labels made with a vocabulary; 8-bit, class index
+    per pixel, 255 = unknown), a ``masks`` ground truth for the vocabulary's classes.
 
     Every ok row gets its own file: ids that map to one path (``a.jpg`` and ``a.png``,
     ``k:1`` and ``k_1`` after sanitising, ``A.jpg`` and ``a.jpg``) get ``~2``, ``~3``, ...
     in label-file order (counted as ``collisions``). ``out_dir/_index.csv`` lists
     ``image_id,png`` for every file written, so each PNG leads back to its image.
     """
+    if maps not in MAPS:
+        raise ValueError(f"maps must be one of {', '.join(MAPS)}, not {maps!r}")
     files = committed_label_files(labels_uri, storage_options)
+    column = "label_map" if maps == "label" else "class_map"
+    if maps == "class" and vocabulary_names(labels_uri, storage_options) is None:
+        raise ValueError(f"{labels_uri} holds no class maps: label with --vocabulary to export them.")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"images": 0, "errors": 0, "collisions": 0}
@@ -216,7 +280,8 @@ def export_png(labels_uri: str, out_dir: str, storage_options: dict[str, Any] | 
     with open(root / PNG_INDEX, "w", newline="", encoding="utf-8") as index_file:
         index = csv.writer(index_file)
         index.writerow(["image_id", "png"])
-        for rows in iter_label_batches(files, ("image_id", "label_map", "error"), storage_options):
+        for rows in iter_label_batches(files, tuple(dict.fromkeys(("image_id", "label_map", "error", column))),
+                                       storage_options):
             for row in rows:
                 if is_error(row):
                     counts["errors"] += 1
@@ -226,7 +291,7 @@ def export_png(labels_uri: str, out_dir: str, storage_options: dict[str, Any] | 
                 counts["collisions"] += rel != wanted
                 path = root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(row["label_map"])
+                path.write_bytes(row[column])
                 index.writerow([row["image_id"], rel])
                 counts["images"] += 1
     return counts

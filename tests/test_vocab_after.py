@@ -122,3 +122,50 @@ def test_reader_yields_class_maps(tmp_path):
         PseudoLabelDataset(str(plain), str(images), target="class_map")
     with pytest.raises(ValueError, match="target must be"):
         PseudoLabelDataset(str(labels), str(images), target="classes")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_coco_export_round_trips_the_vocabulary_as_categories(tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    from pipeline.encode import decode_png
+
+    vocab = ["person", "dog", "grass field"]
+    blocks = np.kron(np.array([[0, 1], [2, 3]]), np.ones((4, 5), dtype=np.int64))  # 8 x 10, 4 segments
+    classes = np.array([2, 0, -1, 0])  # grass field, person, unknown, person
+    scores = np.array([0.9, 0.8, 0.3, 0.55])
+    rows = [("a.jpg", (blocks, classes, scores)), ("b.jpg", "decode error: nope"),
+            ("c.jpg", (np.zeros((3, 4), dtype=np.int64), np.array([1]), np.array([1.0])))]
+    labels = write_labels(tmp_path / "labels", [rows], vocabulary=vocab)
+
+    out = tmp_path / "coco.json"
+    assert after_main(["export", str(labels), "--to", "coco", str(out)]) == 0
+    coco = COCO(str(out))
+    cats = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert cats == {1: "person", 2: "dog", 3: "grass field", 4: "unknown"}
+    a = coco.loadImgs([i for i in coco.getImgIds() if coco.loadImgs(i)[0]["file_name"] == "a.jpg"])[0]
+    rebuilt = np.full(blocks.shape, "", dtype=object)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[a["id"]])):
+        seg = ann["attributes"]["segment_id"]
+        assert ann["attributes"]["class_score"] == pytest.approx(scores[seg])
+        rebuilt[coco.annToMask(ann).astype(bool)] = cats[ann["category_id"]]
+    names = np.array(["grass field", "person", "unknown", "person"], dtype=object)
+    assert (rebuilt == names[blocks]).all()
+    c = coco.loadImgs([i for i in coco.getImgIds() if coco.loadImgs(i)[0]["file_name"] == "c.jpg"])[0]
+    assert [cats[x["category_id"]] for x in coco.loadAnns(coco.getAnnIds(imgIds=[c["id"]]))] == ["dog"]
+
+    results = tmp_path / "results.json"
+    assert after_main(["export", str(labels), "--to", "coco-results", str(results)]) == 0
+    assert "score = class score" in capsys.readouterr().out
+    listed = json.loads(results.read_text())
+    assert sorted(r["score"] for r in listed) == pytest.approx(sorted([*scores, 1.0]))
+    coco.loadRes(str(results))  # the reference API takes it, categories and all
+
+    pngs = tmp_path / "classes"
+    assert after_main(["export", str(labels), "--to", "png", str(pngs), "--maps", "class"]) == 0
+    assert "wrote 2 class maps" in capsys.readouterr().out
+    assert np.array_equal(decode_png((pngs / "a.png").read_bytes()), np.where(classes >= 0, classes, 255)[blocks])
+    plain = write_labels(tmp_path / "plain", [[("a.jpg", blocks)]])
+    assert after_main(["export", str(plain), "--to", "png", str(tmp_path / "x"), "--maps", "class"]) == 2
+    assert "holds no class maps" in capsys.readouterr().err
+    assert after_main(["export", str(labels), "--to", "coco", str(tmp_path / "y.json"), "--maps", "class"]) == 2
