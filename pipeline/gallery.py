@@ -4,6 +4,11 @@ Each overlay is the image and, beside it, the image blended with one colour per
 segment (a fixed palette: the same segment id always gets the same colour) and
 the segment boundaries in white. The page lists every image's segment count and
 every error row. It needs no server and no network: open it from disk.
+
+Labels made with a vocabulary are coloured by class instead (the same class has
+the same colour in every image, unknown segments grey) and each named segment
+carries its class name, written at the point deepest inside it; the caption
+lists the classes found.
 """
 from __future__ import annotations
 
@@ -13,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map
+from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map, vocabulary_names
 from pipeline.manifest import read_labels_manifest
 
 MAX_SIDE = 640  # overlay panels are downscaled to this longest side
 MAX_ERRORS_LISTED = 1000
+UNKNOWN_COLOUR = (128, 128, 128)
+MIN_NAMED_PIXELS = 150  # a segment smaller than this in the panel is coloured but not written on
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -48,8 +56,13 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """(H, 2W + gap, 3) uint8: the image, then the image with coloured segments and white boundaries."""
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5,
+            classes: np.ndarray | None = None, names: list[str] | None = None) -> np.ndarray:
+    """(H, 2W + gap, 3) uint8: the image, then the image with coloured segments and white boundaries.
+
+    With ``classes`` (vocabulary index per segment id, -1 unknown) and their ``names``:
+    coloured by class (unknown grey) and each named segment's class written on it.
+    """
     if image.shape[:2] != labels.shape:  # e.g. labels made at a square crop: show that crop
         image = center_crop_resize(image, labels.shape, nearest=False)
     h, w = labels.shape
@@ -59,14 +72,46 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.nda
         image = center_crop_resize(image, size, nearest=False)
         labels = center_crop_resize(labels, size, nearest=True)
         h, w = size
-    colours = PALETTE[labels % len(PALETTE)]
+    if classes is not None:
+        lut = np.array([PALETTE[c % len(PALETTE)] if c >= 0 else UNKNOWN_COLOUR for c in classes], dtype=np.uint8)
+        colours = lut[labels]
+    else:
+        colours = PALETTE[labels % len(PALETTE)]
     blend = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
     blend[boundaries(labels)] = 255
+    if classes is not None and names is not None:
+        blend = _write_names(blend, labels, classes, names)
     gap = max(2, w // 100)
     out = np.full((h, 2 * w + gap, 3), 255, dtype=np.uint8)
     out[:, :w] = image
     out[:, w + gap :] = blend
     return out
+
+
+def name_positions(labels: np.ndarray, classes: np.ndarray) -> list[tuple[int, int, int]]:
+    """(segment id, row, col) where to write each named segment's class: its pixel farthest from
+    its border (inside the segment even when it is not convex); tiny segments are left out."""
+    out = []
+    for seg in np.unique(labels):
+        if seg >= len(classes) or classes[seg] < 0:
+            continue
+        mask = labels == seg
+        if mask.sum() < MIN_NAMED_PIXELS:
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(int(np.argmax(depth)), depth.shape)
+        out.append((int(seg), int(r), int(c)))
+    return out
+
+
+def _write_names(panel: np.ndarray, labels: np.ndarray, classes: np.ndarray, names: list[str]) -> np.ndarray:
+    picture = Image.fromarray(panel)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(10, min(panel.shape[:2]) // 24))
+    for seg, r, c in name_positions(labels, classes):
+        draw.text((c, r), names[classes[seg]], fill=(255, 255, 255), font=font, anchor="mm",
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+    return np.asarray(picture)
 
 
 _PAGE = """<!doctype html>
@@ -116,6 +161,25 @@ def _random_weights_warning(labels_uri: str, storage_options: dict[str, Any] | N
             "they exercise the pipeline and mean nothing.</p>\n")
 
 
+def segment_classes(row: dict[str, Any], names: list[str]) -> np.ndarray:
+    """Vocabulary index per segment id of a row (-1 unknown), from its ``segments`` records."""
+    segments = row.get("segments") or []
+    classes = np.full(max((int(s["id"]) for s in segments), default=-1) + 1, -1, dtype=np.int64)
+    for s in segments:
+        if s.get("class") in names:
+            classes[int(s["id"])] = names.index(s["class"])
+    return classes
+
+
+def _class_caption(classes: np.ndarray | None, names: list[str] | None) -> str:
+    if classes is None or names is None:
+        return ""
+    found = [names[c] for c in sorted(set(classes.tolist())) if c >= 0]
+    unknown = int((classes < 0).sum())
+    text = ", ".join(found) or "no class"
+    return f" &middot; <span class=\"classes\">{html.escape(text)}</span>" + (f" ({unknown} unknown)" if unknown else "")
+
+
 def build_gallery(
     labels_uri: str,
     images_uri: str,
@@ -131,7 +195,9 @@ def build_gallery(
     chosen: list[dict[str, Any]] = []
     errors: list[tuple[str, str]] = []
     total = error_count = 0
-    for rows in iter_label_batches(files, ("image_id", "label_map", "num_segments", "error"), storage_options):
+    names = vocabulary_names(labels_uri, storage_options)
+    columns = ("image_id", "label_map", "num_segments", "error") + (("segments",) if names else ())
+    for rows in iter_label_batches(files, columns, storage_options):
         for row in rows:
             total += 1
             if is_error(row):
@@ -152,7 +218,8 @@ def build_gallery(
             try:
                 if data is None:
                     raise OSError(error)
-                panel = overlay(decode_rgb(data), label_map(row))
+                classes = segment_classes(row, names) if names else None
+                panel = overlay(decode_rgb(data), label_map(row), classes=classes, names=names)
             except Exception as exc:  # noqa: BLE001 - a missing or broken source image: list it, go on
                 image_errors.append((image_id, f"image not shown: {exc}"))
                 continue
@@ -161,7 +228,8 @@ def build_gallery(
             Image.fromarray(panel).save(out / name, optimize=False, compress_level=6)
             figures[k] = (
                 f'<figure><img src="{name}" alt="{html.escape(image_id)}" loading="eager">'
-                f"<figcaption><b>{html.escape(image_id)}</b> &middot; {int(row['num_segments'] or 0)} segments</figcaption></figure>"
+                f"<figcaption><b>{html.escape(image_id)}</b> &middot; {int(row['num_segments'] or 0)} segments"
+                f"{_class_caption(classes, names)}</figcaption></figure>"
             )
     all_errors = errors + image_errors
     error_html = "<p>None.</p>" if not all_errors else (

@@ -169,3 +169,34 @@ def test_coco_export_round_trips_the_vocabulary_as_categories(tmp_path, capsys):
     assert after_main(["export", str(plain), "--to", "png", str(tmp_path / "x"), "--maps", "class"]) == 2
     assert "holds no class maps" in capsys.readouterr().err
     assert after_main(["export", str(labels), "--to", "coco", str(tmp_path / "y.json"), "--maps", "class"]) == 2
+
+
+def test_overlay_colours_by_class_and_writes_the_names():
+    from pipeline.gallery import PALETTE, UNKNOWN_COLOUR, name_positions, overlay
+
+    image = np.full((80, 80, 3), 100, dtype=np.uint8)
+    labels = np.kron(np.array([[0, 1], [2, 3]]), np.ones((40, 40), dtype=np.int64))
+    classes = np.array([0, 0, -1, 1])  # two segments of one class, one unknown
+    out = overlay(image, labels, classes=classes, names=["person", "dog"])[:, -80:]
+    blend = lambda colour: tuple((100 * 0.5 + np.array(colour) * 0.5).astype(np.uint8))  # noqa: E731
+    assert tuple(out[3, 3]) == tuple(out[3, 76]) == blend(PALETTE[0])  # same class, same colour
+    assert tuple(out[76, 3]) == blend(UNKNOWN_COLOUR)
+    assert tuple(out[76, 76]) == blend(PALETTE[1])
+    # names are written where each named segment is deepest: the centres of blocks 0, 1, 3
+    assert [p[0] for p in name_positions(labels, classes)] == [0, 1, 3]
+    for r, c in ((20, 20), (20, 60), (60, 60)):
+        patch = out[r - 8 : r + 8, c - 20 : c + 20].reshape(-1, 3)
+        assert (patch == 0).all(axis=1).any() and (patch == 255).all(axis=1).any()  # stroke and fill
+    assert not (out[52:68, 12:28].reshape(-1, 3) == 0).all(axis=1).any()  # nothing written on the unknown one
+
+
+def test_gallery_lists_class_names(tmp_path, capsys):
+    images = _photo_folder(tmp_path, ["a.png"], size=(40, 60))
+    halves = np.zeros((40, 60), dtype=np.int64)
+    halves[:, 30:] = 1
+    labels = write_labels(tmp_path / "labels", [[("a.png", (halves, np.array([1, -1]), np.array([0.8, 0.1])))]],
+                          vocabulary=["sky", "traffic light"])
+    assert after_main(["show", str(labels), "--images", str(images), "--out", str(tmp_path / "g")]) == 0
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert '<span class="classes">traffic light</span> (1 unknown)' in page
+    assert (tmp_path / "g" / "overlays" / "00000.png").is_file()
