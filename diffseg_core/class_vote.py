@@ -34,6 +34,7 @@ import torch
 from diffseg_core.aggregate import Weights, _normalised_weights
 from diffseg_core.interpolation import bilinear_matrix, resize_bilinear
 from diffseg_core.merge import NMS_BAND_ELEMENTS, argmax_first
+from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, VOTING, check_voting
 
 __all__ = [
     "DEFAULT_CLASS_THRESHOLD",
@@ -45,19 +46,8 @@ __all__ = [
     "vote_classes",
 ]
 
-VOTING = ("majority", "mean")
-#: At least half of a segment's pixels must agree on its class.
-DEFAULT_CLASS_THRESHOLD = 0.5
 #: Value of an unknown class in a class map (8-bit PNG).
 UNKNOWN = 255
-
-
-def check_voting(voting: str, threshold: float) -> None:
-    """Raise ValueError for a voting rule or threshold no run can use."""
-    if voting not in VOTING:
-        raise ValueError(f"class voting must be one of {', '.join(VOTING)}, not {voting!r}")
-    if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"the class threshold is a share of a segment's pixels, in [0, 1], not {threshold!r}")
 
 
 @dataclass
@@ -123,11 +113,12 @@ def vote_classes(
         raise ValueError(f"labels: expected a non-empty (H, W) map, got {tuple(labels.shape)}")
     device = class_maps.device
     labels = labels.to(device=device, dtype=torch.long)
-    if int(labels.min()) < 0:
-        raise ValueError("labels: segment ids must be non-negative")
-    k = int(num_segments) if num_segments is not None else int(labels.max()) + 1
-    if int(labels.max()) >= k:
-        raise ValueError(f"labels: id {int(labels.max())} but num_segments={k}")
+    if num_segments is None:  # checked here; with num_segments given (no device sync), bincount checks
+        if int(labels.min()) < 0:
+            raise ValueError("labels: segment ids must be non-negative")
+        k = int(labels.max()) + 1
+    else:
+        k = int(num_segments)
     c, h, w = class_maps.shape
     height, width = labels.shape
 
@@ -149,6 +140,8 @@ def vote_classes(
         votes += torch.bincount(segment * c + best, minlength=k * c)
         if mass is not None:
             mass.index_add_(0, segment, scores.reshape(c, -1).T.double())
+    if votes.numel() != k * c:
+        raise ValueError(f"labels: ids beyond num_segments={k}")
     votes = votes.view(k, c)
     area = votes.sum(1)
     winner = (votes if mass is None else mass).argmax(1)  # first maximum: the earlier class

@@ -355,8 +355,6 @@ class AttentionExtractor:
                 self_attention_layers=len(self.layer_names),
                 random_weights=self._random_weights,
             )
-            if self.vocabulary is not None:
-                info["vocabulary"] = dict(self.vocabulary.vocabulary.to_json(), prompts=list(self.vocabulary.prompts))
             self._info = info
         return dict(self._info)
 

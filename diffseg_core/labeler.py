@@ -165,7 +165,9 @@ class Labeler:
             "refine": self.diffseg.refine,
             "weights": _jsonable_weights(self.diffseg.weights),
         }
-        if self.extractor.vocabulary is not None:
+        vocab = self.extractor.vocabulary
+        if vocab is not None:  # the extractor's provenance is the model's alone (as the driver derives it)
+            info["vocabulary"] = dict(vocab.vocabulary.to_json(), prompts=list(vocab.prompts))
             info["class_voting"] = {"voting": self.class_voting, "threshold": self.class_threshold}
         return info
 

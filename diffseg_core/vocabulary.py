@@ -16,20 +16,26 @@ presets ``coco-stuff-27`` and ``cityscapes``) and encoded once per model
 
 The result, (C, D) vectors in the UNet's cross-attention space, is what the
 cross-attention probe (`diffseg_core.class_probe`) puts through each ``attn2``
-layer's ``to_k``.  torch only; the tokenizer and text encoder are passed in.
+layer's ``to_k``.  The tokenizer and text encoder are passed in; torch is
+imported only to encode, so checking a vocabulary (and the voting parameters,
+`check_voting`) costs no torch import.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = [
+    "DEFAULT_CLASS_THRESHOLD",
     "PRESETS",
     "MAX_CLASSES",
+    "VOTING",
+    "check_voting",
     "EncodedVocabulary",
     "Vocabulary",
     "VocabularyError",
@@ -40,6 +46,10 @@ __all__ = [
 
 #: Class maps are 8-bit PNGs and 255 means "unknown".
 MAX_CLASSES = 255
+#: How a segment's class is chosen from its pixels' votes (diffseg_core.class_vote).
+VOTING = ("majority", "mean")
+#: At least half of a segment's pixels must agree on its class, or it is unknown.
+DEFAULT_CLASS_THRESHOLD = 0.5
 
 # COCO-Stuff-27 in STEGO's coarse-class order (things 0..11, stuff 12..26), the order
 # `diffseg eval --format coco-stuff-27` scores in: class i of the preset is coarse class i.
@@ -61,6 +71,14 @@ PRESETS: dict[str, tuple[str, ...]] = {"coco-stuff-27": _COCO_STUFF_27, "citysca
 
 class VocabularyError(ValueError):
     """A vocabulary that cannot be used; the message is one sentence saying why."""
+
+
+def check_voting(voting: str, threshold: float) -> None:
+    """Raise ValueError for a voting rule or threshold no run can use."""
+    if voting not in VOTING:
+        raise ValueError(f"class voting must be one of {', '.join(VOTING)}, not {voting!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"the class threshold is a share of a segment's pixels, in [0, 1], not {threshold!r}")
 
 
 def _key(name: str) -> str:
@@ -215,7 +233,7 @@ class EncodedVocabulary:
 
 
 #: (tokenizer, text encoder) pairs -> hidden states (P, L, D) of the given token id rows.
-EncodeIds = Callable[[list[torch.Tensor]], torch.Tensor]
+EncodeIds = Callable[[list["torch.Tensor"]], "torch.Tensor"]
 
 
 def class_token_ids(tokenizer: Any, vocabulary: Vocabulary) -> list[list[int]]:
@@ -225,7 +243,7 @@ def class_token_ids(tokenizer: Any, vocabulary: Vocabulary) -> list[list[int]]:
     out: list[list[int]] = []
     first_with: dict[tuple[int, ...], str] = {}
     for name in vocabulary.names:
-        ids = list(tokenizer(name, add_special_tokens=False).input_ids)
+        ids = list(tokenizer(name, add_special_tokens=False, verbose=False).input_ids)  # long: our error
         if not ids or all(i == unk for i in ids):
             raise VocabularyError(f"class {name!r} has no token this model's tokenizer knows")
         key = tuple(ids)
@@ -261,6 +279,8 @@ def prompt_layout(tokenizer: Any, vocabulary: Vocabulary) -> PromptLayout:
 
 def prompt_ids(tokenizer: Any, content: Sequence[int]) -> torch.Tensor:
     """(1, model_max_length) ids: BOS, the content, EOS, padding (as the SD pipelines pad)."""
+    import torch
+
     length = int(tokenizer.model_max_length)
     ids = [tokenizer.bos_token_id, *content, tokenizer.eos_token_id]
     ids += [tokenizer.pad_token_id] * (length - len(ids))
@@ -292,6 +312,8 @@ def encode_vocabulary(
     states (P, L, D) the UNet would be conditioned on (see
     ``model_loading.encode_token_ids``).
     """
+    import torch
+
     layout = check_vocabulary(vocabulary, tokenizers)
     lengths = [stop - start for _, start, stop in layout.spans]
     rows = []

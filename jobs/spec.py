@@ -13,12 +13,18 @@ Layout (every section but ``input``/``output`` is optional)::
     output: s3://bucket/labels/
     model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
-    method: {kl_threshold, num_points, iterations, refine, paper_preprocess}
+    method: {kl_threshold, num_points, iterations, refine, paper_preprocess,
+             vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
     resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
                 cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, retry_errors, image_column, max_pixels, storage_options,
          storage_retry_s}
     runtime_env: {working_dir, pip, py_modules, excludes, env_vars, ship_code}
+
+``method.vocabulary`` names segments: a list of class names, a comma-separated
+string, or a preset (``coco-stuff-27``, ``cityscapes``); judged here like the
+command line's ``--vocabulary``. ``method.vocabulary_file`` is read where the
+job runs (a path or URL the cluster can read), before any work there.
 """
 from __future__ import annotations
 
@@ -123,6 +129,25 @@ def _kl_threshold(v: Any) -> float | list[float]:
     return positive(v)
 
 
+def _vocabulary(v: Any) -> str | list[str] | None:
+    from diffseg_core.vocabulary import Vocabulary, VocabularyError
+
+    if v is None:
+        return None
+    try:
+        vocab = Vocabulary.parse(v)
+    except VocabularyError as exc:
+        raise _Bad(str(exc)) from None
+    return v if isinstance(v, str) else list(vocab.names)
+
+
+def _share(v: Any) -> float:
+    value = _number(0.0)(v)
+    if value > 1.0:
+        raise _Bad(f"a share between 0 and 1, not {v!r}")
+    return value
+
+
 def _str_mapping(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
         raise _Bad(f"a mapping with string keys, not {_type_name(v)}")
@@ -155,6 +180,10 @@ _METHOD = {
     "iterations": (_int(1), "iterations"),
     "refine": (_bool, "refine"),
     "paper_preprocess": (_bool, "paper_preprocess"),
+    "vocabulary": (_vocabulary, "vocabulary"),
+    "vocabulary_file": (_optional(_str), "vocabulary_file"),
+    "class_voting": (_choice("majority", "mean"), "class_voting"),
+    "class_threshold": (_share, "class_threshold"),
 }
 _RESOURCES = {
     "actors": (_optional(_int(1)), "actors"),

@@ -12,6 +12,11 @@ Ray runs ``CONCURRENT_CALLS`` calls of an actor at once (``pool_strategy``): the
 device work is serialised by a lock, so one batch's host work (Ray's batching,
 the pinned copy, packing) overlaps the other's device work.
 
+With a vocabulary, the same UNet pass also gives each image's class attention;
+each segment's class is voted on the device (``diffseg_core.class_vote``) and
+leaves the actor packed beside its label map (``classes_packed``: a class index
+and a score per segment id), a few bytes per segment.
+
 A failing batch is retried image by image, so one poisoned image costs one error row.
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.labels import labels_to_host, pack_label_map
+from pipeline.labels import labels_to_host, pack_classes, pack_label_map
 from pipeline.tasks import error_values
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,9 @@ class LabelActor:
         allow_unsafe_weights: bool = False,
         vae_dtype: str | None = None,
         gpu_options: dict[str, Any] | None = None,
+        vocabulary: list[str] | None = None,
+        class_voting: str = "majority",
+        class_threshold: float = 0.5,
     ):
         from diffseg_core.extract import AttentionExtractor
         from diffseg_core.model_loading import quiet_loading
@@ -90,9 +98,10 @@ class LabelActor:
             self.extractor = AttentionExtractor.from_pretrained(
                 model, device=device, dtype=dtype, image_size=image_size, timestep=timestep, revision=revision,
                 allow_unsafe_weights=allow_unsafe_weights,
-                vae_dtype=vae_dtype, **options,
+                vae_dtype=vae_dtype, vocabulary=vocabulary, **options,
             )
         self.diffseg = DiffSeg(**diffseg_kwargs)
+        self.class_voting, self.class_threshold = class_voting, float(class_threshold)
         self._device_lock = threading.Lock()
 
     @classmethod
@@ -100,6 +109,7 @@ class LabelActor:
         """An actor around an extractor built elsewhere (benchmarks: a model built from configs)."""
         actor = cls.__new__(cls)
         actor.extractor, actor.diffseg, actor._device_lock = extractor, diffseg, threading.Lock()
+        actor.class_voting, actor.class_threshold = "majority", 0.5
         return actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,32 +117,41 @@ class LabelActor:
         errors = error_values(batch["error"])
         ok = [i for i, e in enumerate(errors) if e is None]
         n = len(errors)
+        named = self.extractor.vocabulary is not None
         packed: list[bytes] = [b""] * n
-        for i, labels in self._run(batch["pixels"], ok, errors, [row_size(batch, i) for i in range(n)]):
+        classes: list[bytes] = [b""] * n
+        sizes = [row_size(batch, i) for i in range(n)]
+        for i, result in self._run(batch["pixels"], ok, errors, sizes,
+                                   self.labels_and_classes if named else self.label_maps):
             try:
+                labels, voted = result if named else (result, None)
                 packed[i] = pack_label_map(labels)
+                if voted is not None:
+                    classes[i] = pack_classes(voted.classes, voted.scores)
             except Exception as exc:  # noqa: BLE001
                 errors[i] = _model_error(exc)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["label_packed"] = np.array(packed, dtype=object)
+        if named:
+            out["classes_packed"] = np.array(classes, dtype=object)
         out["error"] = np.array(errors, dtype=object)
         out["_t_model"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
 
     def _run(
-        self, pixels: np.ndarray, ok: list[int], errors: list, sizes: list[tuple[int, int]]
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (row, label map) for ok rows; on a batch failure retry one by one, marking errors."""
+        self, pixels: np.ndarray, ok: list[int], errors: list, sizes: list[tuple[int, int]], fn: Any
+    ) -> Iterator[tuple[int, Any]]:
+        """Yield (row, fn's result) for ok rows; on a batch failure retry one by one, marking errors."""
         if not ok:
             return
         try:
-            yield from zip(ok, self.label_maps(pixels[ok], [sizes[i] for i in ok]))
+            yield from zip(ok, fn(pixels[ok], [sizes[i] for i in ok]))
             return
         except Exception as exc:  # noqa: BLE001
             logger.warning("batch of %d failed (%s); retrying one image at a time", len(ok), exc)
         for i in ok:
             try:
-                yield i, self.label_maps(pixels[i : i + 1], [sizes[i]])[0]
+                yield i, fn(pixels[i : i + 1], [sizes[i]])[0]
             except Exception as exc:  # noqa: BLE001
                 errors[i] = _model_error(exc)
 
@@ -148,6 +167,23 @@ class LabelActor:
         with self._device_lock:
             proposals = self.diffseg.proposals(self.extractor(staged))
             return labels_to_host(self.diffseg.label_maps(proposals, sizes), [p.shape[0] for p in proposals])
+
+    @torch.inference_mode()
+    def labels_and_classes(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, Any]]:
+        """`label_maps` plus each segment's class (``SegmentClasses``) from the same UNet pass."""
+        from diffseg_core.class_vote import combine_class_attention, vote_classes
+
+        staged = self.extractor.to_pixels(pixels)
+        with self._device_lock:
+            extraction = self.extractor.extract(staged)
+            proposals = self.diffseg.proposals(extraction.self_attention)
+            maps = self.diffseg.label_maps(proposals, sizes)
+            class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)
+            voted = [
+                vote_classes(c, m, num_segments=p.shape[0], voting=self.class_voting, threshold=self.class_threshold)
+                for c, m, p in zip(class_maps, maps, proposals)
+            ]
+            return list(zip(labels_to_host(maps, [p.shape[0] for p in proposals]), voted))
 
 
 def row_size(batch: dict[str, np.ndarray], i: int) -> tuple[int, int]:

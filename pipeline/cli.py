@@ -60,6 +60,17 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     d.add_argument("--paper-preprocess", action="store_true",
                    help="the paper's protocol: centre-crop each image to a square, resize to the image size, "
                    "and label at that size (S x S) instead of the image's own")
+    v = p.add_argument_group("class names (open vocabulary, from the same UNet pass)")
+    v.add_argument("--vocabulary", default=None,
+                   help="name segments with these classes: comma-separated names ('person,dog,grass field') or "
+                   "a preset (coco-stuff-27, cityscapes); adds class and class_score per segment and a class_map "
+                   "per row")
+    v.add_argument("--vocabulary-file", default=None, help="the classes from a file, one name a line ('#' comments)")
+    v.add_argument("--class-voting", default=_DEFAULTS.class_voting, choices=["majority", "mean"],
+                   help="a segment's class: the one most of its pixels vote for (official), or the largest mean "
+                   "of the normalised class maps inside it")
+    v.add_argument("--class-threshold", type=float, default=_DEFAULTS.class_threshold,
+                   help="a segment whose class gets less than this share of its pixels' votes is unknown (null)")
     r = p.add_argument_group("resources")
     r.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
     r.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="images per model call")

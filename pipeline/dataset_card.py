@@ -24,11 +24,11 @@ import fsspec
 import pyarrow as pa
 import yaml
 
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import CLASS_MAP, OUTPUT_SCHEMA, output_schema
 
 CARD = ".huggingface.yaml"
 DATA_FILES = "labels-*.parquet"  # pipeline.schema.part_name: every committed part, nothing else
-IMAGE_COLUMNS = frozenset({"label_map"})  # binary PNG columns that datasets decodes as images
+IMAGE_COLUMNS = frozenset({"label_map", CLASS_MAP})  # binary PNG columns that datasets decodes as images
 
 _DTYPES = {
     pa.string(): "string", pa.large_string(): "large_string", pa.binary(): "binary",
@@ -82,7 +82,7 @@ def dataset_card(manifest: dict[str, Any] | None = None) -> str:
         "pretty_name": "DiffSeg pseudo-labels",
         "tags": ["image-segmentation", "pseudo-labels", "diffseg"],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}],
-        "dataset_info": {"features": card_features()},
+        "dataset_info": {"features": card_features(output_schema(classes="vocabulary" in (manifest or {})))},
     }
     return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)
 

@@ -65,3 +65,21 @@ def unpack_label_map(data: bytes, height: int, width: int) -> np.ndarray:
     raw = pa.decompress(memoryview(data)[1:], decompressed_size=height * width * dtype.itemsize, codec=CODEC,
                         asbytes=True)
     return np.frombuffer(raw, dtype=dtype).reshape(height, width)
+
+
+def pack_classes(classes: np.ndarray, scores: np.ndarray) -> bytes:
+    """Per segment id: vocabulary index (-1 unknown) and class score -> bytes for the object store."""
+    classes, scores = np.asarray(classes), np.asarray(scores)
+    if classes.shape != scores.shape or classes.ndim != 1:
+        raise ValueError(f"classes {classes.shape} and scores {scores.shape} must be one value per segment")
+    return classes.astype("<i2").tobytes() + scores.astype("<f4").tobytes()
+
+
+def unpack_classes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `pack_classes`: (int64 classes, float32 scores)."""
+    if len(data) % 6:
+        raise ValueError("not packed classes")
+    k = len(data) // 6
+    classes = np.frombuffer(data, dtype="<i2", count=k).astype(np.int64)
+    scores = np.frombuffer(data, dtype="<f4", count=k, offset=2 * k).astype(np.float32)
+    return classes, scores

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, Vocabulary
 from pipeline import lease
 from pipeline.commit import CommitError, Committer
 from pipeline.credentials import refuse_url_credentials
@@ -45,6 +46,7 @@ from pipeline.retry import RetryPolicy, describe, is_transient, storage_refusal
 from pipeline.schema import DONE_DIR, MANIFEST, PLAN, STAGE_NAMES, TMP_DIR, shard_of_part
 from pipeline.sink import OutputLocation
 from pipeline.sources import iter_inputs
+from pipeline.vocab import read_vocabulary, vocabulary_parameters
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -90,6 +92,16 @@ class LabelOptions:
     actor_resources: dict[str, float] | None = None  # custom Ray resources each model actor needs
     storage_retry_s: float = 120.0  # how long a storage operation retries connection errors, timeouts, 5xx
     retry_errors: list[str] | None = None  # redo committed error rows of these kinds ("read error", ...)
+    vocabulary: str | list[str] | None = None  # class names ("person,dog" or a list) or a preset: named segments
+    vocabulary_file: str | None = None  # or a file of class names, one a line
+    class_voting: str = "majority"  # "majority" (official) or "mean"
+    class_threshold: float = DEFAULT_CLASS_THRESHOLD  # a segment whose class has less of its pixels is unknown
+
+    def resolved_vocabulary(self) -> Vocabulary | None:
+        """The vocabulary of --vocabulary / --vocabulary-file (read once), or None. ValueError if unusable."""
+        if not hasattr(self, "_vocabulary"):
+            self._vocabulary = read_vocabulary(self.vocabulary, self.vocabulary_file, self.storage_options)
+        return self._vocabulary
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
@@ -114,6 +126,8 @@ class LabelOptions:
             parameters["allow_unsafe_weights"] = True
         if self.vae_dtype not in (None, "auto"):  # likewise: only when chosen, so auto runs resume
             parameters["vae_dtype"] = self.vae_dtype
+        # likewise: only with a vocabulary
+        parameters.update(vocabulary_parameters(self.resolved_vocabulary(), self.class_voting, self.class_threshold))
         return parameters
 
     def diffseg_kwargs(self) -> dict[str, Any]:
@@ -193,6 +207,9 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
         _remove_previous_output(out_fs, out_root)
     policy = RetryPolicy(deadline_s=float(opts.storage_retry_s))
     manifest = new_manifest(checked.input_root, output, model_info, parameters, checked.previous)
+    vocab = opts.resolved_vocabulary()
+    if vocab is not None:  # the names and their hash; the hash is a label parameter too
+        manifest["vocabulary"] = vocab.to_json()
     write_manifest(out_fs, out_root, manifest, policy)
 
     t = time.perf_counter()
@@ -217,6 +234,8 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
 
     metadata = {"model": manifest["model"], "parameters": parameters, "version": manifest["version"],
                 "input": checked.input_root}
+    if vocab is not None:
+        metadata["vocabulary"] = manifest["vocabulary"]
     committer = Committer(out_fs, out_root, OutputLocation(output, opts.storage_options), opts.rows_per_file,
                           metadata, policy)
     interrupted: RunInterrupted | None = None
@@ -400,8 +419,10 @@ def build_dataset(
             # GPU actors: as many torch threads as the CPUs Ray reserved for them (not every core of the node)
             "threads": GPU_ACTOR_CPUS if use_gpu else (opts.threads_per_actor or max(1, int(cpus // actors))),
             "allow_unsafe_weights": bool(opts.allow_unsafe_weights),
+            **_class_kwargs(opts),
         },
     )
+    vocab = opts.resolved_vocabulary()
     # Encode + write take up to 64 rows a task (fewer tasks: less work for the driver's
     # Ray Data executor) but never more than a shard's rows, so the rows a shard waits for
     # in the batcher, and the work a kill loses, stay bounded by the shard size (a fixed
@@ -409,11 +430,20 @@ def build_dataset(
     # resources: Ray fuses them into one task, and the rows never leave that worker.
     write_batch = min(int(opts.rows_per_file), ENCODE_BATCH_ROWS)
     ds = ds.map_batches(encode_rows, batch_size=write_batch, batch_format="numpy", num_cpus=task_cpus,
-                        fn_kwargs={"rle": opts.rle})
+                        fn_kwargs={"rle": opts.rle, "class_names": list(vocab.names) if vocab is not None else None})
     ds = ds.map_batches(write_rows, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
                         fn_kwargs={"output": committer.output, "metadata": committer.metadata,
                                    "policy": committer.policy})
     return ds
+
+
+def _class_kwargs(opts: LabelOptions) -> dict[str, Any]:
+    """LabelActor's vocabulary arguments: none without a vocabulary (the actor then names nothing)."""
+    vocab = opts.resolved_vocabulary()
+    if vocab is None:
+        return {}
+    return {"vocabulary": list(vocab.names), "class_voting": opts.class_voting,
+            "class_threshold": float(opts.class_threshold)}
 
 
 def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
@@ -425,9 +455,11 @@ def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
     if checked.model.complete:
         return checked.model_info(opts, dtype, devices.use_gpu), checked.image_size
     probe = ray.remote(num_cpus=1, max_retries=0)(probe_model)
+    vocab = opts.resolved_vocabulary()  # a checkpoint holds no tokenizer alone: judged as it loads
     info = ray.get(probe.remote(opts.model, dtype=dtype, image_size=opts.image_size, timestep=opts.timestep,
                                 revision=opts.revision,
-                                allow_unsafe_weights=bool(opts.allow_unsafe_weights)))
+                                allow_unsafe_weights=bool(opts.allow_unsafe_weights),
+                                vocabulary=list(vocab.names) if vocab is not None else None))
     if "error" in info:
         raise LabelError(f"Cannot load model {opts.model!r}: {info['error']}")
     info["device"] = "cuda" if devices.use_gpu else "cpu"
@@ -508,6 +540,11 @@ def validate_options(opts: LabelOptions) -> None:
 
     if opts.vae_dtype not in (None, "auto", "fp32", "fp16", "bf16"):
         raise LabelError(f"--vae-dtype must be auto, fp32, fp16 or bf16, not {opts.vae_dtype!r}.")
+    try:
+        vocab = opts.resolved_vocabulary()
+        vocabulary_parameters(vocab, opts.class_voting, opts.class_threshold)
+    except ValueError as exc:
+        raise LabelError(f"Vocabulary: {_one_line(exc)}.") from None
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise LabelError(f"--dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}.")
     for name in ("batch_size", "rows_per_file", "num_points", "iterations", "max_pixels"):

@@ -3,7 +3,8 @@
 In order, cheapest and most likely to fail first; nothing is written until the last:
 
   1. the model: found, complete, readable configs and weight headers (no weights loaded);
-  2. the image size and the anchor grid against the model's attention resolutions;
+  2. the image size and the anchor grid against the model's attention resolutions; a
+     vocabulary against the model's tokenizer (loaded alone);
   3. the output's manifest: a rerun must use the same input and label parameters;
   4. the weights' sha256 (cached per file) against the manifest's model;
   5. the input: at least one input file (the first one found; the full listing streams later);
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import LabelError
 from pipeline.manifest import IncompatibleOutputError, check_compatible, recover_manifest
 from pipeline.sources import NoInputError, first_input, input_root, open_fs
+from pipeline.vocab import check_against_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import fsspec
@@ -109,6 +111,14 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
                                       image_size)
         if problem:
             raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
+    vocab = opts.resolved_vocabulary()
+    if vocab is not None:
+        try:
+            check_against_model(vocab, model)
+        except ModelLoadError as exc:
+            raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(exc.what)}") from None
+        except ValueError as exc:
+            raise LabelError(f"Vocabulary for model {opts.model!r}: {_one_line(exc)}.") from None
 
     try:
         previous = None if opts.overwrite else recover_manifest(out_fs, out_root)  # a torn one is rebuilt

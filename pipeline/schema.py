@@ -46,6 +46,13 @@ def output_schema(classes: bool) -> pa.Schema:
     return CLASS_OUTPUT_SCHEMA if classes else OUTPUT_SCHEMA
 
 
+def as_output(table: pa.Table) -> pa.Table:
+    """The output columns of ``table``, cast to the output schema; rows of a run with a
+    vocabulary carry a ``class_map`` column (every row of that output does)."""
+    schema = output_schema(classes=CLASS_MAP in table.column_names)
+    return table.select(schema.names).cast(schema)
+
+
 # Columns that travel with each row to the sink but are not written.
 SHARD_ID = "_shard_id"
 SHARD_ROWS = "_shard_rows"  # rows in the row's shard; -1 while the reader does not know yet

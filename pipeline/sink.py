@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 from pipeline.retry import UNAVAILABLE, RetryPolicy, call_with_retries, describe, is_transient, storage_refusal
 from pipeline.schema import (
     METADATA_KEY,
-    OUTPUT_SCHEMA,
     SHARD_ID,
     SHARD_ROWS,
     TIMING_COLUMNS,
+    as_output,
     part_name,
     spill_dir,
 )
@@ -153,7 +153,7 @@ def _write_shard_rows(fs, root: str, shard_id: int, rows: pa.Table, metadata: by
     else:
         rel = f"{spill_dir(shard_id)}/{hashlib.blake2b(b''.join(sorted(_chunks(hashes))), digest_size=8).hexdigest()}.arrow"
         try:
-            data = ipc_bytes(rows.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            data = ipc_bytes(as_output(rows))
             call_with_retries(write_bytes, fs, f"{root}/{rel}", data, policy=policy)
             record["file"], record["bytes"] = rel, len(data)
         except Exception as exc:  # noqa: BLE001 - storage faults come back in the record
@@ -244,7 +244,7 @@ def _merge(
         pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     for path, is_old in sources:
-        table = _read_table(fs, path, policy).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        table = as_output(_read_table(fs, path, policy))
         if is_old and new_ids:
             keep = pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(new_ids), pa.string())))
             table = table.filter(keep)

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
-from pipeline.encode import encode_label
-from pipeline.labels import unpack_label_map
+from pipeline.encode import class_png, encode_label, name_segments
+from pipeline.labels import unpack_classes, unpack_label_map
 from pipeline.retry import RetryPolicy, resilient_read
-from pipeline.schema import SEGMENT, SHARD_ID, SHARD_ROWS
+from pipeline.schema import CLASS_MAP, CLASS_SEGMENT, SEGMENT, SHARD_ID, SHARD_ROWS, UNKNOWN_CLASS
 from pipeline.sources import RawImage
 
 T = TypeVar("T")
@@ -127,14 +127,16 @@ def error_values(column: Any) -> list[str | None]:
     return [e if isinstance(e, str) else None for e in column]
 
 
-def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
+def encode_rows(batch: dict[str, np.ndarray], *, rle: bool, class_names: list[str] | None = None) -> pa.Table:
     """Packed label maps (``label_packed``, see pipeline.labels) -> the output columns
-    (PNG, num_segments, segments) plus bookkeeping."""
+    (PNG, num_segments, segments) plus bookkeeping. With ``class_names`` (a vocabulary run),
+    also each segment's class from ``classes_packed`` and the row's class map."""
     start = time.perf_counter()
     n = len(batch["image_id"])
     label_maps: list[bytes | None] = []
     num_segments: list[int | None] = []
     segments: list[list[dict] | None] = []
+    class_maps: list[bytes | None] = []
     errors = error_values(batch["error"])
     for i in range(n):
         packed = batch["label_packed"][i]
@@ -142,6 +144,7 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
             label_maps.append(None)
             num_segments.append(None)
             segments.append(None)
+            class_maps.append(None)
             if errors[i] is None:
                 errors[i] = "model error: no label map was produced"
             continue
@@ -149,15 +152,20 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
         try:
             labels = unpack_label_map(packed, h, w)
             png, k, segs = encode_label(labels, rle)
+            class_png_bytes = None
+            if class_names is not None:
+                class_png_bytes = _name_segments(labels, segs, batch["classes_packed"][i], class_names)
         except Exception as exc:  # noqa: BLE001
             label_maps.append(None)
             num_segments.append(None)
             segments.append(None)
+            class_maps.append(None)
             errors[i] = f"encode error: {type(exc).__name__}: {exc}"
             continue
         label_maps.append(png)
         num_segments.append(k)
         segments.append(segs)
+        class_maps.append(class_png_bytes)
     per_row = (time.perf_counter() - start) / max(n, 1)
     columns: dict[str, pa.Array] = {
         "image_id": pa.array(list(batch["image_id"]), pa.string()),
@@ -166,12 +174,29 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool) -> pa.Table:
         "height": pa.array(batch["height"], pa.int32()),
         "label_map": pa.array(label_maps, pa.binary()),
         "num_segments": pa.array(num_segments, pa.int32()),
-        "segments": pa.array(segments, pa.list_(SEGMENT)),
+        "segments": pa.array(segments, pa.list_(SEGMENT if class_names is None else CLASS_SEGMENT)),
         "error": pa.array(errors, pa.string()),
         SHARD_ID: pa.array(batch[SHARD_ID], pa.int64()),
         SHARD_ROWS: pa.array(batch[SHARD_ROWS], pa.int64()),
     }
+    if class_names is not None:
+        columns[CLASS_MAP] = pa.array(class_maps, pa.binary())
     for col in ("_t_decode", "_t_model", "_t_merge"):
         columns[col] = pa.array(batch[col] if col in batch else np.zeros(n), pa.float64())
     columns["_t_encode"] = pa.array(np.full(n, per_row), pa.float64())
     return pa.table(columns)
+
+
+def _name_segments(labels: np.ndarray, segs: list[dict], packed: bytes, names: list[str]) -> bytes:
+    """Name a row's segments (in place) from the actor's packed classes; return its class-map PNG.
+
+    The actor's classes are indexed by the label map's ids; the stored segments by the
+    compacted ids (the same when the map is already compact, as the actor makes it).
+    """
+    classes, scores = unpack_classes(packed)
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(classes)))
+    classes, scores = classes[present], scores[present]
+    name_segments(segs, classes, scores, names)
+    lut = np.full(int(present[-1]) + 1, UNKNOWN_CLASS, dtype=np.uint8)
+    lut[present] = np.where(classes >= 0, classes, UNKNOWN_CLASS)
+    return class_png(lut[labels])

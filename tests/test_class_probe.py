@@ -157,12 +157,12 @@ def test_chunked_heads_match(probing):
         torch.testing.assert_close(chunked[r], whole[r], atol=1e-6, rtol=0)
 
 
-def test_model_info_records_the_vocabulary(probing, plain):
-    info = probing["sd1"].model_info["vocabulary"]
-    assert info["names"] == ["person", "dog", "grass field", "sky", "cat"]
-    assert len(info["sha256"]) == 64
-    assert info["prompts"] == ["person dog grass field sky cat"]  # the tiny tokenizer has no ","
-    assert "vocabulary" not in plain["sd1"].model_info
+def test_the_encoded_vocabulary_is_kept_and_model_info_stays_the_models(probing, plain):
+    encoded = probing["sd1"].vocabulary
+    assert encoded.names == ("person", "dog", "grass field", "sky", "cat")
+    assert encoded.prompts == ["person dog grass field sky cat"]  # the tiny tokenizer has no ","
+    # provenance is the model's alone, equal to what the driver derives from its configs
+    assert probing["sd1"].model_info == plain["sd1"].model_info
 
 
 def test_bad_vocabulary_fails_before_loading(tmp_path):
