@@ -142,3 +142,17 @@ def test_job_spec_takes_the_vocabulary(tmp_path):
         with pytest.raises(SpecError) as err:
             load_spec(path)
         assert str(err.value).startswith(f"{path}: {key}: ") and words in str(err.value)
+
+
+def test_cross_entropy_example_trains_on_the_class_maps(labelled, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_on_class_maps.py"
+    spec = importlib.util.spec_from_file_location("train_on_class_maps", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    root, _, _ = labelled
+    assert example.main([str(root / "out"), str(root / "in"), "--steps", "3", "--workers", "0", "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 classes: person, dog, grass field, sky") and "step   3  loss" in out
