@@ -130,6 +130,21 @@ def test_self_attention_is_bit_identical_with_and_without_a_vocabulary(variant, 
         assert torch.equal(again[r], without[r])
 
 
+def test_a_vocabulary_split_over_prompts_keeps_its_order(model_paths):
+    # 11 names of 7 letter-tokens do not fit one prompt of 75 tokens: 10 in the first, 1 in the second
+    names = [letter * 7 for letter in "abcdefghijk"]
+    ex = AttentionExtractor.from_pretrained(model_paths["sd1"], vocabulary=names)
+    assert [p for p, _, _ in ex.vocabulary.spans] == [0] * 10 + [1]
+    pixels = ex.to_pixels(_images(1, seed=8))
+    ref = _reference_probe(model_paths["sd1"], "sd1", pixels, ex.vocabulary.embeddings)
+    ex.keep_layers = True
+    result = ex.extract(pixels)
+    for name, expected in ref.items():
+        assert expected.shape[-1] == 11
+        torch.testing.assert_close(ex.last_layers[name], expected, atol=1e-5, rtol=0)
+    assert all(m.shape[-1] == 11 for m in result.class_attention.values())
+
+
 def test_early_stop_after_the_last_attn2_does_not_change_the_probe(probing):
     ex = probing["sd1"]
     images = _images(2, seed=6)
