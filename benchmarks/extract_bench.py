@@ -19,7 +19,7 @@ Methods, measured in the same run on the same modules:
   without it, on the same modules, and the voting (combine + vote at the image
   size) per image.
 
-Vocabulary cost (CPU):  python benchmarks/extract_bench.py --no-baseline --vocabulary-classes 27
+Vocabulary cost (CPU):  python benchmarks/extract_bench.py --no-baseline --vocabulary-classes 27 --threads 1
 
 CPU (here):   python benchmarks/extract_bench.py
 GPU:          python benchmarks/extract_bench.py --device cuda --dtypes fp16,bf16 --batch-sizes 1,2,4,8,16,32,64
@@ -273,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--chunk-mib", type=int, default=None,
                    help="bound on one chunk of float32 attention probabilities (default: the extractor's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 makes process CPU time a steady measure on a shared machine")
     p.add_argument("--vocabulary-classes", type=int, default=0,
                    help="also time the vocabulary probe with this many classes (27: COCO-Stuff-27)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, "

@@ -424,6 +424,7 @@ class AttentionExtractor:
         """One UNet call on clean latents; returns the captured maps (no vocabulary probe)."""
         return self._unet_pass(latents, probe=False).self_attention
 
+    @torch.inference_mode()
     def _unet_pass(self, latents: torch.Tensor, probe: bool) -> Extraction:
         b = latents.shape[0]
         kwargs: dict[str, Any] = {}
