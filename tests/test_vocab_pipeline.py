@@ -156,3 +156,17 @@ def test_cross_entropy_example_trains_on_the_class_maps(labelled, capsys):
     assert example.main([str(root / "out"), str(root / "in"), "--steps", "3", "--workers", "0", "--size", "32"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("4 classes: person, dog, grass field, sky") and "step   3  loss" in out
+
+
+def test_a_refused_vocabulary_starts_neither_torch_nor_ray(tmp_path):
+    import subprocess
+    import sys
+
+    make_photo_folder(tmp_path / "in")
+    code = ("import sys; from pipeline.cli import main; "
+            "rc = main(['label', sys.argv[1], sys.argv[2], '--model', 'tiny-random', '--vocabulary', 'dog,' + 'x' * 80]); "
+            "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    assert "more than one prompt" in proc.stderr and not (tmp_path / "out").exists()
