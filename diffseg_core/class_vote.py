@@ -108,7 +108,9 @@ def vote_classes(
     check_voting(voting, threshold)
     if class_maps.ndim != 3 or class_maps.shape[0] == 0:
         raise ValueError(f"class maps: expected a non-empty (C, h, w) tensor, got {tuple(class_maps.shape)}")
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if not isinstance(labels, torch.Tensor):  # a read-only array (Ray's, a frombuffer) is copied, not aliased
+        array = np.asarray(labels)
+        labels = torch.from_numpy(array if array.flags.writeable else array.copy())
     if labels.ndim != 2 or labels.numel() == 0:
         raise ValueError(f"labels: expected a non-empty (H, W) map, got {tuple(labels.shape)}")
     device = class_maps.device

@@ -53,6 +53,99 @@ def test_bad_vocabulary_is_one_sentence_before_any_work(tmp_path, capsys, extra,
     assert not (tmp_path / "out").exists()  # nothing was listed, written or started
 
 
+# ---------------------------------------------------------------- the model actor (no Ray)
+# kl_threshold 1e-3: tiny-random's nearly uniform attention still gives dozens of segments a
+# photo, so the ids the actor votes on and the ids encode writes are really compared.
+ACTOR_SIZE, ACTOR_DIFFSEG = 64, {"kl_threshold": 1e-3, "num_points": 8}
+
+
+def _actor(vocabulary=None):
+    from pipeline.actors import LabelActor
+
+    named = {} if vocabulary is None else {"vocabulary": vocabulary, "class_threshold": 0.3}
+    return LabelActor("tiny-random", device="cpu", dtype=None, image_size=ACTOR_SIZE, timestep=300, revision=None,
+                      diffseg_kwargs=ACTOR_DIFFSEG, threads=1, **named)
+
+
+def _actor_batch(sizes):
+    from PIL import Image
+
+    from pipeline_helpers import photos
+
+    arrays = list(photos().values())[: len(sizes)]
+    n = len(sizes)
+    return {
+        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "source": np.array(["s"] * n, dtype=object),
+        "width": np.array([w for _, w in sizes], np.int32),
+        "height": np.array([h for h, _ in sizes], np.int32),
+        "error": np.array([None] * n, dtype=object),
+        "pixels": np.stack([np.asarray(Image.fromarray(a).resize((ACTOR_SIZE, ACTOR_SIZE))) for a in arrays]),
+        "_shard_id": np.zeros(n, np.int64),
+        "_shard_rows": np.full(n, n, np.int64),
+    }
+
+
+def test_the_actor_names_the_segments_it_would_make_without_a_vocabulary():
+    """Label maps equal a plain actor's exactly (the probe leaves the self-attention alone); each
+    written segment's class and the class map are a vote on the host over the written label map
+    (diffseg_core.class_vote as the library runs it), whatever ids the actor used on the way."""
+    import torch
+
+    from diffseg_core.class_vote import combine_class_attention, vote_classes
+    from pipeline.labels import unpack_label_map
+    from pipeline.tasks import encode_rows
+
+    sizes = [(64, 64), (120, 90), (37, 91)]
+    batch = _actor_batch(sizes)
+    named_actor = _actor(VOCAB)
+    named = named_actor(dict(batch))
+    plain = _actor()(dict(batch))
+    assert list(named["error"]) == [None] * 3 and "classes_packed" not in plain
+    rows = encode_rows(named, rle=False, class_names=VOCAB).to_pylist()
+    with torch.inference_mode():
+        ex = named_actor.extractor
+        attention = ex.extract(ex.to_pixels(batch["pixels"])).class_attention
+        class_maps = combine_class_attention(attention, named_actor.diffseg.weights)
+    for i, (row, (h, w)) in enumerate(zip(rows, sizes)):
+        labels = unpack_label_map(named["label_packed"][i], h, w)
+        np.testing.assert_array_equal(labels, unpack_label_map(plain["label_packed"][i], h, w))
+        np.testing.assert_array_equal(decode_png(row["label_map"]), labels)
+        assert row["num_segments"] > 5  # structure to name
+        want = vote_classes(class_maps[i], labels, voting="majority", threshold=0.3)
+        assert [s["class"] for s in row["segments"]] == [VOCAB[c] if c >= 0 else None for c in want.classes]
+        np.testing.assert_allclose([s["class_score"] for s in row["segments"]], want.scores, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(decode_png(row["class_map"]), want.class_map(labels))
+
+
+def test_broken_packed_classes_are_an_error_row_and_the_others_are_kept():
+    from pipeline.labels import pack_classes, pack_label_map, unpack_classes
+    from pipeline.tasks import encode_rows
+
+    labels = np.zeros((4, 6), np.uint8)
+    labels[:, 3:] = 1
+    classes, scores = np.array([1, -1]), np.array([0.75, 0.25], np.float32)
+    packed = pack_classes(classes, scores)
+    got_classes, got_scores = unpack_classes(packed)
+    np.testing.assert_array_equal(got_classes, classes)
+    np.testing.assert_array_equal(got_scores, scores)  # float32 stored as float32: exact
+    batch = {
+        "image_id": np.array(["ok", "short", "odd"], dtype=object), "source": np.array(["s"] * 3, dtype=object),
+        "width": np.full(3, 6, np.int32), "height": np.full(3, 4, np.int32),
+        "error": np.array([None] * 3, dtype=object),
+        "label_packed": np.array([pack_label_map(labels)] * 3, dtype=object),
+        "classes_packed": np.array([packed, pack_classes(classes[:1], scores[:1]), b"abc"], dtype=object),
+        "_shard_id": np.zeros(3, np.int64), "_shard_rows": np.full(3, 3, np.int64),
+    }
+    rows = encode_rows(batch, rle=False, class_names=["sky", "road"]).to_pylist()
+    assert [(s["class"], s["class_score"]) for s in rows[0]["segments"]] == [("road", 0.75), (None, 0.25)]
+    np.testing.assert_array_equal(decode_png(rows[0]["class_map"]), np.where(labels == 0, 1, 255))
+    for row in rows[1:]:  # one class for two segments; not packed classes at all
+        assert row["error"].startswith("encode error: ") and row["segments"] is None and row["class_map"] is None
+    with pytest.raises(ValueError, match="one value per segment"):
+        pack_classes(np.array([1, 2]), np.array([0.5]))
+
+
 def _rows(out) -> list[dict]:
     return read_output(str(out)).to_pylist()
 
