@@ -210,6 +210,10 @@ def test_manifest_records_the_vocabulary_and_a_rerun_with_another_is_refused(lab
     assert job_main([str(spec)]) == 0
     again = json.loads(capsys.readouterr().out.split(SUMMARY_PREFIX)[1])
     assert again["this_run"]["images"] == 0 and again["complete"]
+    # and as --vocabulary "a,b" (spaces around the commas are not part of the names)
+    code, printed, err = _cli(["label", str(root / "in"), str(root / "out"), *FAST_ARGS,
+                               "--vocabulary", " , ".join(VOCAB), "--class-threshold", "0.3", "--json"])
+    assert code == 0 and json.loads(printed)["this_run"]["images"] == 0, err
     with pytest.raises(LabelError, match=r"vocabulary_sha256 .* -> .*--overwrite"):
         label(str(root / "in"), str(root / "out"), vocabulary="person,dog", class_threshold=0.3, **FAST)
     with pytest.raises(LabelError, match=r"vocabulary_sha256 '[0-9a-f]+' -> off"):
