@@ -102,18 +102,33 @@ def merge_with_anchors(
     # One image at a time: 2-D matrix products with a transposed operand are
     # faster than batched ones on CPU, and the work per image is large anyway.
     for b in range(aggregate.shape[0]):
-        rows, log_rows, h_rows = aggregate[b], log_agg[b], h_agg[b]
-        anchor_terms = (log_rows[anchors], h_rows[anchors])
-        distance = symmetric_kl(rows[anchors], rows, anchor_terms, (log_rows, h_rows))
-        # Anchors inside one uniform region often select the very same rows:
-        # average each distinct selection once.
-        selections, which = unique_rows(distance < tau)
-        selections = selections.to(rows.dtype)
-        means = selections @ rows
-        # An anchor is always within tau of itself, so no count is zero.
-        means /= selections.sum(-1, keepdim=True)
-        proposals[b] = means[which]
+        distance = anchor_distances(aggregate[b], (log_agg[b], h_agg[b]), anchors)
+        proposals[b] = means_within(aggregate[b], distance, tau)
     return proposals
+
+
+def anchor_distances(
+    rows: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor], anchors: torch.Tensor
+) -> torch.Tensor:
+    """(A, N) symmetric KL from each anchor row to every row of one image's (N, K) aggregate.
+
+    ``terms``: the rows' :func:`entropy_terms`. It does not depend on tau, so a
+    sweep over thresholds computes it once (diffseg_core.sweep).
+    """
+    log_rows, h_rows = terms
+    return symmetric_kl(rows[anchors], rows, (log_rows[anchors], h_rows[anchors]), terms)
+
+
+def means_within(rows: torch.Tensor, distance: torch.Tensor, tau: float) -> torch.Tensor:
+    """(A, K): for each anchor, the mean of the (N, K) rows whose distance to it is < tau."""
+    # Anchors inside one uniform region often select the very same rows:
+    # average each distinct selection once.
+    selections, which = unique_rows(distance < tau)
+    selections = selections.to(rows.dtype)
+    means = selections @ rows
+    # An anchor is always within tau of itself, so no count is zero.
+    means /= selections.sum(-1, keepdim=True)
+    return means[which]
 
 
 def unique_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

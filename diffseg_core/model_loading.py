@@ -157,7 +157,7 @@ def _load_hub(name: str, revision: str | None, allow_unsafe: bool, vocabulary: A
     loaded = _load_components(name, name, revision, allow_unsafe, parts, vocabulary)
     loaded.source = "hub"
     loaded.resolved = name
-    loaded.revision = _hub_commit(name, revision) or revision
+    loaded.revision = hub_commit(name, revision) or revision
     return loaded
 
 
@@ -329,7 +329,7 @@ def _single_file_is_sdxl(name: str, path: Path) -> bool:
     return any(k.startswith("conditioner.embedders.1.") for k in keys)
 
 
-def _hub_commit(repo: str, revision: str | None) -> str | None:
+def hub_commit(repo: str, revision: str | None) -> str | None:
     """The commit hash of the cached snapshot that was loaded, if known."""
     try:
         from huggingface_hub import try_to_load_from_cache

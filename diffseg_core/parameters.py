@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem"]
+__all__ = ["DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem"]
 
 DEFAULT_ITERATIONS = 3
 
@@ -48,3 +48,21 @@ def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any,
         f"but model {str(model)!r} at image size {image_size} gives {finest} x {finest}: "
         f"use num_points {finest} or less, or a larger image size"
     )
+
+
+def weights_problem(weights: Sequence[float] | None, resolutions: Sequence[int] | None = None,
+                    model: Any = None) -> str | None:
+    """Why aggregation weights (one per resolution, finest first; None = proportional) cannot be
+    used, on a model with these attention ``resolutions`` when given, or None if they can."""
+    if weights is None:
+        return None
+    values = list(weights)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                         for v in values) or sum(values) <= 0:
+        return f"weights must be non-negative numbers, not all zero, not {values!r}"
+    if resolutions is not None and len(values) != len(resolutions):
+        res = sorted(resolutions, reverse=True)
+        who = f"model {str(model)!r}" if model is not None else "the model"
+        return (f"{len(values)} weights given, but {who} has {len(res)} attention resolutions {res} "
+                "(one weight each, finest first)")
+    return None

@@ -13,7 +13,7 @@ Layout (every section but ``input``/``output`` is optional)::
     output: s3://bucket/labels/
     model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
-    method: {kl_threshold, num_points, iterations, refine, paper_preprocess,
+    method: {kl_threshold, num_points, iterations, refine, weights, paper_preprocess,
              vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
     resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
                 cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
@@ -148,6 +148,15 @@ def _share(v: Any) -> float:
     return value
 
 
+def _weights(v: Any) -> list[float]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(f"a non-empty list of numbers (one per attention resolution, finest first), not {_type_name(v)} {v!r}")
+    values = [_number(0.0)(x) for x in v]
+    if sum(values) <= 0:
+        raise _Bad(f"weights that are not all zero, not {v!r}")
+    return values
+
+
 def _str_mapping(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
         raise _Bad(f"a mapping with string keys, not {_type_name(v)}")
@@ -179,6 +188,7 @@ _METHOD = {
     "num_points": (_int(1), "num_points"),
     "iterations": (_int(1), "iterations"),
     "refine": (_bool, "refine"),
+    "weights": (_optional(_weights), "weights"),  # diffseg tune's choice; null: proportional to r
     "paper_preprocess": (_bool, "paper_preprocess"),
     "vocabulary": (_vocabulary, "vocabulary"),
     "vocabulary_file": (_optional(_str), "vocabulary_file"),

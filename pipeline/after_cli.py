@@ -1,4 +1,4 @@
-"""``diffseg eval | export | show``: the subcommands for after labeling.
+"""``diffseg eval | export | show`` (after labeling) and ``tune`` (before it): the subcommands beside label.
 
 ``pipeline.cli`` wires them in with ``add_subcommands(sub)`` on its subparsers;
 each parser sets ``handler``, which takes the parsed args and returns the exit code.
@@ -18,7 +18,9 @@ from pipeline.help_format import DefaultsHelpFormatter
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Add ``eval``, ``export`` and ``show`` to an argparse subparsers object."""
+    """Add ``eval``, ``export``, ``show`` and ``tune`` to an argparse subparsers object."""
+    from pipeline.tune.cli import add_tune
+
     fmt = DefaultsHelpFormatter
     e = subparsers.add_parser(
         "eval", formatter_class=fmt, help="pixel accuracy and mIoU against ground truth (paper protocol)",
@@ -98,6 +100,8 @@ def add_subcommands(subparsers: Any) -> None:
     s.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column")
     s.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     s.set_defaults(handler=run_show)
+
+    add_tune(subparsers)
 
 
 def _fail(command: str, exc: Exception) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 from pipeline.credentials import storage_options_json
 from pipeline.devices import DEVICES
 from pipeline.help_format import DefaultsHelpFormatter
+from pipeline.params import METHOD_PARAMS, read_params
 from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
 _DEFAULTS = LabelOptions()
@@ -20,6 +21,10 @@ _DEFAULTS = LabelOptions()
 def _kl_threshold(text: str) -> float | list[float]:
     values = [float(v) for v in text.split(",")]
     return values[0] if len(values) == 1 else values
+
+
+def _weights(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -50,13 +55,22 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="timestep the one UNet call is conditioned on, as in the paper; the latent stays clean "
                    "(no noise is added)")
     d = p.add_argument_group("DiffSeg")
-    d.add_argument("--kl-threshold", type=_kl_threshold, default=_DEFAULTS.kl_threshold,
-                   help="merge threshold tau on the symmetric KL (1.1 suits COCO-like photos, 0.9 street "
-                   "scenes); comma-separated for one per iteration")
-    d.add_argument("--num-points", type=int, default=_DEFAULTS.num_points, help="anchor grid side")
-    d.add_argument("--iterations", type=int, default=_DEFAULTS.iterations,
-                   help="merging iterations (a --kl-threshold list sets its own: one per iteration)")
-    d.add_argument("--refine", action="store_true", help="k-means refinement of the proposals")
+    # These default to None so that a --params file can fill what the command line leaves out.
+    d.add_argument("--kl-threshold", type=_kl_threshold, default=None,
+                   help=f"merge threshold tau on the symmetric KL (1.1 suits COCO-like photos, 0.9 street "
+                   f"scenes); comma-separated for one per iteration (default {_DEFAULTS.kl_threshold})")
+    d.add_argument("--num-points", type=int, default=None, help=f"anchor grid side (default {_DEFAULTS.num_points})")
+    d.add_argument("--iterations", type=int, default=None,
+                   help=f"merging iterations (a --kl-threshold list sets its own: one per iteration; "
+                   f"default {_DEFAULTS.iterations})")
+    d.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="k-means refinement of the proposals (default off)")
+    d.add_argument("--weights", type=_weights, default=None,
+                   help="aggregation weights, one per attention resolution, finest first, e.g. 8,4,2,1 "
+                   "(default: proportional to the resolution)")
+    d.add_argument("--params", default=None, metavar="JSON",
+                   help="DiffSeg parameters from a file, e.g. tune/best.json from `diffseg tune` (kl_threshold, "
+                   "iterations, num_points, refine, weights); flags given on the command line win over the file")
     d.add_argument("--paper-preprocess", action="store_true",
                    help="the paper's protocol: centre-crop each image to a square, resize to the image size, "
                    "and label at that size (S x S) instead of the image's own")
@@ -155,6 +169,18 @@ def _rate(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _method_options(options: dict[str, Any], params: str | None) -> dict[str, Any]:
+    """Method options: the command line's, then the --params file's, then label's defaults (left out)."""
+    given = {k: v for k, v in options.items() if k in METHOD_PARAMS and v is not None}
+    from_file = read_params(params) if params else {}
+    for key in sorted(set(given) & set(from_file)):
+        print(f"diffseg label: --{key.replace('_', '-')} on the command line overrides {params}'s value "
+              f"{from_file[key]!r}", file=sys.stderr)
+    merged = {**from_file, **given}
+    rest = {k: v for k, v in options.items() if k not in METHOD_PARAMS}
+    return {**rest, **{k: v for k, v in merged.items() if v is not None}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -168,8 +194,9 @@ def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
     from pipeline.plan import label
     from pipeline.stderr_filter import filtered_stderr
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json")}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json", "params")}
     try:
+        options = _method_options(options, args.params)
         with _notes_on_stderr(), filtered_stderr():
             summary = label(args.input, args.output, **options)
     except LabelError as exc:

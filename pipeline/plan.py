@@ -79,6 +79,7 @@ class LabelOptions:
     num_points: int = 16
     iterations: int = 3
     refine: bool = False
+    weights: list[float] | None = None  # aggregation weights, finest resolution first; None: proportional to r
     rle: bool = False
     rows_per_file: int = 1000
     overwrite: bool = False
@@ -128,14 +129,17 @@ class LabelOptions:
             parameters["vae_dtype"] = self.vae_dtype
         # likewise: only with a vocabulary
         parameters.update(vocabulary_parameters(self.resolved_vocabulary(), self.class_voting, self.class_threshold))
+        if self.weights is not None:  # likewise: only when given
+            parameters["weights"] = [float(w) for w in self.weights]
         return parameters
 
     def diffseg_kwargs(self) -> dict[str, Any]:
         kl = self.kl_threshold
+        weights = {"weights": [float(w) for w in self.weights]} if self.weights is not None else {}
         if isinstance(kl, (list, tuple)):
-            return {"kl_threshold": list(kl), "num_points": self.num_points, "refine": self.refine}
+            return {"kl_threshold": list(kl), "num_points": self.num_points, "refine": self.refine, **weights}
         return {"kl_threshold": float(kl), "num_points": self.num_points, "iterations": self.iterations,
-                "refine": self.refine}
+                "refine": self.refine, **weights}
 
 
 def label(input: str, output: str, **options: Any) -> dict[str, Any]:
@@ -450,7 +454,7 @@ def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
                 devices: DevicePlan) -> tuple[dict[str, Any], int]:
     """The model's provenance and image size: from its configs, or (single-file checkpoints,
     whose configs only a load reveals) from a probe in a Ray task, never in the driver."""
-    from diffseg_core.parameters import anchor_grid_problem
+    from diffseg_core.parameters import anchor_grid_problem, weights_problem
 
     if checked.model.complete:
         return checked.model_info(opts, dtype, devices.use_gpu), checked.image_size
@@ -466,6 +470,9 @@ def _model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
     problem = anchor_grid_problem(opts.num_points, info["attention_resolutions"], opts.model, info["image_size"])
     if problem:
         raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
+    problem = weights_problem(opts.weights, info["attention_resolutions"], opts.model)
+    if problem:
+        raise LabelError(f"--weights: {problem}.")
     return info, int(info["image_size"])
 
 
@@ -536,7 +543,7 @@ def validate_options(opts: LabelOptions) -> None:
 
     The method parameters are judged by diffseg_core.parameters, as DiffSeg's constructor judges them.
     """
-    from diffseg_core.parameters import method_thresholds
+    from diffseg_core.parameters import method_thresholds, weights_problem
 
     if opts.vae_dtype not in (None, "auto", "fp32", "fp16", "bf16"):
         raise LabelError(f"--vae-dtype must be auto, fp32, fp16 or bf16, not {opts.vae_dtype!r}.")
@@ -576,6 +583,9 @@ def validate_options(opts: LabelOptions) -> None:
     problem = device_option_problem(opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
     if problem:
         raise LabelError(problem)
+    problem = weights_problem(opts.weights)
+    if problem:
+        raise LabelError(f"--weights: {problem}.")
     try:
         kwargs = opts.diffseg_kwargs()
         method_thresholds(kwargs["kl_threshold"], kwargs["num_points"], kwargs.get("iterations"))

@@ -87,7 +87,7 @@ class Checked:
 def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
     """Run the checks of the module docstring; raise LabelError (one sentence) at the first that fails."""
     from diffseg_core.model_check import ModelLoadError, check_model
-    from diffseg_core.parameters import anchor_grid_problem
+    from diffseg_core.parameters import anchor_grid_problem, weights_problem
     from diffseg_core.weight_hashes import sha256_files
 
     try:
@@ -111,6 +111,9 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
                                       image_size)
         if problem:
             raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
+        problem = weights_problem(opts.weights, model.attention_resolutions(image_size), opts.model)
+        if problem:
+            raise LabelError(f"--weights: {problem}.")
     vocab = opts.resolved_vocabulary()
     if vocab is not None:
         try:

@@ -57,3 +57,44 @@ def agreement(pred, truth) -> float:
     np.add.at(confusion, (a, b), 1)
     rows, cols = linear_sum_assignment(confusion, maximize=True)
     return confusion[rows, cols].sum() / a.size
+
+
+def paired_block_attention(
+    r: int, split: tuple[int, int], close: float = 0.85, apart: float = 0.95, floor: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-resolution attention whose best KL threshold is known by construction.
+
+    The r x r grid is cut at ``split`` = (row, col) into four rectangles A (top
+    left), B (top right), C (bottom left), D (bottom right). Every query of a
+    rectangle has the same attention map: mostly on its own rectangle, some on
+    its partner (A with B, C with D), a uniform ``floor``. The partner weights
+    are solved so the symmetric KL between A's and B's maps is ``close`` and
+    between C's and D's is ``apart``; every other pair is far apart (> 4).
+    Ground truth gives A and B one class (0), C and D their own (1, 2). So
+    DiffSeg labels the image exactly right for close <= tau < apart, and never
+    outside: too low keeps A and B apart, too high joins C and D.
+
+    Returns (maps (1, r*r, r*r) float32, rectangle index (r, r): A=0 .. D=3, classes (r, r)).
+    """
+    from scipy.optimize import brentq
+
+    rows, cols = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
+    rect = (rows >= split[0]).long() * 2 + (cols >= split[1]).long()
+    masks = [(rect == i).reshape(-1).double() for i in range(4)]
+    n = r * r
+
+    def pair(own: int, other: int, weight: float) -> torch.Tensor:
+        m = masks[own] / masks[own].sum() + weight * masks[other] / masks[other].sum() + floor / n
+        return m / m.sum()
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+        return float(0.5 * ((p - q) * (p.log() - q.log())).sum())
+
+    beta = brentq(lambda w: kl(pair(0, 1, w), pair(1, 0, w)) - close, 1e-6, 1.0, xtol=1e-12)
+    gamma = brentq(lambda w: kl(pair(2, 3, w), pair(3, 2, w)) - apart, 1e-6, 1.0, xtol=1e-12)
+    per_rect = [pair(0, 1, beta), pair(1, 0, beta), pair(2, 3, gamma), pair(3, 2, gamma)]
+    far = min(kl(per_rect[i], per_rect[j]) for i, j in ((0, 2), (0, 3), (1, 2), (1, 3)))
+    assert far > 4, far
+    maps = torch.stack([per_rect[i] for i in rect.reshape(-1).tolist()]).float()[None]
+    classes = torch.tensor([0, 0, 1, 2])[rect]
+    return maps, rect, classes

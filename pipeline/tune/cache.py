@@ -1,0 +1,106 @@
+"""The attention cache of ``diffseg tune``: per-resolution self-attention, float16, one file per image.
+
+What is kept is the extractor's output (head- and layer-averaged maps, one per
+resolution), not one aggregate: the aggregate depends on the aggregation
+weights, and every weighting is one pass over these. At SD 1.x 512 px that is
+4096^2 + 1024^2 + 256^2 + 64^2 float16 values = 35.8 MB per image (the 64 x 64
+level alone is 33.5 MB, so one aggregate would save 6%); 100 images: 3.6 GB
+(measured: benchmarks/tune_bench.py, BENCHMARKS.md).
+
+A file is named by a hash of everything its values depend on: the model's
+identity (hub id + commit, or the local files' names, sizes and mtimes: no
+weights are loaded or hashed to compute it), the image's bytes (sha256), the
+model input size, the timestep, the dtype, the paper crop and this cache's
+format version. A second ``diffseg tune`` over the same images and model reads
+them back and never runs the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_VERSION = 1
+CACHE_DIR = "attention"
+
+
+def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
+    """What identifies a model's weights, cheaply (file stats or a hub commit; nothing loaded)."""
+    from diffseg_core.model_loading import hub_commit
+    from diffseg_core.tiny_model import resolve_model
+
+    resolved = resolve_model(str(model))
+    path = Path(resolved).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stats = [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                 for p in files]
+        return {"model": str(model), "path": str(path.resolve()), "files": stats}
+    return {"model": str(model), "revision": hub_commit(str(model), revision) or revision}
+
+
+def extraction_key(identity: dict[str, Any], image_sha256: str, *, image_size: int | None, timestep: int,
+                   dtype: str, paper_preprocess: bool) -> str:
+    """The cache key of one image's attention (hex sha256)."""
+    body = {
+        "version": CACHE_VERSION,
+        "model": identity,
+        "image_sha256": image_sha256,
+        "image_size": image_size if image_size is not None else "native",
+        "timestep": int(timestep),
+        "dtype": dtype,
+        "paper_preprocess": bool(paper_preprocess),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class AttentionCache:
+    """Files ``<root>/<key>.safetensors``: tensors ``r<R>`` (R*R, R*R) float16, and a JSON header.
+
+    The header (``meta``) holds the image's label frame (height, width), its id,
+    the resolutions and the model input size, so a run whose images are all
+    cached needs neither the model nor the pixels.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """The header of a cached entry, or None if there is none (or it cannot be read)."""
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return json.loads((f.metadata() or {})["diffseg"])
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss; it is rewritten
+            return None
+
+    def put(self, key: str, maps: dict[int, torch.Tensor], meta: dict[str, Any]) -> Path:
+        """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16; atomic (write, then rename)."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {f"r{r}": m.reshape(r * r, r * r).to("cpu", torch.float16).contiguous() for r, m in maps.items()}
+        header = dict(meta, resolutions=sorted(maps, reverse=True))
+        tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
+        save_file(tensors, str(tmp), metadata={"diffseg": json.dumps(header)})
+        os.replace(tmp, self.path(key))
+        return self.path(key)
+
+
+def load_maps(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """{r: (1, r*r, r*r) float16} of one cached image (the input DiffSeg's aggregation takes)."""
+    from safetensors.torch import load_file
+
+    return {int(name[1:]): t[None] for name, t in load_file(str(path)).items()}

@@ -1,0 +1,118 @@
+"""``diffseg tune``: the subcommand (registered by pipeline.after_cli.add_subcommands)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipeline.credentials import storage_options_json
+from pipeline.datasets_gt import FORMATS
+from pipeline.help_format import DefaultsHelpFormatter
+
+
+def _floats(text: str) -> list[float]:
+    """"0.9,1.0,1.1" or a range "0.6:1.4:0.1" (inclusive)."""
+    from pipeline.tune.grid import frange
+
+    if ":" in text:
+        parts = [float(v) for v in text.split(":")]
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"a range is START:STOP:STEP, got {text!r}")
+        return frange(*parts)
+    return [float(v) for v in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _switches(text: str) -> list[bool]:
+    values = {"off": False, "on": True, "false": False, "true": True}
+    try:
+        return [values[v.strip().lower()] for v in text.split(",")]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"--refine takes off, on or off,on; got {text!r}") from None
+
+
+def add_tune(subparsers: Any) -> None:
+    from pipeline.tune.grid import DEFAULT_NUM_POINTS, WEIGHT_PRESETS, Grid
+
+    g = Grid()
+    t = subparsers.add_parser(
+        "tune", formatter_class=DefaultsHelpFormatter,
+        help="choose tau and the other DiffSeg parameters on a small labelled sample",
+        description="Extract attention once per labelled image (cached under OUT/attention, reused by later "
+        "runs), score every setting of the grid with the paper's protocol on Ray, and write OUT/best.json "
+        "(use it with `diffseg label --params OUT/best.json`), OUT/results.csv and OUT/tau.png. The held-out "
+        "score is a k-fold estimate of what the chosen setting gives on new images.",
+    )
+    t.add_argument("images", help="folder (or glob) of the labelled images: image files, local or fsspec URL")
+    t.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs), as for diffseg eval")
+    t.add_argument("--format", required=True, choices=FORMATS)
+    t.add_argument("--n", type=int, default=100, help="images to sample (seeded) from those with ground truth")
+    t.add_argument("--out", default="tune", help="local folder for best.json, results.csv, tau.png and the cache")
+    t.add_argument("--folds", type=int, default=5, help="k of the k-fold held-out estimate")
+    t.add_argument("--seed", type=int, default=0, help="sample and fold split")
+    m = t.add_argument_group("model (as diffseg label)")
+    m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                   help="hub id, local diffusers folder, .safetensors, or tiny-random")
+    m.add_argument("--revision", default=None)
+    m.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's native)")
+    m.add_argument("--timestep", type=int, default=300)
+    m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    m.add_argument("--paper-preprocess", action="store_true",
+                   help="the paper's protocol: centre-crop to a square, labels at S x S (as label --paper-preprocess)")
+    m.add_argument("--batch-size", type=int, default=4, help="images per extractor call")
+    s = t.add_argument_group("grid (each list is searched in full)")
+    s.add_argument("--tau", type=_floats, default=g.taus, help="KL thresholds: a list 0.9,1.1 or a range START:STOP:STEP")
+    s.add_argument("--iterations", type=_ints, default=g.iterations, help="merging iteration counts")
+    s.add_argument("--tau-steps", type=_floats, default=g.tau_steps,
+                   help="per-iteration change of tau: 0 = one tau for all iterations; -0.1 makes 1.1,1.0,0.9 of 1.1")
+    s.add_argument("--schedules", nargs="+", type=lambda v: tuple(_floats(v)), default=[],
+                   help="extra per-iteration schedules, each one tau per iteration: 1.1,1.0,0.9 1.2,1.1")
+    s.add_argument("--num-points", type=_ints, default=None,
+                   help=f"anchor grid sides (default: {','.join(map(str, DEFAULT_NUM_POINTS))}, those that fit the model)")
+    s.add_argument("--weights", nargs="+", default=g.weights,
+                   help=f"aggregation weights: presets ({', '.join(WEIGHT_PRESETS)}) or numbers finest first (8,4,2,1)")
+    s.add_argument("--refine", type=_switches, default=g.refine,
+                   help="off, on, or off,on (k-means refinement costs ~40x a plain setting on CPU)")
+    e = t.add_argument_group("scoring")
+    e.add_argument("--score-size", type=int, default=512,
+                   help="score at most this many pixels on the label frame's longer side (0: full size)")
+    e.add_argument("--chunk-size", type=int, default=None, help="images per Ray task (default: ~2 tasks per CPU)")
+    e.add_argument("--top", type=int, default=15, help="rows of the table printed (all are in results.csv)")
+    e.add_argument("--categories", nargs="+", default=None, help="coco-stuff-27: annotation JSON(s), as for eval")
+    e.add_argument("--coco-offset", type=int, default=1)
+    e.add_argument("--num-classes", type=int, default=None, help="masks: number of classes (values 0..N-1)")
+    e.add_argument("--ignore-value", type=int, nargs="*", default=[255], help="masks: pixel values to ignore")
+    e.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(handler=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from diffseg_core.model_loading import ModelLoadError
+    from pipeline.datasets_gt import GroundTruthError
+    from pipeline.tune.grid import Grid, GridError
+    from pipeline.tune.prepare import SampleError
+    from pipeline.tune.report import format_report
+    from pipeline.tune.run import TuneError, tune
+
+    grid = Grid(taus=args.tau, iterations=args.iterations, tau_steps=args.tau_steps, schedules=list(args.schedules),
+                num_points=args.num_points, weights=list(args.weights), refine=args.refine)
+    try:
+        report = tune(
+            args.images, args.ground_truth, args.format, model=args.model, revision=args.revision,
+            image_size=args.image_size, timestep=args.timestep, dtype=args.dtype,
+            paper_preprocess=args.paper_preprocess, n=args.n, out=args.out, folds=args.folds, seed=args.seed,
+            grid=grid, score_size=args.score_size, batch_size=args.batch_size, chunk_size=args.chunk_size,
+            categories=args.categories, coco_offset=args.coco_offset, num_classes=args.num_classes,
+            ignore_values=args.ignore_value, storage_options=args.storage_options, progress=not args.no_progress,
+        )
+    except (GridError, GroundTruthError, SampleError, TuneError, ModelLoadError) as exc:
+        print(f"diffseg tune: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_report(report, args.top))
+    return 0

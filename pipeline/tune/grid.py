@@ -1,0 +1,201 @@
+"""The parameter grid of ``diffseg tune``: settings, weight presets, parsing and checks.
+
+A :class:`Setting` is one full set of DiffSeg parameters. The grid is the
+product of anchor grids x aggregation weights x refine x threshold schedules,
+where a schedule is one threshold per iteration: every base tau x iteration
+count x per-iteration step (0 = the same tau at every iteration), plus any
+schedules given explicitly. The default setting (label's defaults) is always
+scored too, so its score can be reported beside the best.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+#: Aggregation weight presets, as functions of the resolution r (normalised later).
+#: proportional is the paper's (and label's) default; the others span from every
+#: resolution alike (equal) to the finest alone.
+WEIGHT_PRESETS = {
+    "proportional": lambda r, finest: float(r),
+    "equal": lambda r, finest: 1.0,
+    "sqrt": lambda r, finest: math.sqrt(r),
+    "squared": lambda r, finest: float(r * r),
+    "finest": lambda r, finest: 1.0 if r == finest else 0.0,
+}
+DEFAULT_WEIGHTS = "proportional"
+
+
+class GridError(ValueError):
+    """A grid that cannot be searched (one sentence saying why)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One set of DiffSeg parameters. ``weights``: a preset name or numbers "w1,w2,..." (finest first)."""
+
+    thresholds: tuple[float, ...]
+    num_points: int
+    weights: str = DEFAULT_WEIGHTS
+    refine: bool = False
+
+    @property
+    def iterations(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def constant_tau(self) -> float | None:
+        """The tau when every iteration uses the same one, else None."""
+        return self.thresholds[0] if len(set(self.thresholds)) == 1 else None
+
+    def describe(self) -> str:
+        tau = _fmt(self.thresholds[0]) if self.constant_tau is not None else ",".join(map(_fmt, self.thresholds))
+        return (f"tau={tau} iterations={self.iterations} num_points={self.num_points} "
+                f"weights={self.weights} refine={'on' if self.refine else 'off'}")
+
+    def label_params(self, resolutions: Sequence[int]) -> dict[str, Any]:
+        """The parameters as ``diffseg label --params`` reads them (weights as numbers, finest first)."""
+        tau: float | list[float] = self.constant_tau if self.constant_tau is not None else list(self.thresholds)
+        return {
+            "kl_threshold": tau,
+            "iterations": self.iterations,
+            "num_points": self.num_points,
+            "refine": self.refine,
+            "weights": weight_values(self.weights, resolutions),
+        }
+
+
+@dataclass
+class Grid:
+    """What to search. Every list is tried in full (a product), schedules deduplicated."""
+
+    taus: list[float] = field(default_factory=lambda: frange(0.6, 1.4, 0.1))
+    iterations: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    tau_steps: list[float] = field(default_factory=lambda: [0.0, -0.1])
+    schedules: list[tuple[float, ...]] = field(default_factory=list)  # explicit, one tau per iteration
+    num_points: list[int] | None = None  # None: DEFAULT_NUM_POINTS that fit the model
+    weights: list[str] = field(default_factory=lambda: list(WEIGHT_PRESETS))
+    refine: list[bool] = field(default_factory=lambda: [False])
+
+
+DEFAULT_NUM_POINTS = (8, 16)
+
+
+def default_setting() -> Setting:
+    """What ``diffseg label`` does without flags (LabelOptions' defaults)."""
+    from pipeline.plan import LabelOptions
+
+    d = LabelOptions()
+    kl = d.kl_threshold
+    thresholds = tuple(float(v) for v in kl) if isinstance(kl, (list, tuple)) else (float(kl),) * d.iterations
+    return Setting(thresholds, d.num_points, DEFAULT_WEIGHTS, bool(d.refine))
+
+
+def frange(start: float, stop: float, step: float) -> list[float]:
+    """start, start + step, ..., stop (inclusive), rounded to 6 decimals."""
+    if step <= 0 or stop < start:
+        raise GridError(f"a tau range needs start <= stop and a positive step, got {start}:{stop}:{step}")
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 6) for i in range(n)]
+
+
+def schedules(grid: Grid) -> list[tuple[float, ...]]:
+    """Every threshold schedule of the grid, in a stable order, non-positive ones dropped."""
+    out: dict[tuple[float, ...], None] = {}
+    for tau, n, step in itertools.product(grid.taus, grid.iterations, grid.tau_steps):
+        if n == 1 and step != 0:
+            continue  # one iteration has no per-iteration change
+        s = tuple(round(tau + i * step, 6) for i in range(n))
+        if all(v > 0 for v in s):
+            out[s] = None
+    for s in grid.schedules:
+        out[tuple(round(float(v), 6) for v in s)] = None
+    return list(out)
+
+
+def settings(grid: Grid, resolutions: Sequence[int], model: str, image_size: int) -> tuple[list[Setting], list[str]]:
+    """All settings of ``grid`` for a model with these attention ``resolutions``, and notes.
+
+    Raises GridError when an explicitly asked value cannot run on the model.
+    """
+    check_grid(grid, resolutions, model, image_size)
+    notes = []
+    points = grid.num_points
+    if points is None:
+        finest = max(resolutions)
+        points = [n for n in DEFAULT_NUM_POINTS if n <= finest] or [finest]
+        dropped = [n for n in DEFAULT_NUM_POINTS if n > finest]
+        if dropped:
+            notes.append(f"num_points {dropped} left out of the default grid: the model's finest attention "
+                         f"is {finest} x {finest}")
+    combos = itertools.product(sorted(set(points)), dict.fromkeys(grid.weights), sorted(set(grid.refine)))
+    scheds = schedules(grid)
+    if not scheds:
+        raise GridError("the tau grid gives no schedule with every threshold positive")
+    out = [Setting(s, n, w, r) for n, w, r in combos for s in scheds]
+    return out, notes
+
+
+def check_grid(grid: Grid, resolutions: Sequence[int], model: str, image_size: int) -> None:
+    """One sentence for the first value of the grid this model cannot run."""
+    from diffseg_core.parameters import anchor_grid_problem
+
+    for n in grid.num_points or []:
+        problem = anchor_grid_problem(n, resolutions, model, image_size)
+        if problem:
+            raise GridError(f"the grid cannot run on this model: {problem} (--num-points)")
+    for w in grid.weights:
+        weight_values(w, resolutions)
+
+
+def check_values(grid: Grid) -> None:
+    """Checks that need no model: run before anything is read or loaded."""
+    if not grid.taus and not grid.schedules:
+        raise GridError("the tau grid is empty")
+    for tau in grid.taus:
+        if not math.isfinite(tau) or tau <= 0:
+            raise GridError(f"tau must be positive, got {tau}")
+    for s in grid.schedules:
+        if not s or any(not math.isfinite(v) or v <= 0 for v in s):
+            raise GridError(f"a schedule needs one positive tau per iteration, got {list(s)}")
+    if not grid.iterations or any(n < 1 for n in grid.iterations):
+        raise GridError(f"iterations must be integers >= 1, got {grid.iterations}")
+    if grid.num_points is not None and (not grid.num_points or any(n < 2 for n in grid.num_points)):
+        raise GridError(f"num_points must be integers >= 2, got {grid.num_points}")
+    if not grid.weights:
+        raise GridError("the weights grid is empty")
+    for w in grid.weights:
+        if w not in WEIGHT_PRESETS:
+            parse_weight_numbers(w)
+    if not grid.refine:
+        raise GridError("the refine grid is empty")
+
+
+def weight_values(weights: str, resolutions: Sequence[int]) -> list[float]:
+    """Weights as numbers, one per resolution, finest first (what DiffSeg and label take)."""
+    res = sorted(resolutions, reverse=True)
+    if weights in WEIGHT_PRESETS:
+        return [WEIGHT_PRESETS[weights](r, res[0]) for r in res]
+    from diffseg_core.parameters import weights_problem
+
+    values = parse_weight_numbers(weights)
+    problem = weights_problem(values, res)
+    if problem:
+        raise GridError(f"the grid cannot run on this model: --weights {weights}: {problem}")
+    return values
+
+
+def parse_weight_numbers(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise GridError(f"weights {text!r}: a preset ({', '.join(WEIGHT_PRESETS)}) or numbers "
+                        "like 8,4,2,1 (finest resolution first)") from None
+    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise GridError(f"weights {text!r} must be non-negative numbers, not all zero")
+    return values
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"

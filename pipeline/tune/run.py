@@ -1,0 +1,198 @@
+"""``tune()``: from a labelled sample to the best DiffSeg parameters for it.
+
+Order of work, cheapest and most likely to fail first:
+
+  1. the grid's own values (no model needed);            -> GridError
+  2. the ground truth, the images, their match, the sample, the folds;
+                                                          -> GroundTruthError / SampleError
+  3. attention: cached per image under OUT/attention (keyed by model, image
+     bytes, size, timestep, dtype, crop); the model is loaded only when an
+     image is missing, and the grid is checked against it before extracting;
+                                                          -> TuneError / GridError
+  4. ground truth at each label frame; Ray: every setting on every image;
+  5. selection (in-sample best + k-fold held-out estimate), best.json,
+     results.csv, tau.png.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.datasets_gt import load_ground_truth
+from pipeline.tune.cache import CACHE_DIR, AttentionCache, model_identity
+from pipeline.tune.grid import Grid, Setting, check_values, default_setting, settings as grid_settings
+from pipeline.tune.prepare import SampleError, assign_folds, fill_cache, load_targets, pick_sample
+from pipeline.tune.report import (
+    PARAMS_KEY, label_flags, label_params, method_block, plot_tau, write_best_json, write_results_csv,
+)
+from pipeline.tune.search import run_search
+from pipeline.tune.select import select
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+RANDOM_WEIGHT_MODELS = {"tiny-random": "RANDOM weights: these scores say nothing about DiffSeg"}
+
+
+class TuneError(RuntimeError):
+    """The search cannot run (one sentence saying why)."""
+
+
+def tune(
+    images: str,
+    ground_truth: str,
+    format: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    revision: str | None = None,
+    image_size: int | None = None,
+    timestep: int = 300,
+    dtype: str | None = None,
+    paper_preprocess: bool = False,
+    n: int = 100,
+    out: str = "tune",
+    folds: int = 5,
+    seed: int = 0,
+    grid: Grid | None = None,
+    score_size: int = 512,
+    batch_size: int = 4,
+    chunk_size: int | None = None,
+    categories: Sequence[str] | None = None,
+    coco_offset: int = 1,
+    num_classes: int | None = None,
+    ignore_values: Sequence[int] = (255,),
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Search DiffSeg's parameters on ``n`` labelled images; write OUT/best.json, results.csv, tau.png.
+
+    Returns the report (also in best.json, without the full ranking). Raises
+    GridError, GroundTruthError, SampleError or TuneError (one sentence each).
+    """
+    grid = grid or Grid()
+    check_values(grid)
+    if batch_size < 1:
+        raise TuneError(f"--batch-size must be at least 1, got {batch_size}")
+    gt = load_ground_truth(format, ground_truth, categories=categories, coco_offset=coco_offset,
+                           num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options)
+    index, sample, counts = pick_sample(images, gt, n, seed, storage_options)
+    assign_folds(sample, folds, seed)
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuneError(f"cannot write to --out {out!r}: {exc}") from None
+    dtype = dtype or _default_dtype()
+    try:
+        identity = model_identity(model, revision)
+    except Exception as exc:  # noqa: BLE001 - building tiny-random, reading a folder
+        raise TuneError(f"cannot identify model {model!r}: {_one_line(exc)}") from None
+
+    chosen: dict[str, Any] = {}
+
+    def load_extractor() -> Any:
+        from diffseg_core.extract import AttentionExtractor
+
+        try:
+            return AttentionExtractor.from_pretrained(model, dtype=dtype, image_size=image_size, timestep=timestep,
+                                                      revision=revision)
+        except Exception as exc:  # noqa: BLE001 - ModelLoadError, bad size, missing files
+            raise TuneError(f"cannot load model {model!r}: {_one_line(exc)}") from None
+
+    def check_model(resolutions: list[int], size: int) -> None:
+        chosen["settings"], chosen["notes"] = grid_settings(grid, resolutions, model, size)
+
+    cache = AttentionCache(out_dir / CACHE_DIR)
+    key_settings = {"image_size": image_size, "timestep": timestep, "dtype": dtype, "paper_preprocess": paper_preprocess}
+    filled = fill_cache(index, sample, cache, key_settings, identity, load_extractor, check_model,
+                        batch_size=batch_size, progress=progress)
+    dropped = filled["dropped"]
+    targets = load_targets(sample, gt, score_size, dropped)
+    if len(sample) < 2:
+        raise SampleError(f"k-fold selection needs at least 2 usable images; {len(sample)} left after "
+                          f"{len(dropped)} could not be read (e.g. {next(iter(dropped.items()), ('', ''))[0]!r})")
+    num_folds = assign_folds(sample, folds, seed)  # again, over the images that are left
+    resolutions, size = filled["resolutions"], filled["image_size"]
+    all_settings, notes = _with_default(chosen["settings"], resolutions, size, model)
+    notes = chosen["notes"] + notes
+    default_index = 0 if all_settings[0] == default_setting() else None
+
+    result = run_search(all_settings, [str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample],
+                        num_folds, gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress)
+    sel = select(result.counts, result.images, default_index)
+
+    ranking = [_row(rank + 1, all_settings[i], s, i == default_index) for rank, (i, s) in enumerate(sel.ranking)]
+    best_setting = all_settings[sel.best]
+    params = label_params(best_setting, resolutions)
+    extraction = {"model": model, "revision": identity.get("revision"), "image_size": size,
+                  "image_size_given": image_size, "timestep": timestep, "dtype": dtype,
+                  "paper_preprocess": paper_preprocess, "resolutions": resolutions}
+    if model in RANDOM_WEIGHT_MODELS:
+        notes.append(f"model {model!r} has {RANDOM_WEIGHT_MODELS[model]}")
+    if score_size > 0:
+        notes.append(f"labels and ground truth scored at most {score_size} px on the longer side "
+                     "(--score-size 0: the full label frame)")
+    files = {"best": str(out_dir / "best.json"), "results": str(out_dir / "results.csv")}
+    report: dict[str, Any] = {
+        PARAMS_KEY: params,
+        "best": {"setting": best_setting.describe(), "in_sample": sel.ranking[0][1].as_dict(),
+                 "held_out": sel.held_out.as_dict(), **_fields(best_setting)},
+        "default": ({"setting": all_settings[default_index].describe(), "score": sel.default_score.as_dict()}
+                    if default_index is not None else None),
+        "folds": [dict(f, setting=all_settings[f["chosen"]].describe()) for f in sel.folds],
+        "label_flags": label_flags(params, extraction),
+        "method_block": method_block(params),
+        "extraction": extraction,
+        "format": format,
+        "sample": {**counts, "scored": len(sample), "dropped": dropped, "seed": seed, "folds": num_folds,
+                   "image_ids": [t.image_id for t in sample]},
+        "cache": {"dir": str(cache.root), "cached": filled["cached"], "extracted": filled["extracted"]},
+        "settings": len(all_settings),
+        "search": {"seconds": round(result.seconds, 3), "tasks": result.tasks, "label_maps_scored": result.scored},
+        "score_size": score_size,
+        "notes": notes,
+        "files": files,
+        "ranking": ranking,
+    }
+    write_results_csv(Path(files["results"]), ranking)
+    plot = out_dir / "tau.png"
+    best_row = next(r for r in ranking if r["rank"] == 1)
+    note = RANDOM_WEIGHT_MODELS.get(model, "").split(":")[0]
+    if plot_tau(plot, ranking, best_row, default_setting().thresholds[0], note):
+        files["plot"] = str(plot)
+    write_best_json(Path(files["best"]), report)
+    return report
+
+
+def _with_default(settings: list[Setting], resolutions: list[int], image_size: int,
+                  model: str) -> tuple[list[Setting], list[str]]:
+    """The default setting first (scored even when outside the grid), unless the model cannot run it."""
+    from diffseg_core.parameters import anchor_grid_problem
+
+    default = default_setting()
+    problem = anchor_grid_problem(default.num_points, resolutions, model, image_size)
+    if problem:
+        return settings, [f"the default setting cannot run on this model ({problem}); no default score"]
+    return [default] + [s for s in settings if s != default], []
+
+
+def _fields(s: Setting) -> dict[str, Any]:
+    return {"kl_threshold": list(s.thresholds), "constant_tau": s.constant_tau, "iterations": s.iterations,
+            "num_points": s.num_points, "weights": s.weights, "refine": s.refine}
+
+
+def _row(rank: int, s: Setting, score: Any, is_default: bool) -> dict[str, Any]:
+    return {"rank": rank, "miou": score.miou, "pixel_accuracy": score.pixel_accuracy, "setting": s.describe(),
+            **_fields(s), "kl_threshold": ",".join(f"{v:g}" for v in s.thresholds), "is_default": is_default}
+
+
+def _default_dtype() -> str:
+    import torch
+
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) < 400 else text[:400] + "..."

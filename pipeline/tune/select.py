@@ -1,0 +1,75 @@
+"""Choosing a setting from the search's TP/FP/FN, and an honest estimate of how good the choice is.
+
+In-sample: every setting scored on the whole sample (TP/FP/FN summed over all
+images, then mIoU and pixel accuracy, as ``diffseg eval``); the best is the
+setting to use. With a small sample the best in-sample score flatters it, so
+the same choice is also made k times, each time on all folds but one, and
+each choice is scored on the fold it did not see: summed over the k held-out
+folds (every image scored once, by a setting chosen without it), that is the
+score to expect on new images from the whole procedure (k-fold cross-validation).
+
+Ties (common: many settings give the same labels) go to the setting listed
+first, and the default setting is listed first, so a tie with the default keeps it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffseg_core.metrics import SegmentationMetrics
+
+
+@dataclass
+class Score:
+    miou: float
+    pixel_accuracy: float
+    images: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"miou": self.miou, "pixel_accuracy": self.pixel_accuracy, "images": self.images}
+
+
+@dataclass
+class Selection:
+    ranking: list[tuple[int, Score]]  # (setting index, in-sample score), best first
+    best: int
+    held_out: Score  # the k-fold estimate for the selection procedure
+    default_score: Score | None  # the default setting on the same images (None: it cannot run on the model)
+    folds: list[dict[str, Any]] = field(default_factory=list)  # per fold: chosen, train and test scores
+
+
+def score(tp_fp_fn: np.ndarray, images: int) -> Score:
+    """mIoU and pixel accuracy of summed (3, classes) TP/FP/FN, by SegmentationMetrics' definitions."""
+    tp, fp, fn = (np.asarray(a, dtype=np.int64) for a in tp_fp_fn)
+    m = SegmentationMetrics.from_dict({"num_classes": len(tp), "tp": tp, "fp": fp, "fn": fn,
+                                       "labelled_pixels": int(tp.sum() + fn.sum()), "num_images": int(images)})
+    return Score(m.miou(), m.pixel_accuracy(), int(images))
+
+
+def rank(counts: np.ndarray, images: int) -> list[tuple[int, Score]]:
+    """Settings by (mIoU, pixel accuracy), best first; ties keep the settings' order. ``counts``: (settings, 3, C)."""
+    scores = [(i, score(counts[i], images)) for i in range(len(counts))]
+    return sorted(scores, key=lambda item: (-_key(item[1].miou), -_key(item[1].pixel_accuracy), item[0]))
+
+
+def select(counts: np.ndarray, images: np.ndarray, default: int | None) -> Selection:
+    """In-sample ranking and k-fold estimate from (settings, folds, 3, classes) counts."""
+    k = counts.shape[1]
+    ranking = rank(counts.sum(1), int(images.sum()))
+    held = np.zeros(counts.shape[2:], dtype=np.int64)
+    folds = []
+    for f in range(k):
+        train = [g for g in range(k) if g != f]
+        chosen, train_score = rank(counts[:, train].sum(1), int(images[train].sum()))[0]
+        held += counts[chosen, f]
+        folds.append({"fold": f, "chosen": chosen, "train": train_score.as_dict(),
+                      "test": score(counts[chosen, f], int(images[f])).as_dict()})
+    held_out = score(held, int(images.sum()))
+    default_score = score(counts[default].sum(0), int(images.sum())) if default is not None else None
+    return Selection(ranking, ranking[0][0], held_out, default_score, folds)
+
+
+def _key(v: float) -> float:
+    return -1.0 if v != v else v  # NaN sorts last
