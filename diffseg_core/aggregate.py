@@ -162,6 +162,14 @@ def _check_values(value: torch.Tensor, head_sum: torch.Tensor, r: int) -> torch.
     return sums
 
 
+def aggregate_side(aggregate: torch.Tensor) -> int:
+    """R of an aggregate whose rows hold R*R values; ValueError when the length is not a square."""
+    R = math.isqrt(aggregate.shape[-1])
+    if R * R != aggregate.shape[-1]:
+        raise ValueError(f"aggregate: sequence length {aggregate.shape[-1]} is not a square (R*R) number")
+    return R
+
+
 def anchor_grid(R: int, num_points: int) -> torch.Tensor:
     """Row-major query indices of the reference's num_points x num_points anchor grid.
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from diffseg_core import merge
-from diffseg_core.aggregate import Weights, aggregate_attention, anchor_grid
+from diffseg_core.aggregate import Weights, aggregate_attention, aggregate_side, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import (
     compact_labels,
@@ -127,9 +127,7 @@ class DiffSeg:
         """Steps 2-4 on an already aggregated (B, R*R, R*R) attention tensor (any float dtype)."""
         if aggregate.ndim != 3 or aggregate.shape[1] != aggregate.shape[2] or aggregate.shape[0] == 0:
             raise ValueError(f"aggregate: expected (B, R*R, R*R) with B >= 1, got {tuple(aggregate.shape)}")
-        R = math.isqrt(aggregate.shape[-1])
-        if R * R != aggregate.shape[-1]:
-            raise ValueError(f"aggregate: sequence length {aggregate.shape[-1]} is not a square (R*R) number")
+        R = aggregate_side(aggregate)
         aggregate = aggregate.float()
 
         with self._scratch.lock:

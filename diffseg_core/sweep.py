@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from diffseg_core.aggregate import anchor_grid
+from diffseg_core.aggregate import aggregate_side, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import anchor_distances, entropy_terms, means_within, merge_proposals
 
@@ -48,9 +48,7 @@ def sweep_proposals(
     rows = aggregate[0] if aggregate.ndim == 3 and aggregate.shape[0] == 1 else aggregate
     if rows.ndim != 2 or rows.shape[0] != rows.shape[1] or rows.shape[0] == 0:
         raise ValueError(f"aggregate: expected one image's (N, N) or (1, N, N), got {tuple(aggregate.shape)}")
-    R = math.isqrt(rows.shape[-1])
-    if R * R != rows.shape[-1]:
-        raise ValueError(f"aggregate: sequence length {rows.shape[-1]} is not a square (R*R) number")
+    R = aggregate_side(rows)
     rows = rows.float()
     flags = sorted(set(bool(f) for f in refine))
     trie = _prefix_tree(schedules)
