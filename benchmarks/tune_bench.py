@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.extract_bench import build_sd14_architecture  # noqa: E402
+from benchmarks.merge_bench import peak, reset_peak  # noqa: E402
 from diffseg_core import DiffSeg, SegmentationMetrics  # noqa: E402
 from diffseg_core.extract import AttentionExtractor  # noqa: E402
 from pipeline.tune.cache import AttentionCache  # noqa: E402
@@ -116,6 +117,7 @@ def main() -> None:
         t_put = (time.perf_counter() - t) / n
         size = os.path.getsize(paths[0])
         targets = [gt for _, gt in data]
+        before = reset_peak("cpu")
         t = time.perf_counter()
         counts = np.zeros((len(settings), 3, NUM_CLASSES), dtype=np.int64)
         scored = 0
@@ -124,11 +126,13 @@ def main() -> None:
             counts[members] += part["counts"][:, 0]
             scored += part["scored"]
         t_search = time.perf_counter() - t
+        search_peak = peak("cpu") - before
         ours = len(settings) * n / t_search
         ours_e2e = len(settings) * n / (t_search + n * (t_extract + t_put))
         print(f"cache: {size / 2**20:.1f} MiB per image (float16), write {t_put:.3f} s/image")
         print(f"ours, search on cached attention: {t_search:.1f} s for {len(settings) * n} setting-images "
-              f"({scored} distinct label maps scored): {ours:.2f} settings x images / s")
+              f"({scored} distinct label maps scored): {ours:.2f} settings x images / s; "
+              f"peak memory above the start {search_peak:.0f} MiB")
         print(f"ours, including one extraction per image: {ours_e2e:.2f} settings x images / s")
         if args.ray:
             import ray
