@@ -88,7 +88,11 @@ def main() -> None:
     ap.add_argument("--baseline-settings", type=int, default=3)
     ap.add_argument("--small-grid", action="store_true", help="taus 0.8:1.2 x iterations 1..3, one weighting")
     ap.add_argument("--ray", action="store_true", help="also the fan-out on a local Ray (all CPUs)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of ours in-process and of the baseline (Ray tasks run 1 thread each); "
+                    "1 keeps a shared machine's load from stalling multi-threaded products")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
