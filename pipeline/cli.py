@@ -58,13 +58,13 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     # These default to None so that a --params file can fill what the command line leaves out.
     d.add_argument("--kl-threshold", type=_kl_threshold, default=None,
                    help=f"merge threshold tau on the symmetric KL (1.1 suits COCO-like photos, 0.9 street "
-                   f"scenes); comma-separated for one per iteration (default {_DEFAULTS.kl_threshold})")
-    d.add_argument("--num-points", type=int, default=None, help=f"anchor grid side (default {_DEFAULTS.num_points})")
+                   f"scenes); comma-separated for one per iteration (default: {_DEFAULTS.kl_threshold})")
+    d.add_argument("--num-points", type=int, default=None, help=f"anchor grid side (default: {_DEFAULTS.num_points})")
     d.add_argument("--iterations", type=int, default=None,
-                   help=f"merging iterations (a --kl-threshold list sets its own: one per iteration; "
-                   f"default {_DEFAULTS.iterations})")
+                   help=f"merging iterations (a --kl-threshold list sets its own: one per iteration) "
+                   f"(default: {_DEFAULTS.iterations})")
     d.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="k-means refinement of the proposals (default off)")
+                   help="k-means refinement of the proposals (default: off)")
     d.add_argument("--weights", type=_weights, default=None,
                    help="aggregation weights, one per attention resolution, finest first, e.g. 8,4,2,1 "
                    "(default: proportional to the resolution)")

@@ -49,7 +49,9 @@ def add_tune(subparsers: Any) -> None:
     )
     t.add_argument("images", help="folder (or glob) of the labelled images: image files, local or fsspec URL")
     t.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs), as for diffseg eval")
-    t.add_argument("--format", required=True, choices=FORMATS)
+    t.add_argument("--format", required=True, choices=FORMATS,
+                   help="ground truth's kind, as for diffseg eval: COCO-Stuff stuffthingmaps (27 coarse classes), "
+                   "Cityscapes gtFine, or a folder of PNG class maps named like the images")
     t.add_argument("--n", type=int, default=100, help="images to sample (seeded) from those with ground truth")
     t.add_argument("--out", default="tune", help="local folder for best.json, results.csv, tau.png and the cache")
     t.add_argument("--folds", type=int, default=5, help="k of the k-fold held-out estimate")
@@ -57,9 +59,9 @@ def add_tune(subparsers: Any) -> None:
     m = t.add_argument_group("model (as diffseg label)")
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                    help="hub id, local diffusers folder, .safetensors, or tiny-random")
-    m.add_argument("--revision", default=None)
+    m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's native)")
-    m.add_argument("--timestep", type=int, default=300)
+    m.add_argument("--timestep", type=int, default=300, help="timestep of the one UNet call, as for diffseg label")
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     m.add_argument("--paper-preprocess", action="store_true",
                    help="the paper's protocol: centre-crop to a square, labels at S x S (as label --paper-preprocess)")
@@ -83,7 +85,8 @@ def add_tune(subparsers: Any) -> None:
     e.add_argument("--chunk-size", type=int, default=None, help="images per Ray task (default: ~2 tasks per CPU)")
     e.add_argument("--top", type=int, default=15, help="rows of the table printed (all are in results.csv)")
     e.add_argument("--categories", nargs="+", default=None, help="coco-stuff-27: annotation JSON(s), as for eval")
-    e.add_argument("--coco-offset", type=int, default=1)
+    e.add_argument("--coco-offset", type=int, default=1,
+                   help="coco-stuff-27: category id = pixel value + this (1 for stuffthingmaps)")
     e.add_argument("--num-classes", type=int, default=None, help="masks: number of classes (values 0..N-1)")
     e.add_argument("--ignore-value", type=int, nargs="*", default=[255], help="masks: pixel values to ignore")
     e.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
