@@ -98,6 +98,7 @@ def add_tune(subparsers: Any) -> None:
 def run_tune(args: argparse.Namespace) -> int:
     from diffseg_core.model_loading import ModelLoadError
     from pipeline.datasets_gt import GroundTruthError
+    from pipeline.plan import LabelError
     from pipeline.tune.grid import Grid, GridError
     from pipeline.tune.prepare import SampleError
     from pipeline.tune.report import format_report
@@ -114,7 +115,7 @@ def run_tune(args: argparse.Namespace) -> int:
             categories=args.categories, coco_offset=args.coco_offset, num_classes=args.num_classes,
             ignore_values=args.ignore_value, storage_options=args.storage_options, progress=not args.no_progress,
         )
-    except (GridError, GroundTruthError, SampleError, TuneError, ModelLoadError) as exc:
+    except (GridError, GroundTruthError, SampleError, TuneError, ModelLoadError, LabelError) as exc:
         print(f"diffseg tune: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.top))

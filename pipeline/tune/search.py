@@ -55,11 +55,21 @@ def run_search(
     progress: bool = True,
 ) -> SearchResult:
     """Score every setting on every image on Ray; see the module docstring."""
-    import ray
     from tqdm.auto import tqdm
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from pipeline.plan import _init_ray, _shutdown  # label's: a local Ray, its token note dropped
+
+    ray, own_ray = _init_ray(None)
+    try:
+        return _search(ray, tqdm, settings, paths, targets, folds, num_folds, num_classes, resolutions,
+                       chunk_size, progress)
+    finally:
+        _shutdown(ray, own_ray)
+
+
+def _search(ray: Any, tqdm: Any, settings: Sequence[Setting], paths: Sequence[str], targets: Sequence[np.ndarray],
+            folds: Sequence[int], num_folds: int, num_classes: int, resolutions: Sequence[int],
+            chunk_size: int | None, progress: bool) -> SearchResult:
     start = time.perf_counter()
     groups = group_settings(settings, resolutions)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
