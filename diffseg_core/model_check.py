@@ -32,6 +32,7 @@ __all__ = [
     "self_attention_layer_count",
     "read_safetensors_header",
     "dtype_name",
+    "hub_commit",
 ]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -241,6 +242,21 @@ def load_tokenizers(check: ModelCheck) -> list[Any]:
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(check.model, f"its '{folder}' could not be loaded ({type(exc).__name__}).") from None
     return out
+
+
+def hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit hash of the cached snapshot that was loaded, if known."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+        if isinstance(found, str):
+            parts = Path(found).parts
+            if "snapshots" in parts:
+                return parts[parts.index("snapshots") + 1]
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        pass
+    return None
 
 
 def looks_like_path(name: str) -> bool:

@@ -28,6 +28,7 @@ from diffseg_core.model_check import (  # torch-free checks, shared with the dri
     ModelLoadError,
     check_weights,
     folder_weight_files,
+    hub_commit,
     looks_like_path,
     read_model_index,
     text_parts,
@@ -327,21 +328,6 @@ def _single_file_is_sdxl(name: str, path: Path) -> bool:
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(name, f"not a readable .safetensors file ({type(exc).__name__}: {_first_line(exc)}).") from exc
     return any(k.startswith("conditioner.embedders.1.") for k in keys)
-
-
-def hub_commit(repo: str, revision: str | None) -> str | None:
-    """The commit hash of the cached snapshot that was loaded, if known."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo, "model_index.json", revision=revision)
-        if isinstance(found, str):
-            parts = Path(found).parts
-            if "snapshots" in parts:
-                return parts[parts.index("snapshots") + 1]
-    except Exception:  # noqa: BLE001 - provenance is best effort
-        pass
-    return None
 
 
 def _first_line(exc: BaseException) -> str:

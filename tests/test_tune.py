@@ -199,3 +199,101 @@ def test_a_model_that_cannot_load_when_attention_is_missing(planted, tmp_path, c
     err = _tune_cli(capsys, str(planted["images"]), str(planted["gt"]), "--format", "masks", "--num-classes", "3",
                     "--model", PLANTED_MODEL, "--dtype", "fp32", "--timestep", "100", "--out", str(planted["out"]))
     assert err.startswith(f"cannot load model '{PLANTED_MODEL}'")
+
+
+# --- refusals cost a second: no Ray, no torch ------------------------------------------------------
+
+PROBE = """
+import json, sys
+from pipeline.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "ray": "ray" in sys.modules, "torch": "torch" in sys.modules}))
+"""
+
+
+def _probe(*argv: str) -> tuple[dict, str]:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", PROBE, "tune", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"})
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr.strip().splitlines()[-1]
+
+
+def test_tunes_own_checks_fail_before_ray_and_torch_are_imported(planted, tmp_path):
+    from diffseg_core.tiny_model import resolve_model
+
+    resolve_model("tiny-random")  # built once (that needs torch); the probe below only reads its configs
+    (tmp_path / "empty").mkdir()
+    write_png(tmp_path / "gt" / "unrelated.png", np.zeros((4, 4), dtype=np.uint8))
+    masks = ["--format", "masks", "--num-classes", "3"]
+    cases = [
+        ([str(tmp_path / "empty"), str(planted["gt"]), *masks], "No input matched"),
+        ([str(planted["images"]), str(tmp_path / "gt"), *masks], "none of the 10 images under"),
+        # no attention cached for tiny-random: the grid is judged from the model's configs, before any weight
+        ([str(planted["images"]), str(planted["gt"]), *masks, "--model", "tiny-random", "--image-size", "64",
+          "--num-points", "16"], "the grid cannot run on this model: num_points=16 needs"),
+    ]
+    for argv, sentence in cases:
+        result, last = _probe(*argv, "--out", str(tmp_path / "out"))
+        assert result == {"rc": 2, "ray": False, "torch": False}, (argv, last)
+        assert last.startswith("diffseg tune: error: ") and sentence in last, last
+    assert not (tmp_path / "out").exists()
+
+
+# --- quality with a learned model (tiny-demo: not in every install yet) -------------------------------
+
+
+def _tiny_demo_available() -> bool:
+    from diffseg_core.model_check import check_model
+
+    try:
+        check_model("tiny-demo")
+    except Exception:  # noqa: BLE001 - no demo model in this install
+        return False
+    return True
+
+
+def write_scenes(root: Path, seeds: list[int], size: int = 128) -> None:
+    """Scenes of 2-4 flat-coloured, noisy rectangles and ellipses on a gradient, with their class maps."""
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        image = (rng.uniform(0, 255, 3) * (0.6 + 0.4 * ys[..., None])).astype(np.float64)
+        classes = np.zeros((size, size), dtype=np.uint8)
+        for k in range(1, int(rng.integers(2, 5)) + 1):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            hy, hx = rng.uniform(0.12, 0.3, 2)
+            if rng.random() < 0.5:
+                inside = (abs(ys - cy) < hy) & (abs(xs - cx) < hx)
+            else:
+                inside = ((ys - cy) / hy) ** 2 + ((xs - cx) / hx) ** 2 < 1
+            image[inside] = rng.uniform(0, 255, 3)
+            classes[inside] = k
+        image += rng.normal(0, 8, image.shape)
+        write_png(root / "images" / f"scene{seed}.png", np.clip(image, 0, 255).astype(np.uint8))
+        write_png(root / "gt" / f"scene{seed}.png", classes)
+
+
+@pytest.mark.skipif(not _tiny_demo_available(), reason="tiny-demo (the learned demo model) is not in this install")
+def test_tiny_demo_tuned_setting_scores_at_least_the_default_on_held_out_scenes(ray_session, tmp_path):
+    """Tune on 8 scenes, then score the chosen setting and the default on 8 other scenes."""
+    write_scenes(tmp_path / "tune", list(range(8)))
+    write_scenes(tmp_path / "held", list(range(100, 108)))
+    grid = Grid(taus=[0.6, 0.8, 1.0, 1.2, 1.4], iterations=[1, 2, 3], tau_steps=[0.0],
+                weights=["proportional", "equal"])
+    tuned = tune(str(tmp_path / "tune" / "images"), str(tmp_path / "tune" / "gt"), "masks", num_classes=5,
+                 model="tiny-demo", out=str(tmp_path / "out-tune"), folds=4, grid=grid, progress=False)
+    assert tuned["best"]["held_out"]["images"] == 8 and 0 <= tuned["best"]["held_out"]["miou"] <= 1
+    best = tuned["best"]
+    only_best = Grid(taus=[best["kl_threshold"][0]], iterations=[1], tau_steps=[0.0],
+                     schedules=[tuple(best["kl_threshold"])], num_points=[best["num_points"]],
+                     weights=[best["weights"]], refine=[best["refine"]])
+    held = tune(str(tmp_path / "held" / "images"), str(tmp_path / "held" / "gt"), "masks", num_classes=5,
+                model="tiny-demo", out=str(tmp_path / "out-held"), folds=2, grid=only_best, progress=False)
+    rows = {r["setting"]: r for r in held["ranking"]}
+    default = next(r for r in held["ranking"] if r["is_default"])
+    # on scenes the search never saw, the tuned setting is at least as good (0.02: 8 scenes' noise)
+    assert rows[best["setting"]]["miou"] >= default["miou"] - 0.02, (best["setting"], rows[best["setting"]], default)

@@ -21,9 +21,10 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where maps are written or read: a refusal before that never loads it
+    import torch
 
 CACHE_VERSION = 1
 CACHE_DIR = "attention"
@@ -31,7 +32,7 @@ CACHE_DIR = "attention"
 
 def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
     """What identifies a model's weights, cheaply (file stats or a hub commit; nothing loaded)."""
-    from diffseg_core.model_loading import hub_commit
+    from diffseg_core.model_check import hub_commit
     from diffseg_core.tiny_model import resolve_model
 
     resolved = resolve_model(str(model))
@@ -86,8 +87,9 @@ class AttentionCache:
         except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss; it is rewritten
             return None
 
-    def put(self, key: str, maps: dict[int, torch.Tensor], meta: dict[str, Any]) -> Path:
+    def put(self, key: str, maps: dict[int, "torch.Tensor"], meta: dict[str, Any]) -> Path:
         """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16; atomic (write, then rename)."""
+        import torch
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ class AttentionCache:
         return self.path(key)
 
 
-def load_maps(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+def load_maps(path: str | os.PathLike) -> dict[int, "torch.Tensor"]:
     """{r: (1, r*r, r*r) float16} of one cached image (the input DiffSeg's aggregation takes)."""
     from safetensors.torch import load_file
 

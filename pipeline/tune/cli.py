@@ -96,7 +96,7 @@ def add_tune(subparsers: Any) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from diffseg_core.model_loading import ModelLoadError
+    from diffseg_core.model_check import ModelLoadError
     from pipeline.datasets_gt import GroundTruthError
     from pipeline.plan import LabelError
     from pipeline.tune.grid import Grid, GridError

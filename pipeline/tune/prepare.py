@@ -20,7 +20,6 @@ import numpy as np
 from pipeline.datasets_gt import GroundTruth, GroundTruthError
 from pipeline.decode import decode_image
 from pipeline.image_index import ImageIndex, center_crop_resize
-from pipeline.tasks import chunked
 from pipeline.tune.cache import AttentionCache, extraction_key
 
 logger = logging.getLogger(__name__)
@@ -98,14 +97,17 @@ def fill_cache(
     load_extractor: Callable[[], Any],
     check_model: Callable[[list[int], int], None],
     *,
+    check_model_files: Callable[[], None] = lambda: None,
     batch_size: int,
     progress: bool,
 ) -> dict[str, Any]:
     """Key every sampled image, extract the missing ones; returns counts and what was dropped.
 
     ``load_extractor`` is called only when something is missing (a fully cached
-    sample never loads the model); ``check_model(resolutions, image_size)`` runs
-    before any extraction (a grid the model cannot run fails first). Images that cannot be read or decoded leave
+    sample never loads the model); ``check_model_files()`` runs before it (the
+    model's configs: a missing model or a grid it cannot run fails in a second,
+    before any weight is loaded), and ``check_model(resolutions, image_size)``
+    again on the loaded extractor, before any extraction. Images that cannot be read or decoded leave
     the sample (reported, not fatal).
     """
     from tqdm.auto import tqdm
@@ -125,7 +127,10 @@ def fill_cache(
             hits += 1
     extracted = 0
     if misses:
+        check_model_files()
         extractor = load_extractor()
+        from pipeline.tasks import chunked  # imported here: it pulls in torch, which a refusal never needs
+
         model = {"resolutions": list(extractor.attention_resolutions), "image_size": int(extractor.image_size)}
         check_model(model["resolutions"], model["image_size"])
         bar = tqdm(total=len(misses), desc="extract attention", unit="img", disable=not progress)

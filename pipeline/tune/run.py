@@ -6,10 +6,12 @@ Order of work, cheapest and most likely to fail first:
   2. the ground truth, the images, their match, the sample, the folds;
                                                           -> GroundTruthError / SampleError
   3. attention: cached per image under OUT/attention (keyed by model, image
-     bytes, size, timestep, dtype, crop); the model is loaded only when an
-     image is missing, and the grid is checked against it before extracting;
+     bytes, size, timestep, dtype, crop); when an image is missing, the model
+     is first checked from its configs (diffseg_core.model_check: no weights,
+     no torch) and the grid against the resolutions they give, then loaded;
                                                           -> TuneError / GridError
-  4. ground truth at each label frame; Ray: every setting on every image;
+  4. ground truth at each label frame; Ray (started only now): every setting
+     on every image;
   5. selection (in-sample best + k-fold held-out estimate), best.json,
      results.csv, tau.png.
 """
@@ -26,7 +28,6 @@ from pipeline.tune.prepare import SampleError, assign_folds, fill_cache, load_ta
 from pipeline.tune.report import (
     PARAMS_KEY, label_flags, label_params, method_block, plot_tau, write_best_json, write_results_csv,
 )
-from pipeline.tune.search import run_search
 from pipeline.tune.select import select
 
 logger = logging.getLogger(__name__)
@@ -78,17 +79,6 @@ def tune(
                            num_classes=num_classes, ignore_values=ignore_values, storage_options=storage_options)
     index, sample, counts = pick_sample(images, gt, n, seed, storage_options)
     assign_folds(sample, folds, seed)
-    out_dir = Path(out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TuneError(f"cannot write to --out {out!r}: {exc}") from None
-    dtype = dtype or _default_dtype()
-    try:
-        identity = model_identity(model, revision)
-    except Exception as exc:  # noqa: BLE001 - building tiny-random, reading a folder
-        raise TuneError(f"cannot identify model {model!r}: {_one_line(exc)}") from None
-
     chosen: dict[str, Any] = {}
 
     def load_extractor() -> Any:
@@ -103,10 +93,47 @@ def tune(
     def check_model(resolutions: list[int], size: int) -> None:
         chosen["settings"], chosen["notes"] = grid_settings(grid, resolutions, model, size)
 
+    def check_model_files() -> None:
+        """Before any weight is loaded: the model exists and the grid can run on it (from its configs)."""
+        from diffseg_core.model_check import ModelLoadError, check_model as check_files
+
+        try:
+            found = check_files(model, revision=revision)
+            size = found.image_size(image_size) if found.complete else None
+        except ModelLoadError as exc:
+            raise TuneError(f"cannot load model {model!r}: {_one_line(exc.what)}") from None
+        except ValueError as exc:
+            raise TuneError(f"--image-size for model {model!r}: {_one_line(exc)}") from None
+        if size is not None:  # a single-file checkpoint's configs are known only once it is loaded
+            check_model(found.attention_resolutions(size), size)
+
+    # A grid the model cannot run fails here, in a second; a model that cannot be found fails only
+    # if some attention is not cached (a fully cached sample needs neither the model nor its files).
+    missing_model: list[TuneError] = []
+    try:
+        check_model_files()
+    except TuneError as exc:
+        missing_model.append(exc)
+
+    def model_files_found() -> None:
+        if missing_model:
+            raise missing_model[0]
+
+    dtype = dtype or _default_dtype()  # imports torch: after the checks above
+    try:
+        identity = model_identity(model, revision)
+    except Exception as exc:  # noqa: BLE001 - building tiny-random, reading a folder
+        raise TuneError(f"cannot identify model {model!r}: {_one_line(exc)}") from None
+
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TuneError(f"cannot write to --out {out!r}: {exc}") from None
     cache = AttentionCache(out_dir / CACHE_DIR)
     key_settings = {"image_size": image_size, "timestep": timestep, "dtype": dtype, "paper_preprocess": paper_preprocess}
     filled = fill_cache(index, sample, cache, key_settings, identity, load_extractor, check_model,
-                        batch_size=batch_size, progress=progress)
+                        check_model_files=model_files_found, batch_size=batch_size, progress=progress)
     dropped = filled["dropped"]
     targets = load_targets(sample, gt, score_size, dropped)
     if len(sample) < 2:
@@ -117,6 +144,8 @@ def tune(
     all_settings, notes = _with_default(chosen["settings"], resolutions, size, model)
     notes = chosen["notes"] + notes
     default_index = 0 if all_settings[0] == default_setting() else None
+
+    from pipeline.tune.search import run_search  # torch and Ray: only once every check has passed
 
     result = run_search(all_settings, [str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample],
                         num_folds, gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress)
