@@ -96,9 +96,13 @@ def plot_tau(path: Path, ranking: list[dict[str, Any]], best: dict[str, Any], de
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, metric, name in ((axes[0], "miou", "mIoU %"), (axes[1], "pixel_accuracy", "pixel accuracy %")):
-        for n in sorted({r["iterations"] for r in rows}):
+        counts = sorted({r["iterations"] for r in rows})
+        for i, n in enumerate(counts):
             line = sorted((r["constant_tau"], 100 * r[metric]) for r in rows if r["iterations"] == n)
-            ax.plot([x for x, _ in line], [y for _, y in line], marker="o", ms=3.5,
+            # iteration counts often give the same scores: wider, fainter lines first and a
+            # line style each, so a line drawn over another still shows
+            ax.plot([x for x, _ in line], [y for _, y in line], marker="o", ms=3.5, alpha=0.85,
+                    lw=1.2 + 1.6 * (len(counts) - 1 - i), ls=("-", "--", "-.", ":")[i % 4],
                     label=f"{n} iteration{'s' if n > 1 else ''}")
         ax.axvline(default_tau, color="grey", ls=":", lw=1, label=f"default tau {default_tau:g}")
         if best["constant_tau"] is not None and key(best) == chosen:
