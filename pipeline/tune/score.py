@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from diffseg_core.aggregate import aggregate_attention
-from diffseg_core.merge import labels_from_proposals
+from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.metrics import SegmentationMetrics
 from diffseg_core.sweep import sweep_proposals
 from pipeline.tune.cache import load_maps
@@ -63,7 +63,9 @@ def score_chunk(paths: Sequence[str], targets: Sequence[np.ndarray], folds: Sequ
                 digest = hashlib.sha1(proposals.numpy().tobytes()).digest()
                 result = seen.get(digest)
                 if result is None:
-                    labels = labels_from_proposals(proposals, target.shape)
+                    # exactly DiffSeg.label_maps (what `diffseg label` writes): ids without gaps; the
+                    # Hungarian matching breaks ties among empty columns differently without it
+                    labels = compact_labels(labels_from_proposals(proposals, target.shape), proposals.shape[0])
                     one = SegmentationMetrics(num_classes).update(labels.numpy(), target)
                     result = seen[digest] = np.stack([one["tp"], one["fp"], one["fn"]])
                     scored += 1
