@@ -6,11 +6,11 @@ GPU (one command, full-size SD 1.x architecture, RANDOM weights, 512 px; see BEN
 CPU smoke test (tiny-random, 64 px, seconds):
     python benchmarks/actor_bench.py --small
 
-"ours" is `pipeline.actors.LabelActor.__call__` on decoded rows, exactly what Ray calls:
+"ours" is `pipeline.job.actors.LabelActor.__call__` on decoded rows, exactly what Ray calls:
 uint8 pixels -> pinned copy -> float on the GPU -> VAE (bf16 by default) -> UNet with
 the attention capture -> aggregation, merge, NMS at each image's own size -> one copy
 back -> zstd-packed label maps. By default two calls run at once from two threads, as
-Ray runs them (``pipeline.actors.CONCURRENT_CALLS``); ``--calls 1`` for one at a time.
+Ray runs them (``pipeline.job.actors.CONCURRENT_CALLS``); ``--calls 1`` for one at a time.
 
 "naive" is the straightforward diffusers loop: float conversion on the host and a
 synchronous copy, the VAE in float32 (what ``force_upcast`` makes diffusers do), the
@@ -44,8 +44,8 @@ import torch  # noqa: E402
 from benchmarks.gpu_monitor import timed_run  # noqa: E402
 from diffseg_core.extract import AttentionExtractor  # noqa: E402
 from diffseg_core.segmentor import DiffSeg  # noqa: E402
-from pipeline.actors import CONCURRENT_CALLS, LabelActor  # noqa: E402
-from pipeline.labels import unpack_label_map  # noqa: E402
+from pipeline.job.actors import CONCURRENT_CALLS, LabelActor  # noqa: E402
+from pipeline.job.labels import unpack_label_map  # noqa: E402
 
 GOAL_IMAGES_PER_S = 200.0  # one H100 (issue 15)
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds if args.seconds is not None else (1.0 if args.small else 4.0)
     label_size = tuple(int(v) for v in args.label_size.split("x")) if args.label_size else (args.image_size,) * 2
     device = torch.device(args.device)
-    from pipeline.actors import GPU_ACTOR_CPUS
+    from pipeline.job.actors import GPU_ACTOR_CPUS
 
     torch.set_num_threads(args.threads or (GPU_ACTOR_CPUS if device.type == "cuda" else torch.get_num_threads()))
     print(f"# machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -48,8 +48,8 @@ def run_variant(variant: str, images: int, workdir: str) -> dict:
     import fsspec
 
     import benchmarks.synthetic_fs  # noqa: F401 - registers synthetic://
-    from pipeline.resume import update_plan
-    from pipeline.sources import iter_inputs
+    from pipeline.data.resume import update_plan
+    from pipeline.data.sources import iter_inputs
 
     folders = images // 1000
     opts = {"folders": folders, "per_folder": 1000}
@@ -69,8 +69,8 @@ def run_variant(variant: str, images: int, workdir: str) -> dict:
     elif variant == "dataset":
         import ray
 
-        from pipeline.plan import shard_dataset
-        from pipeline.resume import PlannedPaths
+        from pipeline.data.resume import PlannedPaths
+        from pipeline.job.plan import shard_dataset
 
         index = PlannedPaths.of_plan(fs, f"{workdir}/_plan.jsonl.gz").index  # what update_plan hands over
         base = _rss_mb()
@@ -85,10 +85,10 @@ def run_variant(variant: str, images: int, workdir: str) -> dict:
 
 
 def _before(url: str, opts: dict, per_shard: int) -> None:
-    """The driver's listing and planning as it was before streaming (pipeline/sources.py, resume.py, plan.py)."""
+    """The driver's listing and planning as it was before streaming (pipeline/data/sources.py, resume.py, plan.py)."""
     from dataclasses import dataclass
 
-    from pipeline.sources import input_kind, open_fs
+    from pipeline.data.sources import input_kind, open_fs
 
     @dataclass(frozen=True)
     class Shard:

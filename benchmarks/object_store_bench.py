@@ -4,7 +4,7 @@
     PYTHONPATH=/path/to/older/checkout python benchmarks/object_store_bench.py --save before.npz
     python benchmarks/object_store_bench.py --compare before.npz after.npz
 
-Runs `pipeline.actors.LabelActor` directly (no Ray: Ray stores exactly these columns)
+Runs `pipeline.job.actors.LabelActor` directly (no Ray: Ray stores exactly these columns)
 on photographs at their own sizes, from 300 x 451 up to 4000 x 3000 (12 MP), then the
 encode stage, and reports per image the bytes of the actor's output row (every column;
 the label map column separately) and of the written PNG. Works with the actor before
@@ -48,9 +48,9 @@ def value_bytes(v) -> int:
 
 
 def run(save: Path) -> None:
-    from pipeline.actors import LabelActor
-    from pipeline.encode import decode_png
-    from pipeline.tasks import encode_rows
+    from pipeline.data.encode import decode_png
+    from pipeline.job.actors import LabelActor
+    from pipeline.job.tasks import encode_rows
 
     kwargs = dict(device="cpu", dtype=None, image_size=64, timestep=300, revision=None,
                   diffseg_kwargs={"kl_threshold": 1e-3, "num_points": 8}, threads=2)

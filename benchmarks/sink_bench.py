@@ -67,8 +67,8 @@ def make_blocks(rows: int, rows_per_shard: int, batch_rows: int, size: int, dist
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.encode import encode_label
-    from pipeline.schema import OUTPUT_SCHEMA, SEGMENT, SHARD_ID, SHARD_ROWS
+    from pipeline.data.encode import encode_label
+    from pipeline.data.schema import OUTPUT_SCHEMA, SEGMENT, SHARD_ID, SHARD_ROWS
 
     rng = np.random.default_rng(seed)
     geometries = [label_geometry(rng, size, 20) for _ in range(max(1, distinct // 16))]
@@ -102,7 +102,7 @@ def bare(blocks, rows_per_shard: int, folder: Path) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.schema import OUTPUT_SCHEMA
+    from pipeline.data.schema import OUTPUT_SCHEMA
 
     table = pa.concat_tables(blocks).select(OUTPUT_SCHEMA.names)
     folder.mkdir(parents=True)
@@ -121,10 +121,10 @@ def commit_path(
     import fsspec
     from ray.data import TaskPoolStrategy
 
-    from pipeline.commit import Committer
-    from pipeline.plan import ENCODE_BATCH_ROWS, drive
-    from pipeline.retry import RetryPolicy
-    from pipeline.sink import OutputLocation, write_rows
+    from pipeline.data.retry import RetryPolicy
+    from pipeline.job.commit import Committer
+    from pipeline.job.plan import ENCODE_BATCH_ROWS, drive
+    from pipeline.job.sink import OutputLocation, write_rows
 
     folder.mkdir(parents=True)
     committer = Committer(fsspec.filesystem("file"), str(folder), OutputLocation(str(folder)), rows_per_shard,
@@ -155,9 +155,9 @@ def worker_alone(blocks, rows_per_shard: int, folder: Path) -> float:
     pipeline cuts them, then finalize_shard per shard (the writers' own CPU per row)."""
     import pyarrow as pa
 
-    from pipeline.plan import ENCODE_BATCH_ROWS
-    from pipeline.retry import RetryPolicy
-    from pipeline.sink import OutputLocation, finalize_shard, write_rows
+    from pipeline.data.retry import RetryPolicy
+    from pipeline.job.plan import ENCODE_BATCH_ROWS
+    from pipeline.job.sink import OutputLocation, finalize_shard, write_rows
 
     batch = min(rows_per_shard, ENCODE_BATCH_ROWS)
     table = pa.concat_tables(blocks)
@@ -183,7 +183,7 @@ def orchestration_only(ray, blocks, rows_per_shard: int) -> tuple[float, float]:
     """(seconds, driver CPU seconds) of the same dataset with a stage that writes nothing."""
     from ray.data import TaskPoolStrategy
 
-    from pipeline.plan import ENCODE_BATCH_ROWS
+    from pipeline.job.plan import ENCODE_BATCH_ROWS
 
     ds = ray.data.from_arrow(blocks).map_batches(
         _rows_seen, batch_size=min(rows_per_shard, ENCODE_BATCH_ROWS), batch_format="pyarrow", num_cpus=1,
@@ -201,8 +201,8 @@ def driver_path(ray, blocks, rows_per_shard: int, folder: Path) -> tuple[float, 
     import pyarrow.parquet as pq
     from ray.data import TaskPoolStrategy
 
-    from pipeline.plan import ENCODE_BATCH_ROWS
-    from pipeline.schema import OUTPUT_SCHEMA
+    from pipeline.data.schema import OUTPUT_SCHEMA
+    from pipeline.job.plan import ENCODE_BATCH_ROWS
 
     folder.mkdir(parents=True)
     ds = ray.data.from_arrow(blocks).map_batches(

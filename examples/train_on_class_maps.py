@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.label_files import vocabulary_names
-from pipeline.reader import PseudoLabelDataset
-from pipeline.schema import UNKNOWN_CLASS
+from pipeline.after.reader import PseudoLabelDataset
+from pipeline.data.label_files import vocabulary_names
+from pipeline.data.schema import UNKNOWN_CLASS
 
 
 def classifier(num_classes: int) -> nn.Module:

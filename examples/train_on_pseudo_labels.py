@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.reader import PseudoLabelDataset
+from pipeline.after.reader import PseudoLabelDataset
 
 
 class TinyHead(nn.Module):

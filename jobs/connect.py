@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.credentials import url_credential_problem
+from pipeline.data.credentials import url_credential_problem
 
 DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
 _HOW = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at the token file, or put it in ~/.ray/auth_token "

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m jobs.run SPEC_FILE_OR_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.plan import LabelError, label
+    from pipeline.job.plan import LabelError, label
 
     try:
         spec = read_spec_argument(argv[0])
@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: the spec's runtime_env is ignored when run by hand; this node's environment is used",
               flush=True)
     print(f"diffseg job {spec.name}: labelling {spec.input} -> {spec.output}", flush=True)
-    from pipeline.interrupt import RunInterrupted
-    from pipeline.stderr_filter import filtered_stderr
+    from pipeline.job.interrupt import RunInterrupted
+    from pipeline.job.stderr_filter import filtered_stderr
 
     try:
         with filtered_stderr():  # Ray's known false alarm stays out of the job's logs

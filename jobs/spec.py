@@ -41,8 +41,10 @@ import yaml
 # Secrets: a secret-looking storage_options name is never accepted as a literal (use ${VAR}
 # there and put VAR in runtime_env.env_vars), a URL with a credential in it is refused
 # anywhere, and a dry run masks every env var value but ${VAR} references and harmless settings.
-from pipeline.credentials import (
+from pipeline.data.credentials import (
     ENV_REF as _ENV_REF,
+)
+from pipeline.data.credentials import (
     looks_secret,
     masked_storage_options,
     shown_env_value,
@@ -285,7 +287,7 @@ class JobSpec:
     def printable(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The resolved job for ``--dry-run``: ``${VAR}`` shown as written, every other env var
         value masked unless it is a known-harmless setting, storage_options strings masked
-        unless harmless (see pipeline.credentials)."""
+        unless harmless (see pipeline.data.credentials)."""
         env = self.ray_runtime_env(environ)  # expands ${VAR}s: an unset one is refused here
         if "env_vars" in env:
             env["env_vars"] = {k: shown_env_value(k, self.runtime_env["env_vars"][k]) for k in env["env_vars"]}
@@ -428,7 +430,7 @@ def _validate(data: dict[str, Any], source: str, base_dir: Path | None, default_
 
 def _check_label_options(options: dict[str, Any], source: str) -> None:
     """What pipeline.label itself would refuse (e.g. DiffSeg's bounds), refused before submission."""
-    from pipeline.plan import LabelError, LabelOptions, validate_options
+    from pipeline.job.plan import LabelError, LabelOptions, validate_options
 
     try:
         validate_options(LabelOptions(**options))

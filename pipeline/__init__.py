@@ -1,16 +1,24 @@
-"""Ray Data plumbing: sources, decoding, the GPU actor, merge workers, the Parquet sink, resume, the CLI.
+"""The labeling job on Ray Data and the commands that come after it, in three rooms.
 
 Entry points: ``pipeline.label(input, output, **options) -> summary`` and the
-``diffseg label`` command (pipeline/cli.py). Modules, one job each:
-preflight (the checks before Ray starts), devices (GPUs or CPUs), sources (listing,
-reading bytes), decode (bytes -> RGB S x S), actors (model and merge actors), labels
-(proposals -> label map at the image's size), encode (PNG, segments, RLE), tasks (the
-CPU stages), sink (workers write spill parts and finalize shards), commit (the driver:
-part records -> markers), storage (files whole or absent), retry (storage hiccups vs
-bad images), lease (one writer per output), redo (--retry-errors), resume (shard plan,
-what is left), shard_source (the plan's shards as a Ray Data source), manifest
-(provenance), interrupt (Ctrl-C / SIGTERM), stderr_filter (Ray's known false alarm),
-errors, plan (label()), cli.
+``diffseg`` command (pipeline/cli.py: ``label`` here, the others in their rooms).
+
+- ``pipeline.job``: the labeling job itself, from an input URL to committed Parquet
+  shards (``plan.label`` reads top to bottom: preflight, devices, the shard plan, the
+  Ray Data stages in ``tasks`` and ``actors``, the workers' ``sink``, the driver's
+  ``commit``).
+- ``pipeline.after``: what users run on finished labels: ``eval`` (with
+  ``baselines`` and the ground-truth readers in ``datasets_gt``), ``export``,
+  ``show`` (``gallery``), and the training ``reader``.
+- ``pipeline.tune``: ``diffseg tune``, method parameters chosen on a labelled sample.
+- ``pipeline.data``: what every room reads and writes the same way: input listing
+  and image decoding (``sources``, ``decode``), the output format (``schema``,
+  ``encode``, ``manifest``, ``resume``'s shard markers, ``label_files``), files that
+  are whole or absent (``storage``, ``retry``), and ``credentials``.
+
+Imports point one way: ``job``, ``after`` and ``tune`` use ``data``, and ``tune`` builds on
+``job`` (its options) and ``after`` (ground-truth readers); ``data`` uses
+none of them; ``after`` does not import ``job``.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ __all__ = ["label", "LabelError", "LabelOptions"]
 
 def __getattr__(name: str) -> Any:  # lazy: `import pipeline` must not import Ray
     if name in __all__:
-        from pipeline import plan
+        from pipeline.job import plan
 
         return getattr(plan, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

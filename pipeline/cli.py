@@ -9,11 +9,11 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.credentials import storage_options_json
-from pipeline.devices import DEVICES
+from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
-from pipeline.params import METHOD_PARAMS, read_params
-from pipeline.plan import DEFAULT_MODEL, LabelError, LabelOptions
+from pipeline.job.devices import DEVICES
+from pipeline.job.params import METHOD_PARAMS, read_params
+from pipeline.job.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
 _DEFAULTS = LabelOptions()
 
@@ -120,9 +120,13 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\' '
                    "(never printed; no credentials inside URLs)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
-    from pipeline.after_cli import add_subcommands  # eval, export, show: each sets args.handler
+    from pipeline.after.cli import (
+        add_subcommands,  # eval, export, show: each sets args.handler
+    )
+    from pipeline.tune.cli import add_tune
 
     add_subcommands(sub)
+    add_tune(sub)
     if extra is not None:
         extra(sub)
     return parser
@@ -190,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from pipeline.interrupt import RunInterrupted
-    from pipeline.plan import label
-    from pipeline.stderr_filter import filtered_stderr
+    from pipeline.job.interrupt import RunInterrupted
+    from pipeline.job.plan import label
+    from pipeline.job.stderr_filter import filtered_stderr
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json", "params")}
     try:

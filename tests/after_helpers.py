@@ -1,7 +1,7 @@
 """Test inputs for the after-labeling tests: label Parquet written directly in the pipeline's format.
 
-Rows are made with the pipeline's own encoder (pipeline.encode) and schema
-(pipeline.schema), committed the way the sink commits them (a part file, then a
+Rows are made with the pipeline's own encoder (pipeline.data.encode) and schema
+(pipeline.data.schema), committed the way the sink commits them (a part file, then a
 ``_done/`` marker), so the readers see exactly what ``diffseg label`` writes,
 with no model and no Ray.
 """
@@ -15,8 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.encode import class_png, encode_label, name_segments
-from pipeline.schema import DONE_DIR, MANIFEST, UNKNOWN_CLASS, marker_name, output_schema, part_name
+from pipeline.data.encode import class_png, encode_label, name_segments
+from pipeline.data.schema import (
+    DONE_DIR,
+    MANIFEST,
+    UNKNOWN_CLASS,
+    marker_name,
+    output_schema,
+    part_name,
+)
 
 # (image_id, label map) for a labelled image, (image_id, "kind: detail") for an error row;
 # with a vocabulary, (image_id, (label map, class index per segment id (-1 unknown), scores))

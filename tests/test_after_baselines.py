@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
-
-from pipeline.after_cli import main as after_main
-from pipeline.evaluate import evaluate, format_report
-from pipeline.schema import MANIFEST
 from after_helpers import write_labels, write_png
+
+from pipeline.after.cli import main as after_main
+from pipeline.after.evaluate import evaluate, format_report
+from pipeline.data.schema import MANIFEST
 
 NUM_CLASSES = 4
 METHODS = ("K-Means-C", "K-Means-S")

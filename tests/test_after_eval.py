@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline.after_cli import main as after_main
-from pipeline.datasets_gt import COCO_27, GroundTruthError, load_ground_truth
-from pipeline.evaluate import evaluate
-from pipeline.image_index import center_crop_resize
 from after_helpers import write_labels, write_png
+
+from pipeline.after.cli import main as after_main
+from pipeline.after.datasets_gt import COCO_27, GroundTruthError, load_ground_truth
+from pipeline.after.evaluate import evaluate
+from pipeline.after.image_index import center_crop_resize
 
 # COCO-Stuff stuffthingmaps pixel values (category id - 1) and their coarse classes.
 PERSON, CAR, GRASS, SKY, OTHER, UNLABELLED = 0, 2, 123, 156, 182, 255

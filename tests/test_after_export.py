@@ -7,14 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+from after_helpers import write_labels
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from after_helpers import write_labels
-from pipeline.after_cli import main as after_main
-from pipeline.encode import compact, decode_png
-from pipeline.evaluate import evaluate
-from pipeline.export import png_relpath
+from pipeline.after.cli import main as after_main
+from pipeline.after.evaluate import evaluate
+from pipeline.after.export import png_relpath
+from pipeline.data.encode import compact, decode_png
 
 # pycocotools 2.0.x on numpy 2: a DeprecationWarning per decode, nothing wrong with the masks
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

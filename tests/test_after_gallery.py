@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from after_helpers import write_labels
 from PIL import Image
 
-from after_helpers import write_labels
-from pipeline.after_cli import main as after_main
-from pipeline.gallery import PALETTE, boundaries, overlay
+from pipeline.after.cli import main as after_main
+from pipeline.after.gallery import PALETTE, boundaries, overlay
 
 APT_INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"
 
@@ -104,7 +104,7 @@ def test_gallery_renders_in_chromium(gallery, chromium, tmp_path, capsys):
 def test_gallery_says_when_labels_come_from_random_weights(gallery, tmp_path):
     import json
 
-    from pipeline.gallery import build_gallery
+    from pipeline.after.gallery import build_gallery
 
     root, labels = gallery
     images = str(root / "images")

@@ -8,11 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from after_helpers import write_labels
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from after_helpers import write_labels
-from pipeline.reader import PseudoLabelDataset, ray_dataset
+from pipeline.after.reader import PseudoLabelDataset, ray_dataset
 
 
 def _image(i: int, h: int, w: int) -> np.ndarray:

@@ -13,15 +13,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pipeline_helpers import photos
 
 import diffseg_core.merge as merge
-from diffseg_core.extract import AttentionExtractor, preprocess_images, resolve_vae_dtype
+from diffseg_core.extract import (
+    AttentionExtractor,
+    preprocess_images,
+    resolve_vae_dtype,
+)
 from diffseg_core.segmentor import DiffSeg
-from pipeline.actors import LabelActor
-from pipeline.encode import compact, decode_png
-from pipeline.labels import labels_to_host, pack_label_map, unpack_label_map
-from pipeline.tasks import encode_rows
-from pipeline_helpers import photos
+from pipeline.data.encode import compact, decode_png
+from pipeline.job.actors import LabelActor
+from pipeline.job.labels import labels_to_host, pack_label_map, unpack_label_map
+from pipeline.job.tasks import encode_rows
 from tests.official_fixtures import CASES, build_maps, load_case
 from tests.synthetic_attention import agreement
 
@@ -245,8 +249,8 @@ def test_gpu_vae_default_is_bf16_where_the_gpu_has_it(monkeypatch):
 
 
 def test_vae_dtype_is_a_label_parameter_only_when_chosen():
-    from pipeline.manifest import IncompatibleOutputError, check_compatible
-    from pipeline.plan import LabelError, LabelOptions, validate_options
+    from pipeline.data.manifest import IncompatibleOutputError, check_compatible
+    from pipeline.job.plan import LabelError, LabelOptions, validate_options
 
     auto = LabelOptions().label_parameters(512, "fp16")
     assert "vae_dtype" not in auto  # outputs made before the option resume

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from pipeline_helpers import FAST
 
 from pipeline import label
-from pipeline.dataset_card import CARD, DATA_FILES, card_features, dataset_card
-from pipeline.encode import decode_png
-from pipeline.schema import OUTPUT_SCHEMA, part_name
-from pipeline_helpers import FAST
+from pipeline.data.encode import decode_png
+from pipeline.data.schema import OUTPUT_SCHEMA, part_name
+from pipeline.job.dataset_card import CARD, DATA_FILES, card_features, dataset_card
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from pipeline_helpers import FAST, bad_image_corpus, read_output, write_corpus
 
 from pipeline import label
-from pipeline.encode import decode_png
-from pipeline_helpers import FAST, bad_image_corpus, read_output, write_corpus
+from pipeline.data.encode import decode_png
 
 
 def test_every_bad_or_odd_image_ends_as_one_row(ray_session, tmp_path):

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import make_photo_folder, read_output
 
 from pipeline.cli import format_summary, main
-from pipeline_helpers import make_photo_folder, read_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_a_successful_run_prints_no_error_line_and_each_warning_once(tmp_path):
 def test_the_stderr_filter_drops_only_the_known_false_alarm(terminal):
     code = r"""
 import os, sys, time
-from pipeline.stderr_filter import filtered_stderr
+from pipeline.job.stderr_filter import filtered_stderr
 with filtered_stderr():
     os.write(2, b"[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker(X)' "
                 b"and ID: 'ab' has constructor arguments in the object store and max_restarts > 0. See ...\n")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from pipeline.decode import decode_image
 from pipeline_helpers import bad_image_corpus, encoded, png_header_only
+
+from pipeline.data.decode import decode_image
 
 CORPUS = bad_image_corpus()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from pipeline_helpers import FAST, make_photo_folder
 
 from pipeline import LabelError, label
-from pipeline.devices import autoscaler_max_gpus, plan_devices
-from pipeline_helpers import FAST, make_photo_folder
+from pipeline.job.devices import autoscaler_max_gpus, plan_devices
 
 
 def test_gpus_asked_for_on_a_cluster_without_them_stop_with_one_sentence(ray_session, tmp_path):
@@ -24,7 +24,7 @@ def test_gpus_asked_for_on_a_cluster_without_them_stop_with_one_sentence(ray_ses
 
 
 def test_auto_says_it_runs_on_cpu(ray_session, caplog):
-    with caplog.at_level(logging.INFO, logger="pipeline.devices"):
+    with caplog.at_level(logging.INFO, logger="pipeline.job.devices"):
         plan = plan_devices(ray_session, "auto", None, 600)
     assert not plan.use_gpu and plan.gpus_per_actor == 0
     assert "labelling on CPU: the Ray cluster has no GPU (pass --device gpu to require one)" in caplog.text
@@ -34,7 +34,10 @@ def test_auto_says_it_runs_on_cpu(ray_session, caplog):
 @pytest.fixture
 def gpu_autoscaler_config(ray_session):
     """The cluster config an autoscaler publishes in the GCS: a GPU node group that may start 4 nodes."""
-    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray._raylet import (
+        GCS_AUTOSCALER_CLUSTER_CONFIG_KEY,
+        GCS_AUTOSCALER_STATE_NAMESPACE,
+    )
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
@@ -50,7 +53,7 @@ def gpu_autoscaler_config(ray_session):
 
 def test_gpus_that_an_autoscaler_can_add_are_waited_for_with_a_bound(ray_session, gpu_autoscaler_config, caplog):
     assert autoscaler_max_gpus() == 4
-    with caplog.at_level(logging.INFO, logger="pipeline.devices"):
+    with caplog.at_level(logging.INFO, logger="pipeline.job.devices"):
         with pytest.raises(LabelError, match=r"^--device gpu: no GPU joined the Ray cluster within 0.5 s although "
                                              r"its autoscaler can add GPU nodes"):
             plan_devices(ray_session, "gpu", None, 0.5)
@@ -60,7 +63,7 @@ def test_gpus_that_an_autoscaler_can_add_are_waited_for_with_a_bound(ray_session
 
 
 def test_contradicting_device_options_are_refused(tmp_path):
-    from pipeline.plan import LabelOptions, validate_options
+    from pipeline.job.plan import LabelOptions, validate_options
 
     for options, message in [({"device": "tpu"}, "--device must be one of auto, gpu, cpu, not 'tpu'."),
                              ({"device": "gpu", "gpus_per_actor": 0}, "--device gpu and --gpus-per-actor 0 "

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
 from pipeline_helpers import FAST, read_output
 
 ODD_FILE_NAMES = ["bracket[1].png", "star*.png", "q?.png", "a::b.png", "<b>&\"x'.png", "K:1.png", "K_1.png",
@@ -101,7 +100,7 @@ def test_every_input_object_gets_one_row_with_a_distinct_stable_id(labelled):
 
 
 def test_a_folder_or_file_named_like_a_glob_is_taken_literally(odd_inputs, tmp_path):
-    from pipeline.sources import list_inputs, read_image_files, relative_id
+    from pipeline.data.sources import list_inputs, read_image_files, relative_id
 
     root, expected = odd_inputs
     listing = list_inputs(str(root))  # "in[1]" exists: a folder, not a pattern
@@ -120,15 +119,15 @@ def test_a_folder_or_file_named_like_a_glob_is_taken_literally(odd_inputs, tmp_p
 
 
 def test_repeated_tar_members_and_parquet_keys_get_numbered_ids():
-    from pipeline.sources import UniqueKeys
+    from pipeline.data.sources import UniqueKeys
 
     keys = UniqueKeys()
     assert [keys.claim(k) for k in ["a", "a", "a#2", "a", "b", "a#2"]] == ["a", "a#2", "a#2#2", "a#3", "b", "a#2#3"]
 
 
 def test_png_export_writes_one_file_per_row_even_when_ids_collide(labelled, tmp_path, capsys):
-    from pipeline.after_cli import main as after_main
-    from pipeline.export import PNG_INDEX
+    from pipeline.after.cli import main as after_main
+    from pipeline.after.export import PNG_INDEX
 
     _, out, expected, _ = labelled
     dest = tmp_path / "masks[3]"
@@ -174,7 +173,7 @@ class _Captions(html.parser.HTMLParser):
 
 
 def test_gallery_shows_every_odd_id_escaped(labelled, tmp_path):
-    from pipeline.gallery import build_gallery
+    from pipeline.after.gallery import build_gallery
 
     root, out, expected, _ = labelled
     result = build_gallery(str(out), str(root), str(tmp_path / "gallery"), n=64)
@@ -188,7 +187,7 @@ def test_gallery_shows_every_odd_id_escaped(labelled, tmp_path):
 
 
 def test_reader_joins_each_label_to_its_own_image(labelled):
-    from pipeline.reader import PseudoLabelDataset
+    from pipeline.after.reader import PseudoLabelDataset
 
     root, out, expected, _ = labelled
     pairs = list(PseudoLabelDataset(str(out), str(root), return_id=True, transform=lambda i, l: (i, l)))
@@ -199,7 +198,7 @@ def test_reader_joins_each_label_to_its_own_image(labelled):
 
 
 def test_ray_reader_on_a_labels_folder_named_like_a_glob(labelled, ray_session):
-    from pipeline.reader import ray_dataset
+    from pipeline.after.reader import ray_dataset
 
     root, out, expected, _ = labelled
     rows = ray_dataset(str(out), str(root)).take_all()

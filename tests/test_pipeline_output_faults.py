@@ -13,13 +13,13 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline import cli, label
-from pipeline.lease import LeaseHeldError, acquire
-from pipeline.retry import storage_refusal
-from pipeline.schema import LEASE
 from pipeline_helpers import FAST, make_photo_folder, read_output
 from s3_server import moto_s3
+
+from pipeline import cli, label
+from pipeline.data.retry import storage_refusal
+from pipeline.data.schema import LEASE
+from pipeline.job.lease import LeaseHeldError, acquire
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_ARGS = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4", "--batch-size", "4"]
@@ -196,7 +196,7 @@ def test_a_full_disk_stops_the_run_with_one_sentence_and_the_rerun_finishes(ray_
 
 
 def test_ray_node_timeout_at_startup_is_one_sentence_with_what_to_try():
-    from pipeline.plan import _ray_start_sentence
+    from pipeline.job.plan import _ray_start_sentence
 
     # Ray's own words (ray/_private/node.py), raised as a bare Exception by ray.init
     ray_says = Exception("The current node timed out during startup. This could happen because some of the "

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from pipeline_helpers import FAST, encoded, photos, read_output
 
 from pipeline import LabelError, label
 from pipeline.cli import build_parser
-from pipeline.decode import center_crop_square, decode_image
-from pipeline_helpers import FAST, encoded, photos, read_output
+from pipeline.data.decode import center_crop_square, decode_image
 
 
 def _banded(h: int, w: int) -> np.ndarray:

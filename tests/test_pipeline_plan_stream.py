@@ -8,8 +8,14 @@ import fsspec
 import pytest
 
 from benchmarks.synthetic_fs import SyntheticFileSystem
-from pipeline.resume import DamagedPlanError, iter_plan, read_shard, shards_from_inputs, update_plan
-from pipeline.sources import first_input, iter_inputs
+from pipeline.data.resume import (
+    DamagedPlanError,
+    iter_plan,
+    read_shard,
+    shards_from_inputs,
+    update_plan,
+)
+from pipeline.data.sources import first_input, iter_inputs
 
 SYNTHETIC = {"folders": 10, "per_folder": 50}
 

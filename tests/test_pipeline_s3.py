@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from pipeline import label
 from pipeline_helpers import FAST, encoded, photos, read_output, write_parquet_shard
 from s3_server import moto_s3
+
+from pipeline import label
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_s3_images_and_parquet_in_s3_labels_out(ray_session, s3, tmp_path):
 
 
 def test_s3_names_that_look_like_globs_are_read_literally(ray_session, s3):
-    from pipeline.plan import LabelError
+    from pipeline.job.plan import LabelError
 
     fs, options = s3
     names = ["bracket[1].png", "star*.png", "q?.png", "plain.png"]

@@ -8,13 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.encode import decode_png, encode_label
-from pipeline.schema import OUTPUT_SCHEMA, SHARD_ID, SHARD_ROWS
-from pipeline.commit import Committer
-from pipeline.retry import UNAVAILABLE, RetryPolicy
-from pipeline.sink import RECORD_SCHEMA, OutputLocation, write_rows
 from pipeline_helpers import read_output
+
+from pipeline.data.encode import decode_png, encode_label
+from pipeline.data.retry import UNAVAILABLE, RetryPolicy
+from pipeline.data.schema import OUTPUT_SCHEMA, SHARD_ID, SHARD_ROWS
+from pipeline.job.commit import Committer
+from pipeline.job.sink import RECORD_SCHEMA, OutputLocation, write_rows
 
 
 def test_png_is_8_bit_up_to_256_segments_then_16_bit():
@@ -28,8 +28,9 @@ def test_png_is_8_bit_up_to_256_segments_then_16_bit():
     ]
     many = np.arange(20 * 30).reshape(20, 30) % 300
     png, n, _ = encode_label(many, rle=False)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     assert n == 300 and Image.open(io.BytesIO(png)).mode.startswith("I")
     assert (decode_png(png) == many).all()

@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import pytest
+from pipeline_helpers import (
+    encoded,
+    make_photo_folder,
+    photos,
+    write_parquet_shard,
+    write_tar_shard,
+)
 
-from pipeline.sources import NoInputError, list_inputs, read_parquet, read_source, read_tar, relative_id
-from pipeline_helpers import encoded, make_photo_folder, photos, write_parquet_shard, write_tar_shard
+from pipeline.data.sources import (
+    NoInputError,
+    list_inputs,
+    read_parquet,
+    read_source,
+    read_tar,
+    relative_id,
+)
 
 
 def test_folder_is_listed_recursively_sorted_and_hidden_files_skipped(tmp_path):
@@ -64,8 +77,9 @@ def test_missing_file_is_a_row_with_an_error_not_an_exception(tmp_path):
 
 
 def test_tar_and_parquet_shards_end_to_end(ray_session, tmp_path):
-    from pipeline import label
     from pipeline_helpers import FAST, read_output
+
+    from pipeline import label
 
     jpgs = {name: encoded(arr[::4, ::4], "JPEG") for name, arr in photos().items()}
     write_tar_shard(tmp_path / "in" / "tars" / "00000.tar", {f"k{i}": b for i, b in enumerate(jpgs.values())})

@@ -11,9 +11,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_helpers import (
+    FAST,
+    encoded,
+    make_photo_folder,
+    photos,
+    read_output,
+    write_parquet_shard,
+)
 
 from pipeline import LabelError, label
-from pipeline_helpers import FAST, encoded, make_photo_folder, photos, read_output, write_parquet_shard
 
 OLD_OUTAGE_ERROR = ("read error: EndpointConnectionError: Could not connect to the endpoint URL: "
                     '"http://127.0.0.1:9/bucket/in/x.jpg"')
@@ -45,7 +52,7 @@ class RestartableS3:
 
     @property
     def options(self) -> dict:
-        # botocore's own retries off: a refused connection fails at once and ours (pipeline/retry.py) act
+        # botocore's own retries off: a refused connection fails at once and ours (pipeline/data/retry.py) act
         return {"key": "testing", "secret": "testing", "client_kwargs": {
             "endpoint_url": f"http://{self.host}:{self.port}", "region_name": "us-east-1"},
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from pipeline_helpers import make_photo_folder
 
 from jobs import cli as jobs_cli
 from jobs.spec import SpecError, load_spec
-from pipeline.credentials import MASK, looks_secret, url_credential_problem
-from pipeline_helpers import make_photo_folder
+from pipeline.data.credentials import MASK, looks_secret, url_credential_problem
 
 GOOD = "input: /data/in\noutput: /data/out\nmodel: tiny-random\n"
 
@@ -193,7 +193,7 @@ def test_a_label_run_records_unsafe_weights_and_never_its_storage_options(pickle
                                                                           capfd):
     """One real run for both: --allow-unsafe-weights reaches the actors and the manifest, and the
     --storage-options values (a local folder takes and ignores them) reach no output and no log."""
-    from pipeline.plan import LabelOptions
+    from pipeline.job.plan import LabelOptions
 
     secret = _secret()
     make_photo_folder(tmp_path / "in")
@@ -228,7 +228,7 @@ def test_the_spec_key_turns_the_flag_on(tmp_path):
 
 
 def test_eval_baselines_reuse_the_labels_opt_in_for_their_own_model_only():
-    from pipeline.baselines import extractor_settings
+    from pipeline.after.baselines import extractor_settings
 
     manifest = {"model": {"model": "/models/sd-bin"}, "parameters": {"image_size": 64, "allow_unsafe_weights": True}}
     assert extractor_settings(manifest, None, None)["allow_unsafe_weights"] is True

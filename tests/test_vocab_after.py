@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from after_helpers import write_labels, write_png
+
 from diffseg_core.vocabulary import PRESETS
-from pipeline.after_cli import main as after_main
-from pipeline.evaluate import evaluate
+from pipeline.after.cli import main as after_main
+from pipeline.after.evaluate import evaluate
 
 CITY = PRESETS["cityscapes"]
 ROAD, SKY, CAR = CITY.index("road"), CITY.index("sky"), CITY.index("car")  # 0, 16, 19 (ids 7, 23, 26)
@@ -100,7 +100,7 @@ def _photo_folder(tmp_path, names, size=(12, 16)):
 
 
 def test_reader_yields_class_maps(tmp_path):
-    from pipeline.reader import PseudoLabelDataset, iter_pairs
+    from pipeline.after.reader import PseudoLabelDataset, iter_pairs
 
     images = _photo_folder(tmp_path, ["a.png", "b.png"])
     left_right = np.zeros((12, 16), dtype=np.int64)
@@ -128,7 +128,7 @@ def test_reader_yields_class_maps(tmp_path):
 def test_coco_export_round_trips_the_vocabulary_as_categories(tmp_path, capsys):
     from pycocotools.coco import COCO
 
-    from pipeline.encode import decode_png
+    from pipeline.data.encode import decode_png
 
     vocab = ["person", "dog", "grass field"]
     blocks = np.kron(np.array([[0, 1], [2, 3]]), np.ones((4, 5), dtype=np.int64))  # 8 x 10, 4 segments
@@ -172,7 +172,7 @@ def test_coco_export_round_trips_the_vocabulary_as_categories(tmp_path, capsys):
 
 
 def test_overlay_colours_by_class_and_writes_the_names():
-    from pipeline.gallery import PALETTE, UNKNOWN_COLOUR, name_positions, overlay
+    from pipeline.after.gallery import PALETTE, UNKNOWN_COLOUR, name_positions, overlay
 
     image = np.full((80, 80, 3), 100, dtype=np.uint8)
     labels = np.kron(np.array([[0, 1], [2, 3]]), np.ones((40, 40), dtype=np.int64))

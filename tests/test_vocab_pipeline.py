@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_helpers import FAST, make_photo_folder, read_output
 
 from pipeline.cli import main
-from pipeline.encode import decode_png
-from pipeline_helpers import FAST, make_photo_folder, read_output
+from pipeline.data.encode import decode_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ ACTOR_SIZE, ACTOR_DIFFSEG = 64, {"kl_threshold": 1e-3, "num_points": 8}
 
 
 def _actor(vocabulary=None):
-    from pipeline.actors import LabelActor
+    from pipeline.job.actors import LabelActor
 
     named = {} if vocabulary is None else {"vocabulary": vocabulary, "class_threshold": 0.3}
     return LabelActor("tiny-random", device="cpu", dtype=None, image_size=ACTOR_SIZE, timestep=300, revision=None,
@@ -69,7 +69,6 @@ def _actor(vocabulary=None):
 
 def _actor_batch(sizes):
     from PIL import Image
-
     from pipeline_helpers import photos
 
     arrays = list(photos().values())[: len(sizes)]
@@ -93,8 +92,8 @@ def test_the_actor_names_the_segments_it_would_make_without_a_vocabulary():
     import torch
 
     from diffseg_core.class_vote import combine_class_attention, vote_classes
-    from pipeline.labels import unpack_label_map
-    from pipeline.tasks import encode_rows
+    from pipeline.job.labels import unpack_label_map
+    from pipeline.job.tasks import encode_rows
 
     sizes = [(64, 64), (120, 90), (37, 91)]
     batch = _actor_batch(sizes)
@@ -119,8 +118,8 @@ def test_the_actor_names_the_segments_it_would_make_without_a_vocabulary():
 
 
 def test_broken_packed_classes_are_an_error_row_and_the_others_are_kept():
-    from pipeline.labels import pack_classes, pack_label_map, unpack_classes
-    from pipeline.tasks import encode_rows
+    from pipeline.job.labels import pack_classes, pack_label_map, unpack_classes
+    from pipeline.job.tasks import encode_rows
 
     labels = np.zeros((4, 6), np.uint8)
     labels[:, 3:] = 1
@@ -191,7 +190,7 @@ def test_every_segment_has_a_class_from_the_vocabulary_or_null(labelled):
 
 def test_manifest_records_the_vocabulary_and_a_rerun_with_another_is_refused(labelled, capsys):
     from pipeline import label
-    from pipeline.plan import LabelError
+    from pipeline.job.plan import LabelError
 
     root, _, _, _ = labelled
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
@@ -260,10 +259,9 @@ def test_a_rerun_with_another_vocabulary_is_refused_before_ray(labelled, tmp_pat
 def test_a_job_spec_with_a_preset_labels_with_its_classes(ray_session, tmp_path, capsys):
     """`python -m jobs.run spec.yaml` with ``method.vocabulary: coco-stuff-27``: the preset's
     27 names reach the model actor, the segments and the manifest."""
+    from diffseg_core.vocabulary import PRESETS
     from jobs.run import SUMMARY_PREFIX
     from jobs.run import main as job_main
-
-    from diffseg_core.vocabulary import PRESETS
 
     make_photo_folder(tmp_path / "in")
     spec = tmp_path / "job.yaml"
@@ -287,8 +285,8 @@ def test_a_job_spec_with_a_preset_labels_with_its_classes(ray_session, tmp_path,
 def test_coco_export_and_semantic_eval_of_a_real_run(labelled, tmp_path):
     from pycocotools.coco import COCO
 
-    from pipeline.after_cli import main as after_main
-    from pipeline.evaluate import evaluate
+    from pipeline.after.cli import main as after_main
+    from pipeline.after.evaluate import evaluate
 
     root, _, _, _ = labelled
     out = tmp_path / "coco.json"
@@ -385,7 +383,7 @@ def test_tiny_demo_names_segments_that_the_gallery_shows(ray_session, tmp_path):
     not that they are right.)"""
     from pycocotools.coco import COCO
 
-    from pipeline.after_cli import main as after_main
+    from pipeline.after.cli import main as after_main
 
     photos = REPO / "examples" / "images"
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""``diffseg tune``: the subcommand (registered by pipeline.after_cli.add_subcommands)."""
+"""``diffseg tune``: the subcommand (registered by pipeline.after.cli.add_subcommands)."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any
 
-from pipeline.credentials import storage_options_json
-from pipeline.datasets_gt import FORMATS
+from pipeline.after.datasets_gt import FORMATS
+from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 
 
@@ -97,8 +97,8 @@ def add_tune(subparsers: Any) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from diffseg_core.model_check import ModelLoadError
-    from pipeline.datasets_gt import GroundTruthError
-    from pipeline.plan import LabelError
+    from pipeline.after.datasets_gt import GroundTruthError
+    from pipeline.job.plan import LabelError
     from pipeline.tune.grid import Grid, GridError
     from pipeline.tune.prepare import SampleError
     from pipeline.tune.report import format_report

@@ -84,7 +84,7 @@ DEFAULT_NUM_POINTS = (8, 16)
 
 def default_setting() -> Setting:
     """What ``diffseg label`` does without flags (LabelOptions' defaults)."""
-    from pipeline.plan import LabelOptions
+    from pipeline.job.plan import LabelOptions
 
     d = LabelOptions()
     kl = d.kl_threshold

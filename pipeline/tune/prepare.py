@@ -1,9 +1,9 @@
 """Before the search: pick the labelled sample, fill the attention cache, load the ground truth.
 
 The images are image files under IMAGES, matched to ground truth with the same
-readers as ``diffseg eval`` (pipeline.datasets_gt: by relative path, else by
+readers as ``diffseg eval`` (pipeline.after.datasets_gt: by relative path, else by
 file stem). Each sampled image is decoded exactly as ``diffseg label`` decodes
-it (pipeline.decode, with or without the paper's crop), so its attention and
+it (pipeline.data.decode, with or without the paper's crop), so its attention and
 its label frame are what labeling would give. Ground truth is brought to that
 frame the way ``diffseg eval`` does (centre-crop to its aspect, nearest resize).
 """
@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.datasets_gt import GroundTruth, GroundTruthError
-from pipeline.decode import decode_image
-from pipeline.image_index import ImageIndex, center_crop_resize
+from pipeline.after.datasets_gt import GroundTruth, GroundTruthError
+from pipeline.after.image_index import ImageIndex, center_crop_resize
+from pipeline.data.decode import decode_image
 from pipeline.tune.cache import AttentionCache, extraction_key
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def pick_sample(images: str, gt: GroundTruth, n: int, seed: int, storage_options
     """The image files under ``images`` that have ground truth; ``n`` of them (seeded) when more."""
     if n < 1:
         raise SampleError(f"--n must be at least 1, got {n}")
-    from pipeline.sources import NoInputError
+    from pipeline.data.sources import NoInputError
 
     try:
         index = ImageIndex.build(images, storage_options)
@@ -129,7 +129,9 @@ def fill_cache(
     if misses:
         check_model_files()
         extractor = load_extractor()
-        from pipeline.tasks import chunked  # imported here: it pulls in torch, which a refusal never needs
+        from pipeline.job.tasks import (
+            chunked,  # imported here: it pulls in torch, which a refusal never needs
+        )
 
         model = {"resolutions": list(extractor.attention_resolutions), "image_size": int(extractor.image_size)}
         check_model(model["resolutions"], model["image_size"])

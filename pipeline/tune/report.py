@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.params import TUNE_KEY as PARAMS_KEY  # the part of best.json that `diffseg label --params` reads
 from pipeline.tune.grid import DEFAULT_WEIGHTS, Setting
 
 

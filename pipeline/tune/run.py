@@ -21,12 +21,27 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.datasets_gt import load_ground_truth
+from pipeline.after.datasets_gt import load_ground_truth
+from pipeline.job.params import (
+    TUNE_KEY,  # the part of best.json that `diffseg label --params` reads
+)
 from pipeline.tune.cache import CACHE_DIR, AttentionCache, model_identity
-from pipeline.tune.grid import Grid, Setting, check_values, default_setting, settings as grid_settings
-from pipeline.tune.prepare import SampleError, assign_folds, fill_cache, load_targets, pick_sample
+from pipeline.tune.grid import Grid, Setting, check_values, default_setting
+from pipeline.tune.grid import settings as grid_settings
+from pipeline.tune.prepare import (
+    SampleError,
+    assign_folds,
+    fill_cache,
+    load_targets,
+    pick_sample,
+)
 from pipeline.tune.report import (
-    PARAMS_KEY, label_flags, label_params, method_block, plot_tau, write_best_json, write_results_csv,
+    label_flags,
+    label_params,
+    method_block,
+    plot_tau,
+    write_best_json,
+    write_results_csv,
 )
 from pipeline.tune.select import select
 
@@ -95,7 +110,8 @@ def tune(
 
     def check_model_files() -> None:
         """Before any weight is loaded: the model exists and the grid can run on it (from its configs)."""
-        from diffseg_core.model_check import ModelLoadError, check_model as check_files
+        from diffseg_core.model_check import ModelLoadError
+        from diffseg_core.model_check import check_model as check_files
 
         try:
             found = check_files(model, revision=revision)
@@ -145,7 +161,9 @@ def tune(
     notes = chosen["notes"] + notes
     default_index = 0 if all_settings[0] == default_setting() else None
 
-    from pipeline.tune.search import run_search  # torch and Ray: only once every check has passed
+    from pipeline.tune.search import (
+        run_search,  # torch and Ray: only once every check has passed
+    )
 
     result = run_search(all_settings, [str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample],
                         num_folds, gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress)
@@ -164,7 +182,7 @@ def tune(
                      "(--score-size 0: the full label frame)")
     files = {"best": str(out_dir / "best.json"), "results": str(out_dir / "results.csv")}
     report: dict[str, Any] = {
-        PARAMS_KEY: params,
+        TUNE_KEY: params,
         "best": {"setting": best_setting.describe(), "in_sample": sel.ranking[0][1].as_dict(),
                  "held_out": sel.held_out.as_dict(), **_fields(best_setting)},
         "default": ({"setting": all_settings[default_index].describe(), "score": sel.default_score.as_dict()}

@@ -57,7 +57,10 @@ def run_search(
     """Score every setting on every image on Ray; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from pipeline.plan import _init_ray, _shutdown  # label's: a local Ray, its token note dropped
+    from pipeline.job.plan import (  # label's: a local Ray, its token note dropped
+        _init_ray,
+        _shutdown,
+    )
 
     ray, own_ray = _init_ray(None)
     try:

@@ -20,7 +20,7 @@ import posixpath
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -33,6 +33,7 @@ _GLOB_CHARS = "*?["
 # Column names tried, in order, when a Parquet file's image column is not named.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes", "image_bytes", "content")
 KEY_COLUMN_CANDIDATES = ("key", "image_id", "id", "__key__")
+T = TypeVar("T")
 
 
 class NoInputError(RuntimeError):
@@ -391,3 +392,15 @@ def read_source(
     if kind == "parquet":
         return read_parquet(paths[0], root, storage_options, image_column)
     raise ValueError(f"unknown source kind {kind!r}")
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    buf: list[T] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -27,9 +27,9 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import describe
-from pipeline.schema import LEASE
-from pipeline.storage import is_local
+from pipeline.data.retry import describe
+from pipeline.data.schema import LEASE
+from pipeline.data.storage import is_local
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.labels import labels_to_host, pack_classes, pack_label_map
-from pipeline.tasks import error_values
+from pipeline.job.labels import labels_to_host, pack_classes, pack_label_map
+from pipeline.job.tasks import error_values
 
 logger = logging.getLogger(__name__)
 

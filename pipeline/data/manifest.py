@@ -16,10 +16,10 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.retry import RetryPolicy
-from pipeline.schema import MANIFEST, METADATA_KEY
-from pipeline.sources import open_fs
-from pipeline.storage import TornFileError, read_json, write_json
+from pipeline.data.retry import RetryPolicy
+from pipeline.data.schema import MANIFEST, METADATA_KEY
+from pipeline.data.sources import open_fs
+from pipeline.data.storage import TornFileError, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def recover_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]
         return read_manifest(fs, root)
     except TornFileError as exc:
         logger.warning("%s; rebuilding it from the committed files' metadata", exc)
-    from pipeline.resume import read_markers
+    from pipeline.data.resume import read_markers
 
     markers, _ = read_markers(fs, root)
     for marker in markers.values():

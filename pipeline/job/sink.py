@@ -13,10 +13,10 @@ error counts, stage seconds); the label bytes never travel to the driver.
 shard: it streams the spill parts into the shard's committed files
 ``labels-<shard>-<part>.parquet`` (zstd, the run's key-value metadata, at most
 ``rows_per_file`` rows each) and returns their names. The driver then writes the
-shard's marker, the commit (pipeline/commit.py).
+shard's marker, the commit (pipeline/job/commit.py).
 
 Storage faults never raise out of here (a raise would fail the whole Ray Data
-job): transient ones are retried (pipeline/retry.py), and a fault that persists
+job): transient ones are retried (pipeline/data/retry.py), and a fault that persists
 comes back in the record as ``failure`` (``fatal`` for a full or read-only disk).
 """
 from __future__ import annotations
@@ -34,8 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.retry import UNAVAILABLE, RetryPolicy, call_with_retries, describe, is_transient, storage_refusal
-from pipeline.schema import (
+from pipeline.data.retry import (
+    UNAVAILABLE,
+    RetryPolicy,
+    call_with_retries,
+    describe,
+    is_transient,
+    storage_refusal,
+)
+from pipeline.data.schema import (
     METADATA_KEY,
     SHARD_ID,
     SHARD_ROWS,
@@ -44,7 +51,7 @@ from pipeline.schema import (
     part_name,
     spill_dir,
 )
-from pipeline.storage import remove, write_bytes
+from pipeline.data.storage import remove, write_bytes
 
 COMPRESSION = "zstd"
 
@@ -84,7 +91,7 @@ class OutputLocation:
 
 @lru_cache(maxsize=8)
 def _open(url: str, options: str):
-    from pipeline.sources import open_fs
+    from pipeline.data.sources import open_fs
 
     fs, root = open_fs(url, json.loads(options) or None)
     return fs, root.rstrip("/") or root

@@ -21,9 +21,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import committed_label_files, is_error, iter_label_batches, label_map, vocabulary_names
-from pipeline.manifest import read_labels_manifest
+from pipeline.after.image_index import ImageIndex, center_crop_resize, decode_rgb
+from pipeline.data.label_files import (
+    committed_label_files,
+    is_error,
+    iter_label_batches,
+    label_map,
+    vocabulary_names,
+)
+from pipeline.data.manifest import read_labels_manifest
 
 MAX_SIDE = 640  # overlay panels are downscaled to this longest side
 MAX_ERRORS_LISTED = 1000

@@ -11,7 +11,7 @@ import pyarrow as pa
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from pipeline.resume import PlanIndex, read_shard
+from pipeline.data.resume import PlanIndex, read_shard
 
 SHARD_SCHEMA = pa.schema([("shard_id", pa.int64()), ("kind", pa.string()), ("paths", pa.list_(pa.string()))])
 
@@ -39,7 +39,7 @@ class PlanShards(Datasource):
 
 def _reader(path: str, offset: int, length: int, storage_options: dict[str, Any] | None):
     def read() -> Iterable[pa.Table]:
-        from pipeline.sources import open_fs
+        from pipeline.data.sources import open_fs
 
         fs, stripped = open_fs(path, storage_options)
         shard = read_shard(fs, stripped, offset, length)

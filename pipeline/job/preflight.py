@@ -20,16 +20,20 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.data.manifest import (
+    IncompatibleOutputError,
+    check_compatible,
+    recover_manifest,
+)
+from pipeline.data.sources import NoInputError, first_input, input_root, open_fs
 from pipeline.errors import LabelError
-from pipeline.manifest import IncompatibleOutputError, check_compatible, recover_manifest
-from pipeline.sources import NoInputError, first_input, input_root, open_fs
-from pipeline.vocab import check_against_model
+from pipeline.job.vocab import check_against_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import fsspec
 
     from diffseg_core.model_check import ModelCheck
-    from pipeline.plan import LabelOptions
+    from pipeline.job.plan import LabelOptions
 
 __all__ = ["Checked", "preflight", "known_device", "default_dtype"]
 

@@ -3,7 +3,7 @@
 The label Parquet holds no attention, so for every image the DiffSeg labels are
 scored on (committed ok row, in the image list if any, with ground truth) we
 read its source image from the labeling input by ``image_id``
-(pipeline.image_index), run the same extractor as the labeling run (model,
+(pipeline.after.image_index), run the same extractor as the labeling run (model,
 revision, timestep and image size from the labels' ``_manifest.json`` unless
 given), and cluster the aggregated attention rows with
 ``diffseg_core.kmeans``: **K-Means-C** with k = 6, **K-Means-S** with k = the
@@ -23,10 +23,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from diffseg_core.metrics import SegmentationMetrics
-from pipeline.datasets_gt import GroundTruth, GroundTruthError, listed_rows, rows_with_ground_truth
-from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import iter_label_batches, label_map
-from pipeline.tasks import chunked
+from pipeline.after.datasets_gt import (
+    GroundTruth,
+    GroundTruthError,
+    listed_rows,
+    rows_with_ground_truth,
+)
+from pipeline.after.image_index import ImageIndex, center_crop_resize, decode_rgb
+from pipeline.data.label_files import iter_label_batches, label_map
+from pipeline.data.sources import chunked
 
 METHODS = ("K-Means-C", "K-Means-S")
 K_CONSTANT = 6  # the paper's K-Means-C

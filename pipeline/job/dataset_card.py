@@ -24,10 +24,10 @@ import fsspec
 import pyarrow as pa
 import yaml
 
-from pipeline.schema import CLASS_MAP, OUTPUT_SCHEMA, output_schema
+from pipeline.data.schema import CLASS_MAP, OUTPUT_SCHEMA, output_schema
 
 CARD = ".huggingface.yaml"
-DATA_FILES = "labels-*.parquet"  # pipeline.schema.part_name: every committed part, nothing else
+DATA_FILES = "labels-*.parquet"  # pipeline.data.schema.part_name: every committed part, nothing else
 IMAGE_COLUMNS = frozenset({"label_map", CLASS_MAP})  # binary PNG columns that datasets decodes as images
 
 _DTYPES = {

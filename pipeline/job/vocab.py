@@ -29,7 +29,7 @@ def read_vocabulary(
     if vocabulary is not None and vocabulary_file is not None:
         raise ValueError("give --vocabulary or --vocabulary-file, not both")
     if vocabulary_file is not None:
-        from pipeline.sources import open_fs
+        from pipeline.data.sources import open_fs
 
         try:
             fs, path = open_fs(vocabulary_file, storage_options)

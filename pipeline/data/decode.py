@@ -84,7 +84,7 @@ def decode_image(
 def center_crop_square(img: Image.Image) -> Image.Image:
     """The centred square of side min(width, height): the paper's crop, before its resize.
 
-    Same window as ``pipeline.image_index.center_crop_resize`` with a square size
+    Same window as ``pipeline.after.image_index.center_crop_resize`` with a square size
     (offsets ``(long - short) // 2``), so ``diffseg eval`` crops ground truth where
     the labeler cropped the image. That function is not reused here: it resizes
     images bilinearly on numpy arrays, and the labeler's resize stays PIL bicubic.

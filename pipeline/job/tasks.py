@@ -8,19 +8,24 @@ actor's packed label maps -> the output columns. Both turn every per-image failu
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, decode_image
-from pipeline.encode import class_png, encode_label, name_segments
-from pipeline.labels import unpack_classes, unpack_label_map
-from pipeline.retry import RetryPolicy, resilient_read
-from pipeline.schema import CLASS_MAP, CLASS_SEGMENT, SEGMENT, SHARD_ID, SHARD_ROWS, UNKNOWN_CLASS
-from pipeline.sources import RawImage
-
-T = TypeVar("T")
+from pipeline.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from pipeline.data.encode import class_png, encode_label, name_segments
+from pipeline.data.retry import RetryPolicy, resilient_read
+from pipeline.data.schema import (
+    CLASS_MAP,
+    CLASS_SEGMENT,
+    SEGMENT,
+    SHARD_ID,
+    SHARD_ROWS,
+    UNKNOWN_CLASS,
+)
+from pipeline.data.sources import RawImage, chunked
+from pipeline.job.labels import unpack_classes, unpack_label_map
 
 DECODE_CHUNK = 32
 
@@ -69,27 +74,15 @@ def _safe_read(
     kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None,
     retry: RetryPolicy | None = None, only: list[str] | None = None,
 ) -> Iterator[RawImage]:
-    """read_source with the world's faults retried (pipeline/retry.py), but a shard that cannot be
+    """read_source with the world's faults retried (pipeline/data/retry.py), but a shard that cannot be
     opened or breaks midway for a reason of its own ends in one error row."""
     try:
         yield from resilient_read(kind, paths, root, storage_options, image_column, retry, only)
     except Exception as exc:  # noqa: BLE001 - corrupt tar / Parquet: say so in a row, go on
-        from pipeline.sources import relative_id
+        from pipeline.data.sources import relative_id
 
         shard = relative_id(paths[0], root)
         yield RawImage(f"{shard}/#shard-error", paths[0], None, f"shard error: {type(exc).__name__}: {exc}")
-
-
-def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
-    buf: list[T] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 def _decode_chunk(
@@ -128,7 +121,7 @@ def error_values(column: Any) -> list[str | None]:
 
 
 def encode_rows(batch: dict[str, np.ndarray], *, rle: bool, class_names: list[str] | None = None) -> pa.Table:
-    """Packed label maps (``label_packed``, see pipeline.labels) -> the output columns
+    """Packed label maps (``label_packed``, see pipeline.job.labels) -> the output columns
     (PNG, num_segments, segments) plus bookkeeping. With ``class_names`` (a vocabulary run),
     also each segment's class from ``classes_packed`` and the row's class map."""
     start = time.perf_counter()

@@ -28,9 +28,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.image_index import ImageIndex, center_crop_resize, decode_rgb
-from pipeline.label_files import arrow_filesystem, class_map, committed_label_files, is_error, label_map
-from pipeline.sources import open_fs
+from pipeline.after.image_index import ImageIndex, center_crop_resize, decode_rgb
+from pipeline.data.label_files import (
+    arrow_filesystem,
+    class_map,
+    committed_label_files,
+    is_error,
+    label_map,
+)
+from pipeline.data.sources import open_fs
 
 try:
     import torch

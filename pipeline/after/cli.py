@@ -1,4 +1,4 @@
-"""``diffseg eval | export | show`` (after labeling) and ``tune`` (before it): the subcommands beside label.
+"""``diffseg eval | export | show``: the subcommands for after labeling.
 
 ``pipeline.cli`` wires them in with ``add_subcommands(sub)`` on its subparsers;
 each parser sets ``handler``, which takes the parsed args and returns the exit code.
@@ -11,16 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.credentials import storage_options_json
-from pipeline.datasets_gt import FORMATS
-from pipeline.export import DATUMARO_IMAGES, LAYOUTS, MAPS
+from pipeline.after.datasets_gt import FORMATS
+from pipeline.after.export import DATUMARO_IMAGES, LAYOUTS, MAPS
+from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Add ``eval``, ``export``, ``show`` and ``tune`` to an argparse subparsers object."""
-    from pipeline.tune.cli import add_tune
-
+    """Add ``eval``, ``export`` and ``show`` to an argparse subparsers object."""
     fmt = DefaultsHelpFormatter
     e = subparsers.add_parser(
         "eval", formatter_class=fmt, help="pixel accuracy and mIoU against ground truth (paper protocol)",
@@ -101,8 +99,6 @@ def add_subcommands(subparsers: Any) -> None:
     s.add_argument("--storage-options", type=storage_options_json, default=None, help="fsspec options as JSON")
     s.set_defaults(handler=run_show)
 
-    add_tune(subparsers)
-
 
 def _fail(command: str, exc: Exception) -> int:
     print(f"diffseg {command}: error: {exc}", file=sys.stderr)
@@ -113,7 +109,7 @@ _USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, RuntimeError)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, format_report
+    from pipeline.after.evaluate import evaluate, format_report
 
     try:
         result = evaluate(
@@ -131,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_coco, export_coco_results, export_png
+    from pipeline.after.export import export_coco, export_coco_results, export_png
 
     kind, dest = args.to
     if kind not in ("coco", "coco-results", "png"):
@@ -164,7 +160,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pipeline.gallery import build_gallery
+    from pipeline.after.gallery import build_gallery
 
     try:
         result = build_gallery(args.labels, args.images, args.out, n=args.n, storage_options=args.storage_options,
@@ -177,7 +173,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m pipeline.after_cli``) until pipeline.cli wires the subcommands in."""
+    """Standalone entry (``python -m pipeline.after.cli``) until pipeline.cli wires the subcommands in."""
     parser = argparse.ArgumentParser(prog="diffseg")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

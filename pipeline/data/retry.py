@@ -176,7 +176,7 @@ def resilient_read(
     deadline passes, one ``storage unavailable`` row ends the shard. ``only``: yield just
     these image ids (``diffseg label --retry-errors``).
     """
-    from pipeline.sources import RawImage, read_source
+    from pipeline.data.sources import RawImage
 
     policy = policy or RetryPolicy()
     wanted = set(only) if only is not None else None
@@ -190,7 +190,7 @@ def resilient_read(
 
 
 def _read_images(paths: list[str], root: str, storage_options: dict[str, Any] | None, policy: RetryPolicy):
-    from pipeline.sources import RawImage, open_fs, read_source
+    from pipeline.data.sources import RawImage, open_fs, read_source
 
     fs = None
     unavailable: str | None = None  # once the deadline is spent, the shard is redone anyway: stop reading
@@ -218,7 +218,7 @@ def _read_container(
     kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None,
     policy: RetryPolicy,
 ):
-    from pipeline.sources import RawImage, read_source, relative_id
+    from pipeline.data.sources import RawImage, read_source, relative_id
 
     waits = policy.waits()
     yielded = 0

@@ -37,10 +37,10 @@ from typing import IO, Callable, Iterable, Iterator
 import fsspec
 import numpy as np
 
-from pipeline.retry import RetryPolicy, call_with_retries
-from pipeline.schema import DONE_DIR, PLAN, TMP_DIR, marker_name, shard_of_part
-from pipeline.sources import read_literal
-from pipeline.storage import remove
+from pipeline.data.retry import RetryPolicy, call_with_retries
+from pipeline.data.schema import DONE_DIR, PLAN, TMP_DIR, marker_name, shard_of_part
+from pipeline.data.sources import read_literal
+from pipeline.data.storage import remove
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``diffseg eval``: pixel accuracy and mIoU of pseudo-labels against ground truth (paper protocol).
 
-Per image: decode the label map, read its ground truth (pipeline.datasets_gt),
+Per image: decode the label map, read its ground truth (pipeline.after.datasets_gt),
 bring the ground truth to the label's size if they differ (centre-crop to the
 label's aspect ratio, then nearest resize: the paper's crop-to-square + 512 px
 for square labels), and feed both to a ``SegmentationMetrics`` accumulator
@@ -23,15 +23,24 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-
 from diffseg_core.metrics import SegmentationMetrics
 from diffseg_core.vocabulary import PRESETS
-from pipeline.datasets_gt import (
-    GroundTruth, GroundTruthError, listed_rows, load_ground_truth, read_image_list, rows_with_ground_truth,
+from pipeline.after.datasets_gt import (
+    GroundTruth,
+    GroundTruthError,
+    listed_rows,
+    load_ground_truth,
+    read_image_list,
+    rows_with_ground_truth,
 )
-from pipeline.image_index import center_crop_resize
-from pipeline.label_files import (
-    arrow_filesystem, class_map, committed_label_files, iter_label_batches, label_map, vocabulary_names,
+from pipeline.after.image_index import center_crop_resize
+from pipeline.data.label_files import (
+    arrow_filesystem,
+    class_map,
+    committed_label_files,
+    iter_label_batches,
+    label_map,
+    vocabulary_names,
 )
 
 EVAL_COLUMNS = ("image_id", "label_map", "error")
@@ -142,7 +151,7 @@ def _run_ray(files: list[str], spec: EvalSpec, workers: int | None, ray_address:
 def _count_rows(files: list[str], storage_options: dict[str, Any] | None) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.sources import open_fs
+    from pipeline.data.sources import open_fs
 
     total = 0
     for uri in files:
@@ -178,7 +187,7 @@ def evaluate(
 
     ``use_ray``: None decides by size (Ray from RAY_THRESHOLD rows), True/False forces it.
     ``baselines``: also score K-Means-C / K-Means-S from the attention of the source images
-    under ``images`` (pipeline.baselines; in-process), reported under ``"baselines"``.
+    under ``images`` (pipeline.after.baselines; in-process), reported under ``"baselines"``.
     ``semantic``: score the class maps (labels made with a vocabulary) with no matching.
     Raises GroundTruthError / NoLabelsError with one clear sentence on unusable input.
     """
@@ -211,8 +220,8 @@ def evaluate(
         partials = [score_rows(rows, spec) for rows in iter_label_batches(files, spec.columns, storage_options)]
     result = report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
     if baselines:
-        from pipeline.baselines import compute_baselines
-        from pipeline.manifest import read_labels_manifest
+        from pipeline.after.baselines import compute_baselines
+        from pipeline.data.manifest import read_labels_manifest
 
         result["baselines"] = compute_baselines(
             files, gt, images, image_list=wanted, model=model, image_size=image_size,

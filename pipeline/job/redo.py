@@ -4,7 +4,7 @@ For each committed shard whose marker counts errors of a chosen kind, the rows o
 those kinds are read back (``image_id``, ``source``, ``error`` only) and become one
 work item: the image files themselves for a folder shard, or the tar / Parquet
 file with the ids to keep (``only``). The new rows replace the old ones in a new
-generation of the shard's files, committed by a new marker (pipeline/commit.py,
+generation of the shard's files, committed by a new marker (pipeline/job/commit.py,
 ``finalize_shard(replace=...)``), so every image is still there exactly once.
 A ``#shard-error`` row (the container itself failed) redoes the whole container.
 """
@@ -15,8 +15,8 @@ from typing import Any, Iterable
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.resume import Shard
-from pipeline.sink import error_kind
+from pipeline.data.resume import Shard
+from pipeline.job.sink import error_kind
 
 SHARD_ERROR_SUFFIX = "/#shard-error"
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.label_files import is_error
-from pipeline.sources import IMAGE_EXTENSIONS, open_fs
+from pipeline.data.label_files import is_error
+from pipeline.data.sources import IMAGE_EXTENSIONS, open_fs
 
 FORMATS = ("coco-stuff-27", "cityscapes", "masks")
 

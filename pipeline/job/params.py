@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from pipeline.plan import LabelError
+from pipeline.job.plan import LabelError
 
 METHOD_PARAMS = ("kl_threshold", "iterations", "num_points", "refine", "weights")
 TUNE_KEY = "label_params"  # where diffseg tune's best.json keeps them

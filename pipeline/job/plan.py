@@ -4,8 +4,8 @@ Order of work, cheapest and most likely to fail first:
 
   1. options, model (configs and file headers, no weights), the output's manifest,
      the input's first file, a writable output: all before Ray starts
-     (pipeline/preflight.py), so a wrong path fails in a second;
-  2. ``ray.init``; GPUs or CPUs (pipeline/devices.py), hence the default dtype;
+     (pipeline/job/preflight.py), so a wrong path fails in a second;
+  2. ``ray.init``; GPUs or CPUs (pipeline/job/devices.py), hence the default dtype;
      the manifest check of what depends on it; the manifest written ("running");
   3. the input listed and the shard plan extended, both streamed (sources, resume);
      what a killed run left is dropped, committed shards are skipped;
@@ -30,23 +30,36 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, Vocabulary
-from pipeline import lease
-from pipeline.commit import CommitError, Committer
-from pipeline.credentials import refuse_url_credentials
-from pipeline.dataset_card import write_dataset_card
-from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.devices import DevicePlan, device_option_problem, plan_devices
+from pipeline.data.credentials import refuse_url_credentials
+from pipeline.data.decode import DEFAULT_MAX_PIXELS
+from pipeline.data.manifest import new_manifest, write_manifest
+from pipeline.data.resume import (
+    clean_uncommitted,
+    drop_markers,
+    read_markers,
+    shards_by_id,
+    update_plan_rebuilding,
+)
+from pipeline.data.retry import RetryPolicy, describe, is_transient, storage_refusal
+from pipeline.data.schema import (
+    DONE_DIR,
+    MANIFEST,
+    PLAN,
+    STAGE_NAMES,
+    TMP_DIR,
+    shard_of_part,
+)
+from pipeline.data.sources import iter_inputs
 from pipeline.errors import LabelError
-from pipeline.interrupt import RunInterrupted, stop_signals
-from pipeline.manifest import new_manifest, write_manifest
-from pipeline.preflight import Checked, default_dtype, preflight
-from pipeline.redo import retry_item, rows_to_retry
-from pipeline.resume import clean_uncommitted, drop_markers, read_markers, shards_by_id, update_plan_rebuilding
-from pipeline.retry import RetryPolicy, describe, is_transient, storage_refusal
-from pipeline.schema import DONE_DIR, MANIFEST, PLAN, STAGE_NAMES, TMP_DIR, shard_of_part
-from pipeline.sink import OutputLocation
-from pipeline.sources import iter_inputs
-from pipeline.vocab import read_vocabulary, vocabulary_parameters
+from pipeline.job import lease
+from pipeline.job.commit import CommitError, Committer
+from pipeline.job.dataset_card import write_dataset_card
+from pipeline.job.devices import DevicePlan, device_option_problem, plan_devices
+from pipeline.job.interrupt import RunInterrupted, stop_signals
+from pipeline.job.preflight import Checked, default_dtype, preflight
+from pipeline.job.redo import retry_item, rows_to_retry
+from pipeline.job.sink import OutputLocation
+from pipeline.job.vocab import read_vocabulary, vocabulary_parameters
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -335,10 +348,10 @@ def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_opti
                   done: set[int]) -> tuple[Any, list[int]]:
     """The plan's shards not yet done, as a Ray dataset of one-row blocks (shard_id, kind, paths).
 
-    Read by Ray tasks from the plan file (pipeline/shard_source.py): the driver keeps the
+    Read by Ray tasks from the plan file (pipeline/job/shard_source.py): the driver keeps the
     plan's index (24 bytes per shard), never a list of paths.
     """
-    from pipeline.shard_source import PlanShards
+    from pipeline.job.shard_source import PlanShards
 
     todo = index.without(done)
     if not len(todo):
@@ -365,9 +378,9 @@ def build_dataset(
 ):
     """The Ray Data plan (lazy): shards (a dataset, see shard_dataset) -> decoded rows -> labels ->
     output rows -> spill parts written by the workers -> part records (all the driver reads)."""
-    from pipeline.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
-    from pipeline.sink import write_rows
-    from pipeline.tasks import encode_rows, read_decode
+    from pipeline.job.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
+    from pipeline.job.sink import write_rows
+    from pipeline.job.tasks import encode_rows, read_decode
 
     cpus = float(resources.get("CPU", 1))
     actors = opts.actors or _default_actors(opts, use_gpu, gpus_per_actor, resources)
@@ -671,7 +684,7 @@ def _decode_memory(image_size: int) -> int:
     """What a decode task holds: a Python worker (120 MiB with numpy/PIL/pyarrow; 240 MiB measured
     once Ray has reused it for a task that imported torch), one decoded source image, and a chunk
     of resized pixels twice over. Ray Data warns after a run unless this is 1.25x what it saw."""
-    from pipeline.tasks import DECODE_CHUNK
+    from pipeline.job.tasks import DECODE_CHUNK
 
     return 384 * 2**20 + 2 * DECODE_CHUNK * image_size * image_size * 3
 

@@ -1,7 +1,7 @@
 """The driver side of the sink: part records in, shards committed, each exactly once.
 
 The driver never sees a label row. It reads the writers' part records
-(pipeline/sink.py, RECORD_SCHEMA: about 100 bytes + 8 per row) and keeps, per open
+(pipeline/job/sink.py, RECORD_SCHEMA: about 100 bytes + 8 per row) and keeps, per open
 shard, the set of row hashes seen and the spill parts that hold them. A part whose
 rows were all seen already (a retried task) is dropped; when every row of a shard
 is in, one ``finalize_shard`` Ray task makes the shard's files, and the driver
@@ -30,10 +30,16 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipeline.retry import RetryPolicy, call_with_retries, describe, is_transient, storage_refusal
-from pipeline.schema import DONE_DIR, TIMING_COLUMNS, TMP_DIR, marker_name
-from pipeline.sink import OutputLocation, finalize_shard
-from pipeline.storage import remove, write_json
+from pipeline.data.retry import (
+    RetryPolicy,
+    call_with_retries,
+    describe,
+    is_transient,
+    storage_refusal,
+)
+from pipeline.data.schema import DONE_DIR, TIMING_COLUMNS, TMP_DIR, marker_name
+from pipeline.data.storage import remove, write_json
+from pipeline.job.sink import OutputLocation, finalize_shard
 
 logger = logging.getLogger(__name__)
 MAX_FINALIZE_IN_FLIGHT = 16
@@ -163,7 +169,6 @@ class Committer:
 
     # ------------------------------------------------------------------ commit
     def _submit(self, shard_id: int, shard: _OpenShard) -> None:
-        import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         while len(self._in_flight) >= self.max_in_flight:

@@ -14,10 +14,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.encode import decode_png
-from pipeline.resume import read_markers
-from pipeline.schema import DONE_DIR, shard_of_part
-from pipeline.sources import open_fs
+from pipeline.data.encode import decode_png
+from pipeline.data.resume import read_markers
+from pipeline.data.schema import DONE_DIR, shard_of_part
+from pipeline.data.sources import open_fs
 
 ROW_COLUMNS = ("image_id", "source", "width", "height", "label_map", "num_segments", "error")
 
@@ -90,8 +90,8 @@ def vocabulary_names(labels: str, storage_options: dict[str, Any] | None = None)
     label file's key-value metadata."""
     import json
 
-    from pipeline.manifest import read_labels_manifest
-    from pipeline.schema import METADATA_KEY
+    from pipeline.data.manifest import read_labels_manifest
+    from pipeline.data.schema import METADATA_KEY
 
     manifest = read_labels_manifest(labels, storage_options)
     vocab = (manifest or {}).get("vocabulary")

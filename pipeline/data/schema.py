@@ -65,7 +65,7 @@ MANIFEST = "_manifest.json"
 PLAN = "_plan.jsonl.gz"
 DONE_DIR = "_done"  # one marker per committed shard, written last
 TMP_DIR = "_inprogress"  # spill parts written by workers, one folder per shard; never read as labels
-LEASE = "_lease.json"  # the run that writes this output now (pipeline/lease.py)
+LEASE = "_lease.json"  # the run that writes this output now (pipeline/job/lease.py)
 METADATA_KEY = b"diffseg"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.retry import RetryPolicy, call_with_retries
+from pipeline.data.retry import RetryPolicy, call_with_retries
 
 
 class TornFileError(ValueError):

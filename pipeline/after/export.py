@@ -50,11 +50,16 @@ from typing import Any, Iterator
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.label_files import (
-    ROW_COLUMNS, committed_label_files, is_error, iter_label_batches, label_map, vocabulary_names,
+from pipeline.data.label_files import (
+    ROW_COLUMNS,
+    committed_label_files,
+    is_error,
+    iter_label_batches,
+    label_map,
+    vocabulary_names,
 )
-from pipeline.manifest import read_labels_manifest
-from pipeline.sources import IMAGE_EXTENSIONS, open_fs
+from pipeline.data.manifest import read_labels_manifest
+from pipeline.data.sources import IMAGE_EXTENSIONS, open_fs
 
 SEGMENT_CATEGORY = {"id": 1, "name": "segment", "supercategory": "segment"}
 UNKNOWN_CATEGORY = "unknown"
