@@ -167,13 +167,13 @@ def child_bare(args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image, ImageOps
 
-    from diffseg_core.labeler import Labeler
+    from diffseg_core.segmentor import DiffSeg
 
     torch.set_num_threads(args.threads)
     files = sorted(Path(args.folder).rglob("*.jpg"))
     images = [np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB")) for f in files]
     t0 = time.perf_counter()
-    labeler = Labeler.from_pretrained(args.model, device="cpu", dtype="fp32", image_size=args.image_size,
+    labeler = DiffSeg.from_pretrained(args.model, device="cpu", dtype="fp32", image_size=args.image_size,
                                       num_points=args.num_points)
     t1 = time.perf_counter()
     for start in range(0, len(images), args.batch_size):

@@ -1,15 +1,18 @@
 """Images to DiffSeg label maps in one call: `AttentionExtractor` + `DiffSeg`.
 
-    labeler = Labeler.from_pretrained("CompVis/stable-diffusion-v1-4", kl_threshold=1.1)
+    labeler = DiffSeg.from_pretrained("CompVis/stable-diffusion-v1-4", kl_threshold=1.1)
     labels = labeler(images)   # list of int64 (H_i, W_i) arrays, one per image
 
 Each image's merged proposals (R x R) are upsampled bilinearly straight to that
 image's own size before the per-pixel argmax, so label boundaries are as
 smooth at 3000 px as at 512 px (never a nearest-neighbour resize of a 512 map).
 
+Imports point one way: `DiffSeg.from_pretrained` (segmentor) builds the method and
+hands it to `Labeler.from_pretrained`; this module never imports the segmentor.
+
 With a vocabulary, segments also get class names from the same UNet pass:
 
-    labeler = Labeler.from_pretrained(model, vocabulary="person,dog,grass")
+    labeler = DiffSeg.from_pretrained(model, vocabulary="person,dog,grass")
     for result in labeler.label(images):
         result.label_map, result.classes, result.scores, result.class_map
 """
@@ -17,16 +20,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from diffseg_core.class_vote import DEFAULT_CLASS_THRESHOLD, check_voting, combine_class_attention, vote_classes
-from diffseg_core.extract import DEFAULT_MODEL, AttentionExtractor
+from diffseg_core.extract import AttentionExtractor
 from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.parameters import anchor_grid_problem
-from diffseg_core.segmentor import DiffSeg
+
+if TYPE_CHECKING:
+    from diffseg_core.segmentor import DiffSeg
 
 __all__ = ["LabeledImage", "Labeler", "anchor_grid_problem", "image_sizes"]
 
@@ -84,7 +89,8 @@ class Labeler:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | os.PathLike = DEFAULT_MODEL,
+        model: str | os.PathLike,
+        diffseg: DiffSeg,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -95,16 +101,17 @@ class Labeler:
         vocabulary: Any = None,
         class_voting: str = "majority",
         class_threshold: float = DEFAULT_CLASS_THRESHOLD,
-        **diffseg_kwargs: Any,
     ) -> "Labeler":
-        """Load the model (see `AttentionExtractor.from_pretrained`) and build ``DiffSeg(**diffseg_kwargs)``.
+        """Load the model (see `AttentionExtractor.from_pretrained`) to run ``diffseg`` on its attention.
+
+        Most callers want ``DiffSeg.from_pretrained(model, kl_threshold=..., ...)``, which
+        builds the method from its parameters (before any model loads) and calls this.
 
         ``image_size=None`` is the model's native size (512 for SD 1.x).
         ``vocabulary`` (a preset such as ``"coco-stuff-27"``, ``"person,dog,grass"`` or a
         list) names segments in `label`; ``class_voting`` ``"majority"`` or ``"mean"``;
         a segment whose class holds less than ``class_threshold`` of its pixels is unknown.
         """
-        diffseg = DiffSeg(**diffseg_kwargs)  # validate the cheap part before loading a model
         check_voting(class_voting, class_threshold)
         extractor = AttentionExtractor.from_pretrained(
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,

@@ -16,6 +16,7 @@ against the official code's 7-13 s (benchmarks/merge_bench.py, BENCHMARKS.md).
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,14 +74,28 @@ class DiffSeg:
         return len(self.thresholds)
 
     @classmethod
-    def from_pretrained(cls, model: str = "CompVis/stable-diffusion-v1-4", **kwargs: Any) -> Labeler:
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "CompVis/stable-diffusion-v1-4",
+        *,
+        kl_threshold: float | Sequence[float] = 1.1,
+        num_points: int = 16,
+        iterations: int | None = None,
+        refine: bool = False,
+        weights: Weights = None,
+        **load_kwargs: Any,
+    ) -> Labeler:
         """Images to label maps in one call: a Stable Diffusion attention extractor plus DiffSeg.
 
-        See :meth:`diffseg_core.labeler.Labeler.from_pretrained` for the arguments.
+        The method's parameters are the constructor's, checked before any model loads;
+        ``load_kwargs`` (device, dtype, image_size, timestep, revision, vocabulary, ...) go
+        to :meth:`diffseg_core.labeler.Labeler.from_pretrained`.
         """
-        from diffseg_core.labeler import Labeler
+        diffseg = cls(kl_threshold=kl_threshold, num_points=num_points, iterations=iterations,
+                      refine=refine, weights=weights)
+        from diffseg_core.labeler import Labeler  # lazy: the algorithm alone never imports diffusers' side
 
-        return Labeler.from_pretrained(model, **kwargs)
+        return Labeler.from_pretrained(model, diffseg, **load_kwargs)
 
     def segment(
         self, maps: Mapping[int, torch.Tensor], output_size: tuple[int, int] | None = None

@@ -15,7 +15,7 @@ from tests.tolerances import assert_same_labels
 
 @pytest.fixture(scope="module")
 def labeler(tiny_model_path):
-    return Labeler.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16)
+    return DiffSeg.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16)
 
 
 def _image(h, w, seed=0):
@@ -63,7 +63,7 @@ def test_batch_array_input_and_determinism(labeler):
 
 
 def test_diffseg_kwargs_reach_diffseg(tiny_model_path):
-    lab = Labeler.from_pretrained(tiny_model_path, kl_threshold=[0.9, 1.0], num_points=8, refine=True)
+    lab = DiffSeg.from_pretrained(tiny_model_path, kl_threshold=[0.9, 1.0], num_points=8, refine=True)
     assert lab.diffseg.thresholds == [0.9, 1.0] and lab.diffseg.num_points == 8 and lab.diffseg.refine
     info = lab.model_info
     assert info["diffseg"]["kl_threshold"] == [0.9, 1.0] and info["diffseg"]["refine"] is True
@@ -74,7 +74,7 @@ def test_diffseg_kwargs_reach_diffseg(tiny_model_path):
 
 def test_bad_diffseg_kwargs_fail_before_loading():
     with pytest.raises(ValueError, match="kl_threshold"):
-        Labeler.from_pretrained("/nonexistent/model", kl_threshold=-1.0)
+        DiffSeg.from_pretrained("/nonexistent/model", kl_threshold=-1.0)
 
 
 def test_diffseg_from_pretrained_alias(tmp_path, monkeypatch, tiny_model_path):
@@ -103,12 +103,12 @@ def test_attention_resolutions_are_known_before_running(tiny_model_path, tiny_sd
 
 def test_anchor_grid_larger_than_the_attention_is_a_clear_error(tiny_model_path):
     with pytest.raises(ValueError, match=r"num_points=16 needs .* at least 16 x 16.* gives 8 x 8"):
-        Labeler.from_pretrained(tiny_model_path, image_size=64)
-    assert Labeler.from_pretrained(tiny_model_path, image_size=64, num_points=8).diffseg.num_points == 8
+        DiffSeg.from_pretrained(tiny_model_path, image_size=64)
+    assert DiffSeg.from_pretrained(tiny_model_path, image_size=64, num_points=8).diffseg.num_points == 8
 
 
 def test_label_with_a_vocabulary_names_every_segment_or_says_unknown(labeler, tiny_model_path):
-    named = Labeler.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16,
+    named = DiffSeg.from_pretrained(tiny_model_path, kl_threshold=1.1, num_points=16,
                                     vocabulary="person,dog,grass,sky", class_threshold=0.3)
     assert named.class_names == ("person", "dog", "grass", "sky")
     images = [_image(97, 211), _image(128, 128, 3)]
@@ -130,4 +130,16 @@ def test_label_with_a_vocabulary_names_every_segment_or_says_unknown(labeler, ti
 
 def test_bad_class_voting_fails_before_loading(tmp_path):
     with pytest.raises(ValueError, match="class voting"):
-        Labeler.from_pretrained(tmp_path / "missing", vocabulary="dog,cat", class_voting="median")
+        DiffSeg.from_pretrained(tmp_path / "missing", vocabulary="dog,cat", class_voting="median")
+
+
+def test_imports_point_one_way_between_the_segmentor_and_the_labeler():
+    """segmentor -> labeler only (DiffSeg.from_pretrained hands the method to the labeler);
+    importing the labeler must not import the segmentor, or the two form a circle again."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffseg_core.labeler; "
+            "print('diffseg_core.segmentor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
