@@ -89,6 +89,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _actor_table() -> dict:
+    """The GCS's actor records (id -> class, state, restarts), dead ones included."""
+    import ray
+
+    return ray._private.state.actors()  # the public state API needs the dashboard, which tests leave off
+
+
 def label_actor_pids(root_pid: int) -> set[int]:
     """Model actor processes under ``root_pid`` (this test's own Ray), by their process title."""
     pids = set()
@@ -114,6 +121,7 @@ def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_ses
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             result["error"] = exc
 
+    actors_before = set(_actor_table())
     driver = threading.Thread(target=run)
     driver.start()
     killed, committed_at_kill = None, None
@@ -140,4 +148,8 @@ def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_ses
     assert summary["complete"] and summary["images"] == len(ids) and summary["labelled"] == len(ids)
     got = read_output(str(out)).column("image_id").to_pylist()
     assert len(got) == len(set(got)) and sorted(got) == ids
-    assert restarted, "no new model actor process took over"
+    # a new process took over: seen directly, or in the GCS's actor table (a restart can come
+    # and go between two polls on a loaded machine): the actor restarted or was replaced
+    ours = [a for key, a in _actor_table().items() if key not in actors_before]
+    took_over = any(a.get("NumRestarts", 0) >= 1 for a in ours) or len(ours) >= 2
+    assert restarted or took_over, f"no new model actor process took over: {ours}"
