@@ -38,7 +38,7 @@ from diffseg_core.attention_capture import (
     head_sum_softmax,
     install_capture,
 )
-from diffseg_core.model_check import attention_resolutions
+from diffseg_core.model_check import attention_resolutions, card_provenance
 from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
 from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
 from diffseg_core.vocabulary import Vocabulary
@@ -253,6 +253,7 @@ class AttentionExtractor:
         }
         self._weight_files = loaded.weight_files
         self._random_weights = random_weights
+        self._card = dict(loaded.card)
         self._info: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -275,11 +276,12 @@ class AttentionExtractor:
         vocabulary: "str | list[str] | Vocabulary | None" = None,
         **gpu_options: Any,
     ) -> "AttentionExtractor":
-        """Load a model: hub id, local diffusers folder, single ``.safetensors`` file, or ``"tiny-random"``.
+        """Load a model: hub id, local diffusers folder, single ``.safetensors`` file, ``"tiny-random"``
+        (random weights, plumbing only) or ``"tiny-demo"`` (small learned demo model shipped in the package).
 
         ``image_size=None`` means the model's native size
         (``unet.config.sample_size x VAE factor``: 512 for SD 1.x and
-        SD 2.x-base, 1024 for SDXL, 64 for tiny-random).  ``config`` is for
+        SD 2.x-base, 1024 for SDXL, 128 for tiny-random, 256 for tiny-demo).  ``config`` is for
         single-file checkpoints offline: a diffusers folder with the same
         architecture's configs.  Raises `ModelLoadError` (an ``OSError``) when
         the model is missing or unreadable.  ``vae_dtype`` and ``gpu_options``
@@ -303,6 +305,9 @@ class AttentionExtractor:
         )
         if random_weights:
             logger.warning("AttentionExtractor: 'tiny-random' has RANDOM weights; its attention maps are meaningless")
+        elif loaded.card.get("demo_model"):
+            logger.info("AttentionExtractor: %r is a demo model, not Stable Diffusion: %s", name,
+                        loaded.card.get("description", ""))
         return cls(
             loaded, model=name, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
             early_stop=early_stop, chunk_bytes=chunk_bytes, random_weights=random_weights, vae_dtype=vae_dtype,
@@ -355,6 +360,7 @@ class AttentionExtractor:
                 self_attention_layers=len(self.layer_names),
                 random_weights=self._random_weights,
             )
+            info.update(card_provenance(self._card))
             self._info = info
         return dict(self._info)
 

@@ -33,6 +33,7 @@ __all__ = [
     "read_safetensors_header",
     "dtype_name",
     "hub_commit",
+    "read_model_card",
 ]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -42,6 +43,7 @@ UNSAFE_WEIGHTS_HOW = ("pass allow_unsafe_weights=True (`diffseg label --allow-un
                       "`allow_unsafe_weights: true` under `model:` in a job spec)")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TINY_DEMO = "tiny-demo"  # the shipped demo model, where this install has one
+MODEL_CARD = "diffseg.json"  # optional, beside a diffusers folder's model_index.json: what the model is, its defaults
 HUB_TIMEOUT_S = 5.0  # one request, no retries: an unreachable hub costs at most this
 
 # UNet2DConditionModel's defaults for the keys read here (a config.json may omit them).
@@ -146,6 +148,7 @@ class ModelCheck:
     random_weights: bool = False
     architecture: str = "sd"  # "sd" or "sdxl"
     complete: bool = True  # False: single-file checkpoint, configs known only when loading
+    card: dict[str, Any] = field(default_factory=dict)  # the folder's diffseg.json (tiny-demo has one), if any
 
     @property
     def vae_scale_factor(self) -> int:
@@ -186,6 +189,7 @@ class ModelCheck:
             "attention_resolutions": self.attention_resolutions(image_size),
             "self_attention_layers": self_attention_layer_count(self.unet_config),
             "random_weights": self.random_weights,
+            **card_provenance(self.card),
         }
 
 
@@ -299,7 +303,39 @@ def _check_folder(name: str, path: Path, allow_unsafe: bool, *, random_weights: 
         unet_config=unet_config, vae_config=vae_config,
         weight_files=tuple(files) if source == "folder" else (), random_weights=random_weights,
         architecture="sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd",
+        card=read_model_card(path, name),
     )
+
+
+def read_model_card(folder: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    """The folder's ``diffseg.json`` (a JSON object), or ``{}`` when it has none.
+
+    Keys read: ``description`` (what the model is, for manifests and the
+    gallery), ``demo_model`` (true for a demo model that is not Stable
+    Diffusion) and ``defaults`` (DiffSeg parameters that suit this model,
+    used where the caller did not choose). A card that is not a JSON object
+    is an error, not silently ignored.
+    """
+    card = Path(folder) / MODEL_CARD
+    if not card.is_file():
+        return {}
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(name or str(folder), f"its {MODEL_CARD} is not readable JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(name or str(folder), f"its {MODEL_CARD} must hold a JSON object, not {type(data).__name__}.")
+    return data
+
+
+def card_provenance(card: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model card adds to the run's provenance: that it is a demo model, and its description."""
+    info: dict[str, Any] = {}
+    if card.get("demo_model"):
+        info["demo_model"] = True
+    if card.get("description"):
+        info["description"] = str(card["description"])
+    return info
 
 
 def read_model_index(path: Path) -> dict[str, Any]:

@@ -30,12 +30,13 @@ from diffseg_core.model_check import (  # torch-free checks, shared with the dri
     folder_weight_files,
     hub_commit,
     looks_like_path,
+    read_model_card,
     read_model_index,
     text_parts,
 )
 from diffseg_core.weight_hashes import sha256_files  # noqa: F401 - re-exported (extract.py)
 
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "quiet_loading"]
+__all__ = ["ModelLoadError", "LoadedModel", "load_model", "quiet_loading", "read_model_card"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class LoadedModel:
     revision: str | None = None
     weight_files: list[str] = field(default_factory=list)
     vocabulary: Any = None  # EncodedVocabulary when load_model was given one
+    card: dict[str, Any] = field(default_factory=dict)  # the folder's diffseg.json, if any
 
 
 def load_model(
@@ -142,6 +144,7 @@ def _load_folder(name: str, path: Path, allow_unsafe: bool, vocabulary: Any = No
     loaded.source = "folder"
     loaded.resolved = str(path.resolve())
     loaded.weight_files = folder_weight_files(path, parts)
+    loaded.card = read_model_card(path)
     return loaded
 
 

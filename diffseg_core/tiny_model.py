@@ -1,4 +1,4 @@
-"""A tiny Stable-Diffusion-shaped model with RANDOM weights, for tests and dry runs.
+"""The named tiny models: ``tiny-random`` (RANDOM weights) and ``tiny-demo`` (learned, shipped).
 
 `build_tiny_model` writes a real diffusers pipeline folder (UNet, VAE, CLIP text
 encoder(s), a small CLIP tokenizer written from a hand-made vocabulary) that
@@ -9,6 +9,11 @@ are random: labels made with it are meaningless and only exercise the code.
 (``$DIFFSEG_CACHE/tiny-random`` or ``~/.cache/diffseg/tiny-random``); parallel
 workers build into private temporary folders and publish with an atomic
 rename, so they never see a half-written model.
+
+``resolve_model("tiny-demo")`` is the folder shipped inside the package
+(``diffseg_core/demo_model/tiny-demo``): a small SD-shaped model whose VAE and
+UNet were trained for minutes on synthetic scenes by
+``python -m diffseg_core.demo_model.train``. It is a demo, not Stable Diffusion.
 """
 from __future__ import annotations
 
@@ -24,11 +29,15 @@ from pathlib import Path
 
 from diffseg_core.weight_hashes import diffseg_cache_dir
 
-__all__ = ["TINY_RANDOM", "build_tiny_model", "resolve_model", "tiny_model_cache_dir", "tiny_random_path"]
+__all__ = [
+    "TINY_DEMO", "TINY_RANDOM", "build_tiny_model", "resolve_model", "save_sd1_pipeline", "tiny_demo_path",
+    "tiny_text_encoder", "tiny_model_cache_dir", "tiny_random_path",
+]
 
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+TINY_DEMO = "tiny-demo"
 _MAX_LENGTH = 77  # CLIP's model_max_length, as in real SD tokenizers
 
 
@@ -47,12 +56,25 @@ def tiny_random_path() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _builder_fingerprint() -> str:
-    source = inspect.getsource(build_tiny_model) + inspect.getsource(_write_tokenizer_source)
+    source = "".join(inspect.getsource(f) for f in (build_tiny_model, _scheduler, _text_config, _write_tokenizer_source))
     return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
+def tiny_demo_path() -> Path:
+    """The shipped tiny-demo diffusers folder (package data)."""
+    return Path(__file__).resolve().parent / "demo_model" / TINY_DEMO
+
+
 def resolve_model(name: str) -> str:
-    """Map ``"tiny-random"`` to the path of the cached tiny model; return anything else unchanged."""
+    """Map ``"tiny-random"`` / ``"tiny-demo"`` to their folders; return anything else unchanged."""
+    if str(name) == TINY_DEMO:
+        target = tiny_demo_path()
+        if not (target / "model_index.json").is_file():
+            from diffseg_core.model_check import ModelLoadError
+
+            raise ModelLoadError(TINY_DEMO, f"its weights are missing from this installation ({target}); "
+                                 "rebuild them with: python -m diffseg_core.demo_model.train")
+        return str(target)
     if str(name) != TINY_RANDOM:
         return name
     target = tiny_random_path()
@@ -88,7 +110,7 @@ def build_tiny_model(path: str | os.PathLike, variant: str = "sd1", seed: int = 
     16 x 16 SD1-shaped maps.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if variant not in ("sd1", "sdxl"):
@@ -136,8 +158,69 @@ def build_tiny_model(path: str | os.PathLike, variant: str = "sd1", seed: int = 
         sample_size=128,
         scaling_factor=0.18215 if variant == "sd1" else 0.13025,
     )
-    text_config = dict(
-        vocab_size=_write_tokenizer_source(path / ".tokenizer-src"),
+    text_config = _text_config(path / ".tokenizer-src", text_dim)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    tokenizer = CLIPTokenizer.from_pretrained(path / ".tokenizer-src")
+    readme = (f"Tiny {variant.upper()}-shaped diffusers model with RANDOM weights (seed {seed}), built by "
+              "diffseg_core.tiny_model.build_tiny_model for tests. Its outputs are meaningless.\n")
+    if variant == "sd1":
+        save_sd1_pipeline(path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, readme=readme)
+        return path
+    from diffusers import StableDiffusionXLPipeline
+
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(path / ".tokenizer-src", pad_token="!")  # as SDXL's tokenizer_2
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    shutil.rmtree(path / ".tokenizer-src", ignore_errors=True)
+    (path / "README.md").write_text(readme)
+    return path
+
+
+def tiny_text_encoder(text_dim: int = 32):
+    """A tiny CLIP text encoder (initialised from torch's current RNG) and its tokenizer."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = _text_config(Path(tmp), text_dim)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    return CLIPTextModel(CLIPTextConfig(**config)), tokenizer
+
+
+def save_sd1_pipeline(path: str | os.PathLike, *, unet, vae, text_encoder, tokenizer, readme: str) -> Path:
+    """Save an SD 1.x-layout diffusers folder (``StableDiffusionPipeline``, safetensors) with a README."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    shutil.rmtree(path / ".tokenizer-src", ignore_errors=True)
+    (path / "README.md").write_text(readme)
+    return path
+
+
+def _scheduler():
+    """SD 1.4's scheduler config; unused by DiffSeg, kept for a complete pipeline."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def _text_config(tokenizer_folder: Path, text_dim: int) -> dict:
+    """Write the tokenizer source files into ``tokenizer_folder``; return a tiny CLIPTextConfig's fields."""
+    return dict(
+        vocab_size=_write_tokenizer_source(tokenizer_folder),
         hidden_size=text_dim,
         intermediate_size=37,
         num_hidden_layers=2,
@@ -148,36 +231,6 @@ def build_tiny_model(path: str | os.PathLike, variant: str = "sd1", seed: int = 
         eos_token_id=1,
         pad_token_id=1,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    tokenizer = CLIPTokenizer.from_pretrained(path / ".tokenizer-src")
-    scheduler = PNDMScheduler(  # SD 1.4's scheduler config; unused by DiffSeg, kept for a complete pipeline
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-
-    if variant == "sd1":
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    else:
-        from diffusers import StableDiffusionXLPipeline
-
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(path / ".tokenizer-src", pad_token="!")  # as SDXL's tokenizer_2
-        pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-        )
-    pipe.save_pretrained(path, safe_serialization=True)
-    shutil.rmtree(path / ".tokenizer-src", ignore_errors=True)
-    (path / "README.md").write_text(
-        f"Tiny {variant.upper()}-shaped diffusers model with RANDOM weights (seed {seed}), built by "
-        "diffseg_core.tiny_model.build_tiny_model for tests. Its outputs are meaningless.\n"
-    )
-    return path
 
 
 def _write_tokenizer_source(folder: Path) -> int:

@@ -41,7 +41,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     p.add_argument("input", help="input URL: folder, file or glob")
     p.add_argument("output", help="output folder URL")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local diffusers folder, .safetensors, or tiny-random")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local diffusers folder, .safetensors, tiny-demo (small learned demo model) "
+                   "or tiny-random (random weights)")
     m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     m.add_argument("--vae-dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"],
@@ -55,14 +57,15 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="timestep the one UNet call is conditioned on, as in the paper; the latent stays clean "
                    "(no noise is added)")
     d = p.add_argument_group("DiffSeg")
-    # These default to None so that a --params file can fill what the command line leaves out.
+    # These default to None so that a --params file, then the model's card, can fill what the command
+    # line leaves out (pipeline.job.plan.LabelOptions.with_model_defaults).
     d.add_argument("--kl-threshold", type=_kl_threshold, default=None,
-                   help=f"merge threshold tau on the symmetric KL (1.1 suits COCO-like photos, 0.9 street "
-                   f"scenes); comma-separated for one per iteration (default: {_DEFAULTS.kl_threshold})")
-    d.add_argument("--num-points", type=int, default=None, help=f"anchor grid side (default: {_DEFAULTS.num_points})")
+                   help="merge threshold tau on the symmetric KL (default: the model's; 1.1 suits COCO-like "
+                   "photos with SD, 0.9 street scenes); comma-separated for one per iteration")
+    d.add_argument("--num-points", type=int, default=None, help="anchor grid side (default: the model's; 16 for SD)")
     d.add_argument("--iterations", type=int, default=None,
-                   help=f"merging iterations (a --kl-threshold list sets its own: one per iteration) "
-                   f"(default: {_DEFAULTS.iterations})")
+                   help="merging iterations (default: the model's; 3 for SD; a --kl-threshold list sets its own: "
+                   "one per iteration)")
     d.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                    help="k-means refinement of the proposals (default: off)")
     d.add_argument("--weights", type=_weights, default=None,

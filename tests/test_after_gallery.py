@@ -101,7 +101,7 @@ def test_gallery_renders_in_chromium(gallery, chromium, tmp_path, capsys):
         shutil.copy(shot, os.environ["DIFFSEG_KEEP_SCREENSHOT"])
 
 
-def test_gallery_says_when_labels_come_from_random_weights(gallery, tmp_path):
+def test_gallery_says_when_labels_come_from_random_weights_or_a_demo_model(gallery, tmp_path):
     import json
 
     from pipeline.after.gallery import build_gallery
@@ -117,5 +117,11 @@ def test_gallery_says_when_labels_come_from_random_weights(gallery, tmp_path):
         build_gallery(str(labels), images, str(tmp_path / "random"), n=1)
         page = (tmp_path / "random" / "index.html").read_text()
         assert "These labels come from tiny-random, a model with random weights" in page
+        manifest.write_text(json.dumps({"model": {"model": "tiny-demo", "demo_model": True, "random_weights": False,
+                                                  "description": "a demo model trained for minutes <here>"}}))
+        build_gallery(str(labels), images, str(tmp_path / "demo"), n=1)
+        page = (tmp_path / "demo" / "index.html").read_text()
+        assert "These labels come from tiny-demo, a demo model, not Stable Diffusion:" in page
+        assert "a demo model trained for minutes &lt;here&gt;" in page and "random weights" not in page
     finally:
         manifest.unlink(missing_ok=True)

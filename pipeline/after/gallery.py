@@ -157,14 +157,19 @@ window.addEventListener("load", record);
 """
 
 
-def _random_weights_warning(labels_uri: str, storage_options: dict[str, Any] | None) -> str:
-    """A banner when the run's manifest says its model had random weights (tiny-random)."""
+def _model_warning(labels_uri: str, storage_options: dict[str, Any] | None) -> str:
+    """A banner when the run's manifest says its model had random weights (tiny-random)
+    or is a demo model (tiny-demo), not Stable Diffusion."""
     model = (read_labels_manifest(labels_uri, storage_options) or {}).get("model") or {}
-    if not model.get("random_weights"):
-        return ""
     name = html.escape(str(model.get("model", "the model")))
-    return (f'<p class="warning"><b>These labels come from {name}, a model with random weights:</b> '
-            "they exercise the pipeline and mean nothing.</p>\n")
+    if model.get("random_weights"):
+        return (f'<p class="warning"><b>These labels come from {name}, a model with random weights:</b> '
+                "they exercise the pipeline and mean nothing.</p>\n")
+    if model.get("demo_model"):
+        about = html.escape(str(model.get("description") or "a small demo model"))
+        return (f'<p class="warning"><b>These labels come from {name}, a demo model, not Stable Diffusion:</b> '
+                f"{about}</p>\n")
+    return ""
 
 
 def segment_classes(row: dict[str, Any], names: list[str]) -> np.ndarray:
@@ -247,7 +252,7 @@ def build_gallery(
     summary = (f"{total} label rows in {html.escape(labels_uri)}: {total - error_count} labelled, {error_count} error rows. "
                f"Showing {len(figures)} (image | segments and boundaries).")
     (out / "index.html").write_text(_PAGE.format(
-        title=html.escape(labels_uri), n_images=len(figures), summary=summary, warning=_random_weights_warning(labels_uri, storage_options), figures="\n".join(figures[k] for k in sorted(figures)),
+        title=html.escape(labels_uri), n_images=len(figures), summary=summary, warning=_model_warning(labels_uri, storage_options), figures="\n".join(figures[k] for k in sorted(figures)),
         n_errors=error_count + len(image_errors), errors=error_html,
     ))
     return {"shown": len(figures), "rows": total, "errors": error_count, "images_not_shown": len(image_errors),

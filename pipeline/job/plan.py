@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, Vocabulary
@@ -88,9 +88,10 @@ class LabelOptions:
     vae_dtype: str | None = None  # VAE encoder; default ("auto"): bf16 on GPU, the UNet's dtype on CPU
     image_size: int | None = None  # default: the model's native size (512 for SD 1.x)
     timestep: int = 300
-    kl_threshold: float | list[float] = 1.1
-    num_points: int = 16
-    iterations: int = 3
+    # None: the model's default (its diffseg.json model card, else the paper's 1.1 / 16 / 3)
+    kl_threshold: float | list[float] | None = None
+    num_points: int | None = None
+    iterations: int | None = None
     refine: bool = False
     weights: list[float] | None = None  # aggregation weights, finest resolution first; None: proportional to r
     rle: bool = False
@@ -146,6 +147,16 @@ class LabelOptions:
             parameters["weights"] = [float(w) for w in self.weights]
         return parameters
 
+    def with_model_defaults(self) -> "LabelOptions":
+        """The DiffSeg parameters left unset filled in from the model (diffseg_core.method_defaults)."""
+        from diffseg_core.method_defaults import with_method_defaults
+
+        given = {"kl_threshold": self.kl_threshold, "num_points": self.num_points, "iterations": self.iterations}
+        try:
+            return replace(self, **with_method_defaults(self.model, given))
+        except OSError as exc:  # a model card that cannot be read
+            raise LabelError(f"Cannot load model {self.model!r}: {_one_line(exc)}") from None
+
     def diffseg_kwargs(self) -> dict[str, Any]:
         kl = self.kl_threshold
         weights = {"weights": [float(w) for w in self.weights]} if self.weights is not None else {}
@@ -162,7 +173,7 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     Raises LabelError (one clear sentence) on systemic failures, and RunInterrupted
     (a KeyboardInterrupt) after SIGINT or SIGTERM, once the manifest says "interrupted".
     """
-    opts = LabelOptions(**options)
+    opts = LabelOptions(**options).with_model_defaults()
     validate_options(opts)
     try:
         refuse_url_credentials(input, output, opts.storage_options)  # they would reach the manifest and logs
@@ -558,6 +569,7 @@ def validate_options(opts: LabelOptions) -> None:
     """
     from diffseg_core.parameters import method_thresholds, weights_problem
 
+    opts = opts.with_model_defaults()
     if opts.vae_dtype not in (None, "auto", "fp32", "fp16", "bf16"):
         raise LabelError(f"--vae-dtype must be auto, fp32, fp16 or bf16, not {opts.vae_dtype!r}.")
     try:
