@@ -151,6 +151,9 @@ def format_summary(summary: dict) -> str:
     lines = [head]
     if summary.get("random_weights"):
         lines.append(f"model {summary['model']!r} has RANDOM weights: these labels only show the plumbing")
+    elif summary.get("demo_model"):
+        lines.append(f"model {summary['model']!r} is a small demo model trained for minutes on synthetic scenes, "
+                     "not Stable Diffusion: its segments are coarse")
     this = f"this run: {plural(run['images'], 'image')}"
     if run["images"]:
         this += f" in {summary['stage_seconds'].get('pipeline', 0):.1f} s"

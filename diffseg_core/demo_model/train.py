@@ -58,20 +58,22 @@ PHOTOS = (  # scikit-image's bundled photos that need no download (pooch)
 class TrainConfig:
     seed: int = 0
     image_size: int = 256  # native size: latents 32 x 32, self-attention at 32, 16, 8
-    scenes: int = 1000  # synthetic training scenes in the pool
-    photo_crops: int = 160  # photo crops added to the UNet's latent pool
+    scenes: int = 600  # synthetic training scenes in the pool
+    photo_crops: int = 100  # photo crops added to the UNet's latent pool
     photo_share: float = 0.25  # share of VAE crops taken from photos
-    vae_steps: int = 400
+    vae_steps: int = 1500
     vae_batch: int = 16
     vae_crop: int = 64
-    vae_lr: float = 2e-3
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-3
-    unet_steps: int = 300
+    unet_steps: int = 1200
     unet_batch: int = 32
     unet_crop: int = 16  # latent crops (side) the UNet trains on; its attention then runs on any size
     unet_lr: float = 1e-3
+    qk_init_gain: float = 3.0  # self-attention starts with key = query projection, scaled: sharper, content-based
+    qk_lr_scale: float = 3.0  # the self-attention query/key projections learn this much faster
     t_min: int = 20
-    t_max: int = 800
+    t_max: int = 600
     threads: int = 2
     defaults: dict = dataclasses.field(default_factory=dict)  # DiffSeg defaults written to the model card
 
@@ -99,7 +101,7 @@ def build_unet(latent_size: int, text_dim: int):
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),  # self-attention at 32, 16 and 8 (mid)
         cross_attention_dim=text_dim,
         attention_head_dim=(2, 4, 4),  # SD1 semantics: heads per block
         norm_num_groups=16,
@@ -164,9 +166,10 @@ def _empty_prompt(text_encoder, tokenizer) -> torch.Tensor:
         return text_encoder(ids)[0].float()
 
 
-def train(out: str | os.PathLike, config: TrainConfig = TrainConfig(), log: Callable[[str], None] = print) -> dict:
+def train(out: str | os.PathLike, config: TrainConfig = TrainConfig(), log: Callable[[str], None] | None = None) -> dict:
     """Train and write the tiny-demo folder to ``out``; return the training record."""
     cfg = config
+    log = log or (lambda line: print(line, flush=True))
     if cfg.image_size % 8 or cfg.vae_crop % 8 or cfg.unet_crop > cfg.image_size // 8:
         raise ValueError("image_size and vae_crop must be multiples of 8, unet_crop at most image_size / 8")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -182,7 +185,7 @@ def train(out: str | os.PathLike, config: TrainConfig = TrainConfig(), log: Call
 def _train(out: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     from diffusers import DDPMScheduler
 
-    from diffseg_core.model_loading import MODEL_CARD
+    from diffseg_core.model_check import MODEL_CARD
     from diffseg_core.tiny_model import TINY_DEMO, save_sd1_pipeline, tiny_text_encoder
 
     torch.manual_seed(cfg.seed)
@@ -269,7 +272,7 @@ def _train_vae(vae, scenes: np.ndarray, photos: list[np.ndarray], rng: np.random
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
+        if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step}: loss {losses[-1]:.4f}")
     return losses or [float("nan")]
 
@@ -278,8 +281,18 @@ def _train_unet(unet, latents: torch.Tensor, condition: torch.Tensor, ddpm, rng:
                 cfg: TrainConfig, log: Callable[[str], None]) -> list[float]:
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW(unet.parameters(), cfg.unet_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.unet_lr, total_steps=max(cfg.unet_steps, 1), pct_start=0.05)
+    qk = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):  # self-attention: start from symmetric, sharper logits (q = k)
+            with torch.no_grad():
+                module.to_q.weight.mul_(cfg.qk_init_gain)
+                module.to_k.weight.copy_(module.to_q.weight)
+            qk += [module.to_q.weight, module.to_k.weight]
+    qk_ids = {id(p) for p in qk}
+    lrs = [cfg.unet_lr, cfg.unet_lr * cfg.qk_lr_scale]
+    opt = torch.optim.AdamW([{"params": [p for p in unet.parameters() if id(p) not in qk_ids], "lr": lrs[0]},
+                             {"params": qk, "lr": lrs[1]}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lrs, total_steps=max(cfg.unet_steps, 1), pct_start=0.05)
     side, c, b = latents.shape[-1], cfg.unet_crop, cfg.unet_batch
     condition = condition.expand(b, -1, -1)
     losses = []
@@ -298,7 +311,7 @@ def _train_unet(unet, latents: torch.Tensor, condition: torch.Tensor, ddpm, rng:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if step % 25 == 0 or step == cfg.unet_steps - 1:
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: loss {losses[-1]:.4f}")
     return losses or [float("nan")]
 

@@ -78,6 +78,9 @@ def dataset_card(manifest: dict[str, Any] | None = None) -> str:
         header.append(f"# model: {model['model']}")
     if model.get("random_weights"):
         header.append("# WARNING: that model has RANDOM weights; these labels mean nothing (plumbing test).")
+    elif model.get("demo_model"):
+        header.append("# NOTE: that model is a small DEMO model trained for minutes on synthetic scenes, "
+                      "not Stable Diffusion; these labels are coarse.")
     body = {
         "pretty_name": "DiffSeg pseudo-labels",
         "tags": ["image-segmentation", "pseudo-labels", "diffseg"],

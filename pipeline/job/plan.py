@@ -542,6 +542,7 @@ def summarize(
         "output": output,
         "model": manifest["model"].get("model"),
         "random_weights": bool(manifest["model"].get("random_weights")),
+        "demo_model": bool(manifest["model"].get("demo_model")),
         "images": images,
         "labelled": images - errors,
         "errors": errors,
