@@ -48,6 +48,7 @@ DESCRIPTION = (
     "and a few scikit-image photos, not Stable Diffusion: its segments show the pipeline working "
     "end to end, not the quality of DiffSeg with real Stable Diffusion weights."
 )
+DEMO_DEFAULTS = {"kl_threshold": 0.9, "num_points": 16, "iterations": 3}  # DiffSeg defaults that suit tiny-demo
 PHOTOS = (  # scikit-image's bundled photos that need no download (pooch)
     "astronaut", "camera", "cat", "coffee", "coins", "rocket", "moon", "brick", "grass", "gravel",
     "immunohistochemistry", "hubble_deep_field", "colorwheel", "clock", "cell", "page", "text",
@@ -58,7 +59,8 @@ PHOTOS = (  # scikit-image's bundled photos that need no download (pooch)
 class TrainConfig:
     seed: int = 0
     image_size: int = 256  # native size: latents 32 x 32, self-attention at 32, 16, 8
-    scenes: int = 600  # synthetic training scenes in the pool
+    vae_scenes: int = 300  # synthetic scenes the VAE trains on (random crops; plus photo crops)
+    scenes: int = 600  # synthetic scenes in the UNet's latent pool
     photo_crops: int = 100  # photo crops added to the UNet's latent pool
     photo_share: float = 0.25  # share of VAE crops taken from photos
     vae_steps: int = 1500
@@ -66,7 +68,7 @@ class TrainConfig:
     vae_crop: int = 64
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-3
-    unet_steps: int = 1200
+    unet_steps: int = 600
     unet_batch: int = 32
     unet_crop: int = 16  # latent crops (side) the UNet trains on; its attention then runs on any size
     unet_lr: float = 1e-3
@@ -74,8 +76,8 @@ class TrainConfig:
     qk_lr_scale: float = 3.0  # the self-attention query/key projections learn this much faster
     t_min: int = 20
     t_max: int = 600
-    threads: int = 2
-    defaults: dict = dataclasses.field(default_factory=dict)  # DiffSeg defaults written to the model card
+    threads: int = 1  # the weights are reproducible for a given thread count (float sums change order)
+    defaults: dict = dataclasses.field(default_factory=lambda: dict(DEMO_DEFAULTS))  # written to the model card
 
 
 def build_vae(image_size: int):
@@ -188,25 +190,23 @@ def _train(out: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     from diffseg_core.model_check import MODEL_CARD
     from diffseg_core.tiny_model import TINY_DEMO, save_sd1_pipeline, tiny_text_encoder
 
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 7])
     clock = _Clock(log)
     record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "torch": torch.__version__}
-
-    # 1. data
-    seeds = [TRAIN_SEEDS[(cfg.seed * 7919 + i) % len(TRAIN_SEEDS)] for i in range(cfg.scenes)]
-    scenes = np.stack([make_scene(s, cfg.image_size).image for s in seeds])
+    seeds = [TRAIN_SEEDS[(cfg.seed * 7919 + i) % len(TRAIN_SEEDS)] for i in range(max(cfg.vae_scenes, cfg.scenes))]
     photos = _photos()
-    clock.lap("data")
 
-    # 2. VAE
+    # 1. VAE, on random crops of scenes and photos
+    scenes = np.stack([make_scene(s, cfg.image_size).image for s in seeds[: cfg.vae_scenes]])
+    torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.image_size)
-    vae_losses = _train_vae(vae, scenes, photos, rng, cfg, log)
+    vae_losses = _train_vae(vae, scenes, photos, np.random.default_rng(cfg.seed), cfg, log)
     vae.eval()
     clock.lap("vae")
 
-    # 3. latents
-    pool = list(scenes) + [_photo_crop(rng, photos, cfg.image_size) for _ in range(cfg.photo_crops)]
+    # 2. the UNet's latent pool: scenes and photo crops, encoded once (posterior mean), scaled to unit variance
+    crops = np.random.default_rng(cfg.seed + 1)
+    pool = [make_scene(s, cfg.image_size).image for s in seeds[: cfg.scenes]]
+    pool += [_photo_crop(crops, photos, cfg.image_size) for _ in range(cfg.photo_crops)]
     with torch.no_grad():
         latents = torch.cat([vae.encode(_to_tensor(np.stack(pool[i : i + 32]))).latent_dist.mean
                              for i in range(0, len(pool), 32)])
@@ -215,16 +215,17 @@ def _train(out: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     latents = latents * scaling
     clock.lap("encode")
 
-    # 4. UNet
+    # 3. UNet
+    torch.manual_seed(cfg.seed)
     text_encoder, tokenizer = tiny_text_encoder()
     condition = _empty_prompt(text_encoder, tokenizer)
     unet = build_unet(cfg.image_size // 8, condition.shape[-1])
     ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    unet_losses = _train_unet(unet, latents, condition, ddpm, rng, cfg, log)
+    unet_losses = _train_unet(unet, latents, condition, ddpm, np.random.default_rng(cfg.seed), cfg, log)
     unet.eval()
     clock.lap("unet")
 
-    # 5. write
+    # 4. write
     out.mkdir(parents=True, exist_ok=True)
     readme = (
         f"# {TINY_DEMO}\n\n{DESCRIPTION}\n\n"
@@ -302,7 +303,7 @@ def _train_unet(unet, latents: torch.Tensor, condition: torch.Tensor, ddpm, rng:
         z = torch.rot90(z[:, :, y : y + c, x : x + c], int(rng.integers(4)), (2, 3))
         if rng.random() < 0.5:
             z = z.flip(3)
-        noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))
+        noise = torch.randn_like(z)
         t = torch.from_numpy(rng.integers(cfg.t_min, cfg.t_max, b))
         pred = unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=condition).sample
         loss = F.mse_loss(pred, noise)
