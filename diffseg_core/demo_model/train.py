@@ -48,7 +48,7 @@ DESCRIPTION = (
     "and a few scikit-image photos, not Stable Diffusion: its segments show the pipeline working "
     "end to end, not the quality of DiffSeg with real Stable Diffusion weights."
 )
-DEMO_DEFAULTS = {"kl_threshold": 0.9, "num_points": 16, "iterations": 3}  # DiffSeg defaults that suit tiny-demo
+DEMO_DEFAULTS = {"kl_threshold": 0.8, "num_points": 16, "iterations": 3}  # DiffSeg defaults that suit tiny-demo
 PHOTOS = (  # scikit-image's bundled photos that need no download (pooch)
     "astronaut", "camera", "cat", "coffee", "coins", "rocket", "moon", "brick", "grass", "gravel",
     "immunohistochemistry", "hubble_deep_field", "colorwheel", "clock", "cell", "page", "text",
