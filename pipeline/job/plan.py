@@ -120,6 +120,8 @@ class LabelOptions:
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
+        if None in (self.kl_threshold, self.num_points, self.iterations):
+            return self.with_model_defaults().label_parameters(image_size, dtype)
         kl = list(self.kl_threshold) if isinstance(self.kl_threshold, (list, tuple)) else float(self.kl_threshold)
         parameters = {
             "image_size": image_size,
