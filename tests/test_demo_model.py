@@ -150,7 +150,7 @@ def test_model_card_defaults_fill_only_what_the_caller_left_out(tmp_path, tiny_m
 
     from diffseg_core.labeler import Labeler
     from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults
-    from pipeline.plan import LabelOptions
+    from pipeline.job.plan import LabelOptions
 
     folder = tmp_path / "with-card"
     shutil.copytree(tiny_model_path, folder)
@@ -175,7 +175,7 @@ def test_a_bad_model_card_is_one_clear_error(tmp_path, tiny_model_path):
     import shutil
 
     from diffseg_core.model_loading import ModelLoadError
-    from pipeline.plan import LabelError, LabelOptions
+    from pipeline.job.plan import LabelError, LabelOptions
 
     folder = tmp_path / "bad-card"
     shutil.copytree(tiny_model_path, folder)

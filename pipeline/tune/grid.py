@@ -82,11 +82,12 @@ class Grid:
 DEFAULT_NUM_POINTS = (8, 16)
 
 
-def default_setting() -> Setting:
-    """What ``diffseg label`` does without flags (LabelOptions' defaults)."""
+def default_setting(model: str | None = None) -> Setting:
+    """What ``diffseg label --model MODEL`` does without flags: LabelOptions' defaults, which are the
+    model's (its ``diffseg.json`` card, as tiny-demo's) or else the paper's."""
     from pipeline.job.plan import LabelOptions
 
-    d = LabelOptions()
+    d = LabelOptions(**({"model": model} if model else {})).with_model_defaults()
     kl = d.kl_threshold
     thresholds = tuple(float(v) for v in kl) if isinstance(kl, (list, tuple)) else (float(kl),) * d.iterations
     return Setting(thresholds, d.num_points, DEFAULT_WEIGHTS, bool(d.refine))

@@ -159,7 +159,7 @@ def tune(
     resolutions, size = filled["resolutions"], filled["image_size"]
     all_settings, notes = _with_default(chosen["settings"], resolutions, size, model)
     notes = chosen["notes"] + notes
-    default_index = 0 if all_settings[0] == default_setting() else None
+    default_index = 0 if all_settings[0] == default_setting(model) else None
 
     from pipeline.tune.search import (
         run_search,  # torch and Ray: only once every check has passed
@@ -206,7 +206,7 @@ def tune(
     plot = out_dir / "tau.png"
     best_row = next(r for r in ranking if r["rank"] == 1)
     note = RANDOM_WEIGHT_MODELS.get(model, "").split(":")[0]
-    if plot_tau(plot, ranking, best_row, default_setting().thresholds[0], note):
+    if plot_tau(plot, ranking, best_row, default_setting(model).thresholds[0], note):
         files["plot"] = str(plot)
     write_best_json(Path(files["best"]), report)
     return report
@@ -217,7 +217,7 @@ def _with_default(settings: list[Setting], resolutions: list[int], image_size: i
     """The default setting first (scored even when outside the grid), unless the model cannot run it."""
     from diffseg_core.parameters import anchor_grid_problem
 
-    default = default_setting()
+    default = default_setting(model)
     problem = anchor_grid_problem(default.num_points, resolutions, model, image_size)
     if problem:
         return settings, [f"the default setting cannot run on this model ({problem}); no default score"]
