@@ -15,7 +15,6 @@ against the official code's 7-13 s (benchmarks/merge_bench.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -78,8 +77,8 @@ class DiffSeg:
         cls,
         model: str | os.PathLike = "CompVis/stable-diffusion-v1-4",
         *,
-        kl_threshold: float | Sequence[float] = 1.1,
-        num_points: int = 16,
+        kl_threshold: float | Sequence[float] | None = None,
+        num_points: int | None = None,
         iterations: int | None = None,
         refine: bool = False,
         weights: Weights = None,
@@ -88,11 +87,15 @@ class DiffSeg:
         """Images to label maps in one call: a Stable Diffusion attention extractor plus DiffSeg.
 
         The method's parameters are the constructor's, checked before any model loads;
+        those left out (None) are the model's defaults: its model card's (``diffseg.json``;
+        tiny-demo ships one), else the paper's (`diffseg_core.method_defaults`).
         ``load_kwargs`` (device, dtype, image_size, timestep, revision, vocabulary, ...) go
         to :meth:`diffseg_core.labeler.Labeler.from_pretrained`.
         """
-        diffseg = cls(kl_threshold=kl_threshold, num_points=num_points, iterations=iterations,
-                      refine=refine, weights=weights)
+        from diffseg_core.method_defaults import with_method_defaults
+
+        given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations}
+        diffseg = cls(**with_method_defaults(model, given), refine=refine, weights=weights)
         from diffseg_core.labeler import Labeler  # lazy: the algorithm alone never imports diffusers' side
 
         return Labeler.from_pretrained(model, diffseg, **load_kwargs)

@@ -148,16 +148,16 @@ def test_training_is_deterministic_and_writes_a_loadable_demo_folder(tmp_path):
 def test_model_card_defaults_fill_only_what_the_caller_left_out(tmp_path, tiny_model_path):
     import shutil
 
-    from diffseg_core.labeler import Labeler
+    from diffseg_core import DiffSeg
     from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults
     from pipeline.job.plan import LabelOptions
 
     folder = tmp_path / "with-card"
     shutil.copytree(tiny_model_path, folder)
     (folder / "diffseg.json").write_text(json.dumps({"defaults": {"kl_threshold": 0.7, "num_points": 8}}))
-    lab = Labeler.from_pretrained(folder)
+    lab = DiffSeg.from_pretrained(folder)
     assert list(lab.diffseg.thresholds) == [0.7] * 3 and lab.diffseg.num_points == 8
-    lab = Labeler.from_pretrained(folder, kl_threshold=[1.0, 0.9])  # what the caller sets wins
+    lab = DiffSeg.from_pretrained(folder, kl_threshold=[1.0, 0.9])  # what the caller sets wins
     assert list(lab.diffseg.thresholds) == [1.0, 0.9] and lab.diffseg.num_points == 8
     opts = LabelOptions(model=str(folder)).with_model_defaults()
     assert (opts.kl_threshold, opts.num_points, opts.iterations) == (0.7, 8, 3)
@@ -181,9 +181,9 @@ def test_a_bad_model_card_is_one_clear_error(tmp_path, tiny_model_path):
     shutil.copytree(tiny_model_path, folder)
     (folder / "diffseg.json").write_text(json.dumps({"defaults": {"tau": 0.7}}))
     with pytest.raises(ModelLoadError, match="'defaults' has keys DiffSeg does not take: tau"):
-        from diffseg_core.labeler import Labeler
+        from diffseg_core import DiffSeg
 
-        Labeler.from_pretrained(folder)
+        DiffSeg.from_pretrained(folder)
     (folder / "diffseg.json").write_text("[1, 2]")
     with pytest.raises(LabelError, match="must hold a JSON object"):
         LabelOptions(model=str(folder)).with_model_defaults()

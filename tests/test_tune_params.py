@@ -77,3 +77,31 @@ def test_job_spec_method_weights():
         parse_spec(base + "method: {weights: [1, -1]}\n", source="t.yaml")
     with pytest.raises(SpecError, match=r"method.weights: must be weights that are not all zero"):
         parse_spec(base + "method: {weights: [0, 0]}\n", source="t.yaml")
+
+
+def _counts(per_fold_iou):
+    """(settings, folds, 3, 1) TP/FP/FN of one class whose IoU on each fold is the given value."""
+    import numpy as np
+
+    out = np.zeros((len(per_fold_iou), len(per_fold_iou[0]), 3, 1), dtype=np.int64)
+    for s, folds in enumerate(per_fold_iou):
+        for f, iou in enumerate(folds):
+            out[s, f, 0, 0] = round(100 * iou)
+            out[s, f, 2, 0] = 100 - round(100 * iou)
+    return out
+
+
+def test_a_search_that_does_not_carry_over_keeps_the_default():
+    """Settings 1 and 2 each win on one fold only: the best in-sample (1) is chance, the k-fold
+    estimate (each fold scored by the other fold's pick) falls below the default, which is kept."""
+    import numpy as np
+
+    from pipeline.tune.select import select
+
+    images = np.array([1, 1])
+    sel = select(_counts([[0.6, 0.6], [1.0, 0.3], [0.3, 0.95]]), images, default=0)
+    assert sel.ranking[0][0] == 1 and abs(sel.held_out.miou - 0.3) < 1e-9
+    assert sel.kept_default and sel.best == 0
+    # a setting that is better on both folds is chosen: its choice carries over
+    sel = select(_counts([[0.6, 0.6], [0.8, 0.7], [0.3, 0.65]]), images, default=0)
+    assert not sel.kept_default and sel.best == 1 and sel.held_out.miou > sel.default_score.miou

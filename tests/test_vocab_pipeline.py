@@ -362,20 +362,9 @@ def test_a_refused_vocabulary_starts_neither_torch_nor_ray(tmp_path):
     assert "more than one prompt" in proc.stderr and not (tmp_path / "out").exists()
 
 
-def _tiny_demo_installed() -> bool:
-    """Whether ``tiny-demo`` (the small learned demo model) resolves to a folder in this install."""
-    from diffseg_core.tiny_model import resolve_model
-
-    try:
-        return Path(resolve_model("tiny-demo")).is_dir()
-    except Exception:  # noqa: BLE001 - not in this install (or its weights are missing)
-        return False
-
-
 DEMO_VOCAB = ["person", "cat", "cup", "sky", "rocket", "ground"]
 
 
-@pytest.mark.skipif(not _tiny_demo_installed(), reason="tiny-demo (the learned demo model) is not in this install")
 def test_tiny_demo_names_segments_that_the_gallery_shows(ray_session, tmp_path):
     """The issue's 'done when': `diffseg label photos out --model tiny-demo --vocabulary ...`
     gives named segments, the COCO export has the vocabulary as categories, and the gallery

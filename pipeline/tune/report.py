@@ -152,11 +152,22 @@ def format_report(report: dict[str, Any], top: int = 15) -> str:
     lines += [
         "",
         f"best setting:   {b['setting']}",
-        f"  in-sample     mIoU {pct(b['in_sample']['miou'])} %  ACC {pct(b['in_sample']['pixel_accuracy'])} %"
-        f"  ({s['scored']} images; optimistic: chosen on these images)",
-        f"  held-out      mIoU {pct(b['held_out']['miou'])} %  ACC {pct(b['held_out']['pixel_accuracy'])} %"
-        f"  ({k}-fold: each fold scored by the setting chosen on the other {k - 1}; expect this on new images)",
     ]
+    if b.get("kept_default"):
+        sh = b["search_held_out"]
+        lines += [
+            f"  kept the default: mIoU {pct(b['held_out']['miou'])} %  ACC {pct(b['held_out']['pixel_accuracy'])} %"
+            f"  ({s['scored']} images; no choice made, so expect this on new images)",
+            f"  the search:   mIoU {pct(sh['miou'])} %  ACC {pct(sh['pixel_accuracy'])} %  held out ({k}-fold), "
+            "below the default: what it picks on this sample does not carry over",
+        ]
+    else:
+        lines += [
+            f"  in-sample     mIoU {pct(b['in_sample']['miou'])} %  ACC {pct(b['in_sample']['pixel_accuracy'])} %"
+            f"  ({s['scored']} images; optimistic: chosen on these images)",
+            f"  held-out      mIoU {pct(b['held_out']['miou'])} %  ACC {pct(b['held_out']['pixel_accuracy'])} %"
+            f"  ({k}-fold: each fold scored by the setting chosen on the other {k - 1}; expect this on new images)",
+        ]
     if d is not None:
         lines.append(f"default:        {d['setting']}: mIoU {pct(d['score']['miou'])} %  "
                      f"ACC {pct(d['score']['pixel_accuracy'])} %  (same images; fixed, so no selection bias)")

@@ -170,6 +170,11 @@ def tune(
     sel = select(result.counts, result.images, default_index)
 
     ranking = [_row(rank + 1, all_settings[i], s, i == default_index) for rank, (i, s) in enumerate(sel.ranking)]
+    if sel.kept_default:
+        notes.append(f"kept the default: the search's {num_folds}-fold held-out mIoU "
+                     f"({100 * sel.held_out.miou:.1f} %) is below the default's ({100 * sel.default_score.miou:.1f} %) "
+                     "on this sample, so its best in-sample setting would not carry over to new images "
+                     "(more labelled images or a narrower grid can change that)")
     best_setting = all_settings[sel.best]
     params = label_params(best_setting, resolutions)
     extraction = {"model": model, "revision": identity.get("revision"), "image_size": size,
@@ -183,8 +188,11 @@ def tune(
     files = {"best": str(out_dir / "best.json"), "results": str(out_dir / "results.csv")}
     report: dict[str, Any] = {
         TUNE_KEY: params,
-        "best": {"setting": best_setting.describe(), "in_sample": sel.ranking[0][1].as_dict(),
-                 "held_out": sel.held_out.as_dict(), **_fields(best_setting)},
+        "best": {"setting": best_setting.describe(), "in_sample": dict(sel.ranking)[sel.best].as_dict(),
+                 # kept default: no choice was made, so its score on the sample is the held-out one
+                 "held_out": (sel.default_score if sel.kept_default else sel.held_out).as_dict(),
+                 "search_held_out": sel.held_out.as_dict(), "kept_default": sel.kept_default,
+                 **_fields(best_setting)},
         "default": ({"setting": all_settings[default_index].describe(), "score": sel.default_score.as_dict()}
                     if default_index is not None else None),
         "folds": [dict(f, setting=all_settings[f["chosen"]].describe()) for f in sel.folds],

@@ -10,6 +10,11 @@ score to expect on new images from the whole procedure (k-fold cross-validation)
 
 Ties (common: many settings give the same labels) go to the setting listed
 first, and the default setting is listed first, so a tie with the default keeps it.
+
+The guard against a small sample: the default involves no choice, so its score on
+the sample is already an honest one. When the k-fold estimate of the search is
+below it, choosing on this sample does not carry over to new images (the best
+in-sample setting won by chance), and the selection keeps the default.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class Selection:
     held_out: Score  # the k-fold estimate for the selection procedure
     default_score: Score | None  # the default setting on the same images (None: it cannot run on the model)
     folds: list[dict[str, Any]] = field(default_factory=list)  # per fold: chosen, train and test scores
+    kept_default: bool = False  # the search's held-out estimate fell below the default: best is the default
 
 
 def score(tp_fp_fn: np.ndarray, images: int) -> Score:
@@ -68,7 +74,10 @@ def select(counts: np.ndarray, images: np.ndarray, default: int | None) -> Selec
                       "test": score(counts[chosen, f], int(images[f])).as_dict()})
     held_out = score(held, int(images.sum()))
     default_score = score(counts[default].sum(0), int(images.sum())) if default is not None else None
-    return Selection(ranking, ranking[0][0], held_out, default_score, folds)
+    best, kept_default = ranking[0][0], False
+    if default_score is not None and best != default and _key(held_out.miou) < _key(default_score.miou):
+        best, kept_default = default, True
+    return Selection(ranking, best, held_out, default_score, folds, kept_default)
 
 
 def _key(v: float) -> float:
