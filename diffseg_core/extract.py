@@ -142,9 +142,18 @@ def _uint8_batch(images: Any, size: int) -> torch.Tensor | None:
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """``.to`` that only passes a dtype when it changes (diffusers warns on every cast)."""
+    """``.to`` that only passes a dtype when it changes (diffusers warns on every cast).
+
+    A diffusers model with no ``_keep_in_fp32_modules`` (SD's AutoencoderKL) still warns
+    "modules ... that should be kept in float32: []" on any cast: with nothing to keep,
+    torch's own ``Module.to`` does the same cast without the noise (once per model actor).
+    """
     current = next(module.parameters()).dtype
-    return module.to(device) if current == dtype else module.to(device, dtype)
+    if current == dtype:
+        return module.to(device)
+    if not getattr(module, "_keep_in_fp32_modules", None):
+        return torch.nn.Module.to(module, device, dtype)
+    return module.to(device, dtype)
 
 
 @dataclass

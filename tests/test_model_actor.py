@@ -217,7 +217,19 @@ def test_sdpa_output_leaves_the_maps_as_they_were(actor):
 
 
 def test_bf16_encode_agrees_with_float32(actor, tiny_model_path):
-    bf16 = AttentionExtractor.from_pretrained(tiny_model_path, image_size=SIZE, vae_dtype="bf16")
+    import logging
+
+    said: list[logging.LogRecord] = []
+    heard = logging.Handler()
+    heard.emit = said.append  # type: ignore[method-assign]
+    diffusers_log = logging.getLogger("diffusers")  # its own handler, not propagated: listen on it directly
+    diffusers_log.addHandler(heard)
+    try:
+        bf16 = AttentionExtractor.from_pretrained(tiny_model_path, image_size=SIZE, vae_dtype="bf16")
+    finally:
+        diffusers_log.removeHandler(heard)
+    # the cast is quiet: diffusers' "modules ... kept in float32: []" would print once per GPU actor
+    assert not [r for r in said if "kept in float32" in r.getMessage()]
     fp32 = AttentionExtractor.from_pretrained(tiny_model_path, image_size=SIZE, vae_dtype="fp32")
     assert bf16.vae_dtype == torch.bfloat16 and fp32.vae_dtype == torch.float32 == bf16.dtype
     pixels = fp32.to_pixels(_batch()["pixels"])
