@@ -41,7 +41,10 @@ def test_label_help_explains_timestep_and_iterations(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--timestep TIMESTEP timestep the one UNet call is conditioned on" in text
     assert "(no noise is added) (default: 300)" in text
-    assert "--iterations ITERATIONS merging iterations" in text and "one per iteration) (default: 3)" in text
+    # the method's defaults are the model's (tiny-demo's card has its own): said once, in words
+    assert ("--iterations ITERATIONS merging iterations (default: the model's; 3 for SD; a --kl-threshold list "
+            "sets its own: one per iteration) --" in text)
+    assert "(default: the model's; 16 for SD) --" in text and "(default: None)" not in text
     # a default of None is not shown: the help text says what happens instead
     assert "--dtype {fp32,fp16,bf16} default: fp16 on GPU, fp32 on CPU --" in text
     assert "--rle add COCO RLE per segment --rows-per-file" in text  # a flag: no "(default: False)"
