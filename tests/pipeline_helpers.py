@@ -24,6 +24,23 @@ def photos() -> dict[str, np.ndarray]:
     return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
 
 
+def actor_batch(sizes: list[tuple[int, int]], model_size: int) -> dict[str, np.ndarray]:
+    """A batch as the decode stage hands it to the model actor: the sample photos resized to the
+    model's square input, with each row's own (height, width) and its shard bookkeeping."""
+    arrays = list(photos().values())[: len(sizes)]
+    n = len(sizes)
+    return {
+        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
+        "source": np.array(["s"] * n, dtype=object),
+        "width": np.array([w for _, w in sizes], np.int32),
+        "height": np.array([h for h, _ in sizes], np.int32),
+        "error": np.array([None] * n, dtype=object),
+        "pixels": np.stack([np.asarray(Image.fromarray(a).resize((model_size, model_size))) for a in arrays]),
+        "_shard_id": np.zeros(n, np.int64),
+        "_shard_rows": np.full(n, n, np.int64),
+    }
+
+
 def encoded(arr: np.ndarray, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, **kwargs)

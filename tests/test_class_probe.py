@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from diffseg_core.extract import AttentionExtractor
+from tests.reference_unet import run_unet_with_hooks
 
 VARIANTS = ["sd1", "sdxl"]
 VOCAB = "person,dog,grass field,sky,cat"
@@ -41,48 +42,19 @@ def _images(n=2, size=64, seed=0):
 
 def _reference_probe(path, variant: str, pixels: torch.Tensor, vocabulary: torch.Tensor, timestep: int = 300):
     """Per-layer head-mean softmax(Q K_vocab^T / sqrt(d)) of every attn2 layer, via diffusers' pipeline."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionPipeline if variant == "sd1" else StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(path)
     ref: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def pre_hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            assert kwargs.get("encoder_hidden_states") is not None  # a real cross-attention call
-            b, n, _ = h.shape
-            q, k = module.to_q(h), module.to_k(vocabulary[None])
-            d = q.shape[-1] // module.heads
-            q = q.view(b, n, module.heads, d).transpose(1, 2)
-            k = k.view(1, -1, module.heads, d).transpose(1, 2)
-            ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
+    def hook(name, module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        assert kwargs.get("encoder_hidden_states") is not None  # a real cross-attention call
+        b, n, _ = h.shape
+        q, k = module.to_q(h), module.to_k(vocabulary[None])
+        d = q.shape[-1] // module.heads
+        q = q.view(b, n, module.heads, d).transpose(1, 2)
+        k = k.view(1, -1, module.heads, d).transpose(1, 2)
+        ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
 
-        return pre_hook
-
-    unet = pipe.unet
-    handles = [
-        m.register_forward_pre_hook(hook(name), with_kwargs=True)
-        for name, m in unet.named_modules()
-        if name.endswith("attn2")
-    ]
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        b, size = pixels.shape[0], pixels.shape[-1]
-        kwargs = {}
-        if variant == "sd1":
-            emb, _ = pipe.encode_prompt("", "cpu", 1, False)
-        else:
-            emb, _, pooled, _ = pipe.encode_prompt("", device="cpu", num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=False)
-            time_ids = pipe._get_add_time_ids(
-                (size, size), (0, 0), (size, size), dtype=emb.dtype,
-                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-            )
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.expand(b, -1), "time_ids": time_ids.expand(b, -1)}
-        unet(latents, timestep, encoder_hidden_states=emb.expand(b, -1, -1), **kwargs)
-    for h in handles:
-        h.remove()
+    run_unet_with_hooks(path, variant, pixels, "attn2", hook, timestep)
     return ref
 
 

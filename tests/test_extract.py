@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffseg_core.extract import AttentionExtractor, preprocess_images
 from diffseg_core.model_loading import ModelLoadError
+from tests.reference_unet import run_unet_with_hooks
 from tests.tolerances import ATTENTION, assert_same_attention
 
 VARIANTS = ["sd1", "sdxl"]
@@ -39,48 +40,19 @@ def _images(n=2, size=64, seed=0):
 
 def _reference_layers(path, variant: str, pixels: torch.Tensor, timestep: int = 300):
     """Per-layer head-mean softmax(QK^T/sqrt(d)) of every attn1 layer, via diffusers' pipeline."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionPipeline if variant == "sd1" else StableDiffusionXLPipeline
-    pipe = cls.from_pretrained(path)
-    unet = pipe.unet
     ref: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def pre_hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            assert kwargs.get("encoder_hidden_states") is None
-            b, n, _ = h.shape
-            q, k = module.to_q(h), module.to_k(h)
-            d = q.shape[-1] // module.heads
-            q = q.view(b, n, module.heads, d).transpose(1, 2)
-            k = k.view(b, n, module.heads, d).transpose(1, 2)
-            ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
+    def hook(name, module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        assert kwargs.get("encoder_hidden_states") is None
+        b, n, _ = h.shape
+        q, k = module.to_q(h), module.to_k(h)
+        d = q.shape[-1] // module.heads
+        q = q.view(b, n, module.heads, d).transpose(1, 2)
+        k = k.view(b, n, module.heads, d).transpose(1, 2)
+        ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
 
-        return pre_hook
-
-    handles = [
-        m.register_forward_pre_hook(hook(name), with_kwargs=True)
-        for name, m in unet.named_modules()
-        if name.endswith("attn1")
-    ]
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        b, size = pixels.shape[0], pixels.shape[-1]
-        kwargs = {}
-        if variant == "sd1":
-            emb, _ = pipe.encode_prompt("", "cpu", 1, False)
-        else:
-            emb, _, pooled, _ = pipe.encode_prompt("", device="cpu", num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=False)
-            time_ids = pipe._get_add_time_ids(
-                (size, size), (0, 0), (size, size), dtype=emb.dtype,
-                text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-            )
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.expand(b, -1), "time_ids": time_ids.expand(b, -1)}
-        unet(latents, timestep, encoder_hidden_states=emb.expand(b, -1, -1), **kwargs)
-    for h in handles:
-        h.remove()
+    run_unet_with_hooks(path, variant, pixels, "attn1", hook, timestep)
     return ref
 
 

@@ -12,8 +12,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from pipeline_helpers import photos
+from pipeline_helpers import actor_batch
 
 import diffseg_core.merge as merge
 from diffseg_core.extract import (
@@ -36,18 +35,7 @@ SIZES = [(64, 64), (200, 300), (37, 91)]
 
 
 def _batch(sizes=SIZES) -> dict[str, np.ndarray]:
-    arrays = list(photos().values())[: len(sizes)]
-    n = len(sizes)
-    return {
-        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
-        "source": np.array(["s"] * n, dtype=object),
-        "width": np.array([w for _, w in sizes], np.int32),
-        "height": np.array([h for h, _ in sizes], np.int32),
-        "error": np.array([None] * n, dtype=object),
-        "pixels": np.stack([np.asarray(Image.fromarray(a).resize((SIZE, SIZE))) for a in arrays]),
-        "_shard_id": np.zeros(n, np.int64),
-        "_shard_rows": np.full(n, n, np.int64),
-    }
+    return actor_batch(sizes, SIZE)
 
 
 @pytest.fixture(scope="module")

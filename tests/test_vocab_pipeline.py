@@ -68,21 +68,9 @@ def _actor(vocabulary=None):
 
 
 def _actor_batch(sizes):
-    from PIL import Image
-    from pipeline_helpers import photos
+    from pipeline_helpers import actor_batch
 
-    arrays = list(photos().values())[: len(sizes)]
-    n = len(sizes)
-    return {
-        "image_id": np.array([f"img{i}" for i in range(n)], dtype=object),
-        "source": np.array(["s"] * n, dtype=object),
-        "width": np.array([w for _, w in sizes], np.int32),
-        "height": np.array([h for h, _ in sizes], np.int32),
-        "error": np.array([None] * n, dtype=object),
-        "pixels": np.stack([np.asarray(Image.fromarray(a).resize((ACTOR_SIZE, ACTOR_SIZE))) for a in arrays]),
-        "_shard_id": np.zeros(n, np.int64),
-        "_shard_rows": np.full(n, n, np.int64),
-    }
+    return actor_batch(sizes, ACTOR_SIZE)
 
 
 def test_the_actor_names_the_segments_it_would_make_without_a_vocabulary():
