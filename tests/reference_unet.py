@@ -3,6 +3,7 @@ pre-hook on chosen attention layers: the independent reference the extractor's c
 the vocabulary probe are checked against."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -46,3 +47,13 @@ def run_unet_with_hooks(path, variant: str, pixels: torch.Tensor, layer_suffix: 
     finally:
         for h in handles:
             h.remove()
+
+
+def head_mean_softmax(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) averaged over heads, with the layer's own ``to_q`` on ``hidden``
+    (B, N, C) and ``to_k`` on ``context`` (B or 1, M, C'): (B, N, M)."""
+    q, k = module.to_q(hidden), module.to_k(context)
+    d = q.shape[-1] // module.heads
+    q = q.view(q.shape[0], q.shape[1], module.heads, d).transpose(1, 2)
+    k = k.view(k.shape[0], k.shape[1], module.heads, d).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffseg_core.extract import AttentionExtractor
-from tests.reference_unet import run_unet_with_hooks
+from tests.reference_unet import head_mean_softmax, run_unet_with_hooks
 
 VARIANTS = ["sd1", "sdxl"]
 VOCAB = "person,dog,grass field,sky,cat"
@@ -47,12 +47,7 @@ def _reference_probe(path, variant: str, pixels: torch.Tensor, vocabulary: torch
     def hook(name, module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
         assert kwargs.get("encoder_hidden_states") is not None  # a real cross-attention call
-        b, n, _ = h.shape
-        q, k = module.to_q(h), module.to_k(vocabulary[None])
-        d = q.shape[-1] // module.heads
-        q = q.view(b, n, module.heads, d).transpose(1, 2)
-        k = k.view(1, -1, module.heads, d).transpose(1, 2)
-        ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
+        ref[name] = head_mean_softmax(module, h, vocabulary[None])
 
     run_unet_with_hooks(path, variant, pixels, "attn2", hook, timestep)
     return ref

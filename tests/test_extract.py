@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffseg_core.extract import AttentionExtractor, preprocess_images
 from diffseg_core.model_loading import ModelLoadError
-from tests.reference_unet import run_unet_with_hooks
+from tests.reference_unet import head_mean_softmax, run_unet_with_hooks
 from tests.tolerances import ATTENTION, assert_same_attention
 
 VARIANTS = ["sd1", "sdxl"]
@@ -45,12 +45,7 @@ def _reference_layers(path, variant: str, pixels: torch.Tensor, timestep: int = 
     def hook(name, module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
         assert kwargs.get("encoder_hidden_states") is None
-        b, n, _ = h.shape
-        q, k = module.to_q(h), module.to_k(h)
-        d = q.shape[-1] // module.heads
-        q = q.view(b, n, module.heads, d).transpose(1, 2)
-        k = k.view(b, n, module.heads, d).transpose(1, 2)
-        ref[name] = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
+        ref[name] = head_mean_softmax(module, h, h)
 
     run_unet_with_hooks(path, variant, pixels, "attn1", hook, timestep)
     return ref
