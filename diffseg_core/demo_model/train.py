@@ -160,6 +160,15 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> float:
+    """One optimiser and schedule step on ``loss``; returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def _empty_prompt(text_encoder, tokenizer) -> torch.Tensor:
     """(1, 77, D): the conditioning DiffSeg feeds the UNet (model_loading encodes it the same way)."""
     ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -268,11 +277,7 @@ def _train_vae(vae, scenes: np.ndarray, photos: list[np.ndarray], rng: np.random
         recon = vae.decode(posterior.mean).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = (recon - x).abs().mean() + cfg.vae_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(loss, opt, sched))
         if step % 100 == 0 or step == cfg.vae_steps - 1:
             log(f"vae step {step}: loss {losses[-1]:.4f}")
     return losses or [float("nan")]
@@ -307,11 +312,7 @@ def _train_unet(unet, latents: torch.Tensor, condition: torch.Tensor, ddpm, rng:
         t = torch.from_numpy(rng.integers(cfg.t_min, cfg.t_max, b))
         pred = unet(ddpm.add_noise(z, noise, t), t, encoder_hidden_states=condition).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(loss, opt, sched))
         if step % 50 == 0 or step == cfg.unet_steps - 1:
             log(f"unet step {step}: loss {losses[-1]:.4f}")
     return losses or [float("nan")]
