@@ -1,7 +1,7 @@
 """DiffSeg's parameters when the caller leaves them out: the model's own, else the paper's.
 
-The paper's values (tau 1.1, a 16 x 16 anchor grid, 3 iterations) suit Stable
-Diffusion. A local diffusers folder may ship other defaults in its model card
+The paper's values (tau 1.1, a 16 x 16 anchor grid, 3 iterations, aggregation
+weights proportional to resolution) suit Stable Diffusion. A local diffusers folder may ship other defaults in its model card
 (``diffseg.json``, key ``defaults``); ``tiny-demo`` does. An option the caller
 sets always wins.
 """
@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 __all__ = ["PAPER_DEFAULTS", "model_method_defaults", "with_method_defaults"]
 
-PAPER_DEFAULTS: dict[str, Any] = {"kl_threshold": 1.1, "num_points": 16, "iterations": 3}
+#: ``weights`` None: proportional to each attention resolution (the paper's aggregation).
+PAPER_DEFAULTS: dict[str, Any] = {"kl_threshold": 1.1, "num_points": 16, "iterations": 3, "weights": None}
 
 
 def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
@@ -30,6 +31,11 @@ def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise ModelLoadError(name, f"its {MODEL_CARD} 'defaults' has keys DiffSeg does not take: {', '.join(unknown)}; "
                                    f"allowed: {', '.join(PAPER_DEFAULTS)}.")
+    from diffseg_core.parameters import weights_problem
+
+    problem = weights_problem(given.get("weights"))
+    if problem:
+        raise ModelLoadError(name, f"its {MODEL_CARD} 'defaults': {problem}.")
     return {**PAPER_DEFAULTS, **given}
 
 

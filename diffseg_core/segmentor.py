@@ -94,8 +94,8 @@ class DiffSeg:
         """
         from diffseg_core.method_defaults import with_method_defaults
 
-        given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations}
-        diffseg = cls(**with_method_defaults(model, given), refine=refine, weights=weights)
+        given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations, "weights": weights}
+        diffseg = cls(**with_method_defaults(model, given), refine=refine)
         from diffseg_core.labeler import Labeler  # lazy: the algorithm alone never imports diffusers' side
 
         return Labeler.from_pretrained(model, diffseg, **load_kwargs)

@@ -70,7 +70,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="k-means refinement of the proposals (default: off)")
     d.add_argument("--weights", type=_weights, default=None,
                    help="aggregation weights, one per attention resolution, finest first, e.g. 8,4,2,1 "
-                   "(default: proportional to the resolution)")
+                   "(default: the model's; for SD proportional to the resolution)")
     d.add_argument("--params", default=None, metavar="JSON",
                    help="DiffSeg parameters from a file, e.g. tune/best.json from `diffseg tune` (kl_threshold, "
                    "iterations, num_points, refine, weights); flags given on the command line win over the file")

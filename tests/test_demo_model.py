@@ -163,6 +163,19 @@ def test_model_card_defaults_fill_only_what_the_caller_left_out(tmp_path, tiny_m
     assert (opts.kl_threshold, opts.num_points, opts.iterations) == (0.7, 8, 3)
     opts = LabelOptions(model=str(folder), num_points=4, kl_threshold=[1.2, 1.0]).with_model_defaults()
     assert (opts.kl_threshold, opts.num_points, opts.iterations) == ([1.2, 1.0], 4, 2)
+    assert opts.weights is None and lab.diffseg.weights is None  # no weights in the card: proportional to r
+    # Aggregation weights in the card: used by the library, the job and tune's baseline; the caller's win.
+    (folder / "diffseg.json").write_text(json.dumps({"defaults": {"kl_threshold": 0.7, "weights": [1, 1]}}))
+    assert DiffSeg.from_pretrained(folder).diffseg.weights == [1, 1]
+    assert DiffSeg.from_pretrained(folder, weights=[2, 1]).diffseg.weights == [2, 1]
+    opts = LabelOptions(model=str(folder)).with_model_defaults()
+    assert opts.weights == [1, 1] and opts.label_parameters(64, "fp32")["weights"] == [1.0, 1.0]
+    assert LabelOptions(model=str(folder), weights=[3, 1]).with_model_defaults().weights == [3, 1]
+    from pipeline.tune.grid import default_setting
+
+    assert default_setting(str(folder)).weights == "equal"  # the grid's preset: scored once, not twice
+    (folder / "diffseg.json").write_text(json.dumps({"defaults": {"weights": [2, 1]}}))
+    assert default_setting(str(folder)).weights == "2,1"
     # No card, or a hub id: the paper's defaults (nothing is loaded or built to know that).
     assert model_method_defaults(tiny_model_path) == PAPER_DEFAULTS
     assert model_method_defaults("CompVis/stable-diffusion-v1-4") == PAPER_DEFAULTS
@@ -184,6 +197,9 @@ def test_a_bad_model_card_is_one_clear_error(tmp_path, tiny_model_path):
         from diffseg_core import DiffSeg
 
         DiffSeg.from_pretrained(folder)
+    (folder / "diffseg.json").write_text(json.dumps({"defaults": {"weights": [1, -1]}}))
+    with pytest.raises(LabelError, match="'defaults': weights must be non-negative numbers"):
+        LabelOptions(model=str(folder)).with_model_defaults()
     (folder / "diffseg.json").write_text("[1, 2]")
     with pytest.raises(LabelError, match="must hold a JSON object"):
         LabelOptions(model=str(folder)).with_model_defaults()

@@ -93,7 +93,7 @@ class LabelOptions:
     num_points: int | None = None
     iterations: int | None = None
     refine: bool = False
-    weights: list[float] | None = None  # aggregation weights, finest resolution first; None: proportional to r
+    weights: list[float] | None = None  # aggregation weights, finest resolution first; None: the model's (else proportional to r)
     rle: bool = False
     rows_per_file: int = 1000
     overwrite: bool = False
@@ -120,8 +120,9 @@ class LabelOptions:
 
     def label_parameters(self, image_size: int, dtype: str) -> dict[str, Any]:
         """The options that change a label or the shard plan: they must match on resume."""
-        if None in (self.kl_threshold, self.num_points, self.iterations):
-            return self.with_model_defaults().label_parameters(image_size, dtype)
+        filled = self.with_model_defaults()  # idempotent: what the caller set is kept
+        if filled != self:
+            return filled.label_parameters(image_size, dtype)
         kl = list(self.kl_threshold) if isinstance(self.kl_threshold, (list, tuple)) else float(self.kl_threshold)
         parameters = {
             "image_size": image_size,
@@ -153,7 +154,8 @@ class LabelOptions:
         """The DiffSeg parameters left unset filled in from the model (diffseg_core.method_defaults)."""
         from diffseg_core.method_defaults import with_method_defaults
 
-        given = {"kl_threshold": self.kl_threshold, "num_points": self.num_points, "iterations": self.iterations}
+        given = {"kl_threshold": self.kl_threshold, "num_points": self.num_points, "iterations": self.iterations,
+                 "weights": self.weights}
         try:
             return replace(self, **with_method_defaults(self.model, given))
         except OSError as exc:  # a model card that cannot be read

@@ -90,7 +90,13 @@ def default_setting(model: str | None = None) -> Setting:
     d = LabelOptions(**({"model": model} if model else {})).with_model_defaults()
     kl = d.kl_threshold
     thresholds = tuple(float(v) for v in kl) if isinstance(kl, (list, tuple)) else (float(kl),) * d.iterations
-    return Setting(thresholds, d.num_points, DEFAULT_WEIGHTS, bool(d.refine))
+    if d.weights is None:
+        weights = DEFAULT_WEIGHTS
+    elif len(set(d.weights)) == 1:  # the same setting as the grid's "equal": one row, not two
+        weights = "equal"
+    else:
+        weights = ",".join(f"{float(w):g}" for w in d.weights)
+    return Setting(thresholds, d.num_points, weights, bool(d.refine))
 
 
 def frange(start: float, stop: float, step: float) -> list[float]:
