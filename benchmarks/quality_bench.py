@@ -7,6 +7,12 @@ Every method clusters the same attention (one extractor pass per scene) and is s
 the paper's protocol (``SegmentationMetrics``: per-image Hungarian matching, TP/FP/FN summed
 over the scenes). Scenes come from ``scenes.HELD_OUT_SEEDS``, which training never sees.
 tiny-random (random weights) is the floor, scored the same way at its own defaults.
+
+A reference row, "colour oracle", is not a model: its attention is computed from each scene's own
+pixels (every 8 x 8 patch's mean colour, a Gaussian kernel on colour distance, at tiny-demo's
+32 x 32 attention grid) and merged by the same DiffSeg. It shows what a model that groups
+pixels perfectly by colour would score on these scenes at this resolution: the ceiling that
+colour alone gives (textures, gradients and region edges cost it the rest).
 """
 from __future__ import annotations
 
@@ -28,12 +34,26 @@ from diffseg_core.metrics import SegmentationMetrics
 from diffseg_core.segmentor import DiffSeg
 
 
+ORACLE_SIGMA = 20.0  # colour distance scale of the oracle's kernel, in 0-255 RGB units
+
+
+def colour_oracle(images: np.ndarray, patch: int = 8) -> dict[int, torch.Tensor]:
+    """{R: (B, R*R, R*R)} attention from the pictures themselves: softmax over keys of
+    -|c_q - c_k|^2 / (2 sigma^2), c = each patch x patch block's mean colour."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    colours = torch.nn.functional.avg_pool2d(x, patch).flatten(2).transpose(1, 2)  # (B, R*R, 3)
+    attention = torch.softmax(-torch.cdist(colours, colours) ** 2 / (2 * ORACLE_SIGMA**2), dim=-1)
+    return {images.shape[1] // patch: attention}
+
+
 def score(model: str, scenes: list, taus: list[float], batch: int, kmeans: bool) -> dict[str, SegmentationMetrics]:
-    """{method: metrics} over the scenes; the scenes are labelled at their own size."""
-    extractor = AttentionExtractor.from_pretrained(model)
-    defaults = model_method_defaults(model)
+    """{method: metrics} over the scenes; the scenes are labelled at their own size.
+    ``model`` "colour oracle" scores the reference attention of ``colour_oracle``."""
+    extractor = colour_oracle if model == "colour oracle" else AttentionExtractor.from_pretrained(model)
+    defaults = model_method_defaults("tiny-demo" if model == "colour oracle" else model)
+    weights = None if model == "colour oracle" else defaults["weights"]  # the oracle has one resolution
     segmentors = {tau: DiffSeg(kl_threshold=tau, num_points=defaults["num_points"],
-                               iterations=defaults["iterations"]) for tau in taus}
+                               iterations=defaults["iterations"], weights=weights) for tau in taus}
     names = [f"DiffSeg tau={tau:g}" for tau in taus] + (["K-Means-C", "K-Means-S"] if kmeans else [])
     metrics = {name: SegmentationMetrics(MAX_REGIONS, -1) for name in names}
     for start in range(0, len(scenes), batch):
@@ -42,7 +62,7 @@ def score(model: str, scenes: list, taus: list[float], batch: int, kmeans: bool)
         for b, scene in enumerate(chunk):
             one = {r: m[b : b + 1] for r, m in maps.items()}
             size = scene.regions.shape
-            aggregate = aggregate_attention(one)
+            aggregate = aggregate_attention(one, weights)
             preds = {}
             for tau, seg in segmentors.items():
                 proposals = seg.proposals_from_aggregate(aggregate)[0]
@@ -62,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-random", action="store_true", help="skip the tiny-random floor")
+    parser.add_argument("--no-oracle", action="store_true", help="skip the colour-oracle reference row")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
@@ -70,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     scenes = [make_scene(HELD_OUT_SEEDS[k], demo_size) for k in range(args.scenes)]
     default_tau = model_method_defaults("tiny-demo")["kl_threshold"]
     rows = [("tiny-demo", name, m) for name, m in score("tiny-demo", scenes, taus, args.batch, True).items()]
+    if not args.no_oracle:
+        rows += [("colour oracle", name, m) for name, m in score("colour oracle", scenes, taus, args.batch, False).items()]
     if not args.no_random:
         random_tau = model_method_defaults("tiny-random")["kl_threshold"]
         for name, m in score("tiny-random", scenes, [random_tau], args.batch, False).items():

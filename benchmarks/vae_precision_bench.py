@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    "tiny-demo, a folder")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--image-size", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--kl-threshold", type=float, default=1.1)
-    p.add_argument("--num-points", type=int, default=16)
+    p.add_argument("--kl-threshold", type=float, default=None, help="default: the model's (the paper's 1.1 for SD)")
+    p.add_argument("--num-points", type=int, default=None, help="default: the model's (16 for SD)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     print(f"# machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -65,19 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_latent_scale(ex, images)
     print(f"# model {args.model or 'SD 1.x architecture'}{' (RANDOM weights)' if random_weights else ''}, "
           f"{ex.image_size} px, built in {time.perf_counter() - t0:.1f} s", flush=True)
-    seg = DiffSeg(kl_threshold=args.kl_threshold, num_points=args.num_points)
+    from diffseg_core.method_defaults import with_method_defaults
+
+    seg = DiffSeg(**with_method_defaults(args.model or "CompVis/stable-diffusion-v1-4",
+                                         {"kl_threshold": args.kl_threshold, "num_points": args.num_points}))
+    print(f"# DiffSeg: {seg!r}", flush=True)
     size = (ex.image_size, ex.image_size)
     results = []
     with torch.inference_mode():
         pixels = ex.to_pixels(images)
         latents = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            ex.vae.to(dtype)
+            torch.nn.Module.to(ex.vae, dtype)  # SD's VAE keeps nothing in fp32: torch's cast, without diffusers' warning
             ex.vae_dtype = dtype
             t = time.perf_counter()
             latents[name] = torch.cat([ex.encode(pixels[i : i + 1]).float() for i in range(len(pixels))])
             print(f"# VAE encode {name}: {(time.perf_counter() - t) / len(pixels):.2f} s/image", flush=True)
-        ex.vae.to(torch.float32)
+        torch.nn.Module.to(ex.vae, torch.float32)
         labels = {}
         for name, lat in latents.items():
             labels[name] = [seg.label_maps(seg.proposals(ex.attention(lat[i : i + 1])), [size])[0].numpy()
