@@ -11,6 +11,7 @@ Variants of the same scenes (rendered at ``size``):
   exif3/6/8  stored rotated, as a JPEG whose EXIF orientation (3, 6, 8) turns it back upright;
   wide / tall  stretched to 3:1 and 1:3 (labels are made at that size);
   grey    one-channel (L) PNG;
+  grey_rgb  the same grey pixels stored as an RGB PNG: what the L file must decode to;
   paper   rendered at 2x in the middle of a 3:2 canvas whose side strips hold another
           scene (ignored in the ground truth): ``--paper-preprocess`` crops the square back out.
 """
@@ -24,7 +25,7 @@ from PIL import Image
 
 from diffseg_core.demo_model.scenes import HELD_OUT_SEEDS, make_scene
 
-VARIANTS = ("plain", "exif3", "exif6", "exif8", "wide", "tall", "grey")
+VARIANTS = ("plain", "exif3", "exif6", "exif8", "wide", "tall", "grey", "grey_rgb")
 PAPER = "paper"
 IGNORE = 255
 # What PIL's exif_transpose applies for each orientation, undone here to store the image.
@@ -74,7 +75,9 @@ def write_scene_sets(root: Path, seeds: list[int], size: int, variants=VARIANTS,
             else:
                 rel = f"{variant}/{name}.png"
                 img = Image.fromarray(scene.image)
-                _save(img.convert("L") if variant == "grey" else img, images / rel)
+                if variant.startswith("grey"):
+                    img = img.convert("L") if variant == "grey" else img.convert("L").convert("RGB")
+                _save(img, images / rel)
                 _save(regions, gt / variant / f"{name}.png")
             ids[variant].append(rel)
         if paper:

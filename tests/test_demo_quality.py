@@ -20,15 +20,18 @@ pytestmark = pytest.mark.slow
 
 N_SCENES = 6
 SIZE = 256  # tiny-demo's native size
-# Measured on these 6 scenes (BENCHMARKS.md has 200), tau 0.8: tiny-demo mIoU 0.299, pixel accuracy
-# 0.661; tiny-random 0.144 / 0.720 (one segment: the background's share). Set a little under, not
-# at, the figures. The issue's goal (0.80 / 0.90) is NOT reached by the shipped demo model.
-MIN_MIOU = 0.27
-MIN_ACC = 0.62
-MAX_VARIANT_DROP = 0.05  # the same pixels, turned, stretched or cropped: measured within 0.025
-# Greyscale is other input (luminance only), not the same pixels moved: measured 0.047 mIoU, 0.052 accuracy.
-MAX_GREY_DROP = 0.08
-RANDOM_GAP = 0.1  # tiny-demo's mIoU above tiny-random's, at least (measured: 0.155)
+# Measured on these 6 scenes (BENCHMARKS.md has 200), at tiny-demo's defaults (tau 1.3, 8 x 8
+# anchors, 2 iterations): tiny-demo mIoU 0.629, pixel accuracy 0.873; tiny-random 0.144 / 0.720
+# (one segment: the background's share). Set a little under, not at, the figures. The issue's
+# goal (0.80 / 0.90) is NOT reached by the shipped demo model.
+MIN_MIOU = 0.58
+MIN_ACC = 0.84
+MAX_VARIANT_DROP = 0.05  # the same pixels, turned, stretched or cropped: measured within 0.016
+# A one-channel file against the same grey pixels stored as RGB: the same input, so the same bound
+# (measured: equal). Against the colour scene it is other input (luminance only; two regions may
+# differ little in it): measured 0.084 mIoU, 0.029 accuracy lower; bounded apart, as information lost.
+MAX_GREY_LOSS = 0.15
+RANDOM_GAP = 0.3  # tiny-demo's mIoU above tiny-random's, at least (measured: 0.485)
 
 
 def _eval(capsys, labels, gt, *extra: str) -> dict:
@@ -80,23 +83,39 @@ def test_tiny_demo_segments_held_out_scenes_and_tiny_random_does_not(scored, cap
     print(f"tiny-random mIoU {rand['miou']:.3f}  acc {rand['pixel_accuracy']:.3f}")
     assert demo["num_images"] == rand["num_images"] == N_SCENES
     assert demo["miou"] >= MIN_MIOU and demo["pixel_accuracy"] >= MIN_ACC
-    assert demo["miou"] >= rand["miou"] + RANDOM_GAP and demo["miou"] >= 1.7 * rand["miou"]
+    assert demo["miou"] >= rand["miou"] + RANDOM_GAP and demo["miou"] >= 3 * rand["miou"]
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "plain"] + [PAPER])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("plain", "grey_rgb")] + [PAPER])
 def test_every_variant_of_the_scenes_scores_like_the_plain_ones(scored, capsys, variant):
+    """Each variant against the same pixels in the plain form: a one-channel file against its
+    grey pixels as RGB, every other variant against the colour scene."""
     root, ids, out = scored
-    plain = _variant(capsys, scored, "plain")
+    reference = "grey_rgb" if variant == "grey" else "plain"
+    plain = _variant(capsys, scored, reference)
     if variant == PAPER:
         got = _eval(capsys, out["paper"], root / PAPER / "gt")
     else:
         got = _variant(capsys, scored, variant)
     print(f"\n{variant}: mIoU {got['miou']:.3f} acc {got['pixel_accuracy']:.3f} "
-          f"(plain {plain['miou']:.3f} / {plain['pixel_accuracy']:.3f})")
+          f"({reference} {plain['miou']:.3f} / {plain['pixel_accuracy']:.3f})")
     assert got["num_images"] == N_SCENES
-    tolerance = MAX_GREY_DROP if variant == "grey" else MAX_VARIANT_DROP
-    assert abs(got["miou"] - plain["miou"]) <= tolerance
-    assert abs(got["pixel_accuracy"] - plain["pixel_accuracy"]) <= tolerance
+    assert abs(got["miou"] - plain["miou"]) <= MAX_VARIANT_DROP
+    assert abs(got["pixel_accuracy"] - plain["pixel_accuracy"]) <= MAX_VARIANT_DROP
+
+
+def test_grey_scenes_lose_only_what_colour_gave(scored, capsys):
+    """Luminance alone separates the regions less well (the scenes keep a luminance gap between
+    regions, but gradients and textures blur it), so grey scores lower than colour, within a bound,
+    and still far above tiny-random."""
+    root, ids, out = scored
+    plain, grey = _variant(capsys, scored, "plain"), _variant(capsys, scored, "grey")
+    rand = _eval(capsys, out["random"], root / "gt" / "plain")
+    print(f"\ngrey: mIoU {grey['miou']:.3f} acc {grey['pixel_accuracy']:.3f} "
+          f"(colour {plain['miou']:.3f} / {plain['pixel_accuracy']:.3f})")
+    assert plain["miou"] - grey["miou"] <= MAX_GREY_LOSS
+    assert plain["pixel_accuracy"] - grey["pixel_accuracy"] <= MAX_GREY_LOSS
+    assert grey["miou"] >= rand["miou"] + RANDOM_GAP
 
 
 def test_kmeans_baselines_are_scored_beside_diffseg(scored, capsys):
@@ -111,4 +130,4 @@ def test_kmeans_baselines_are_scored_beside_diffseg(scored, capsys):
         print(f"{name:<10} mIoU {m['miou']:.3f}  acc {m['pixel_accuracy']:.3f}")
         assert m["num_images"] == N_SCENES
     # K-Means-S is told the number of regions of each scene; it must find real structure too.
-    assert b["methods"]["K-Means-S"]["miou"] > 0.3
+    assert b["methods"]["K-Means-S"]["miou"] > 0.5  # measured 0.634
