@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.after.datasets_gt import FORMATS
+from pipeline.after.datasets_gt import add_ground_truth_arguments
 from pipeline.after.export import DATUMARO_IMAGES, LAYOUTS, MAPS
 from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
@@ -27,10 +27,7 @@ def add_subcommands(subparsers: Any) -> None:
         "its label is centre-cropped to the label's aspect ratio and resized (nearest) to it.",
     )
     e.add_argument("labels", help="output folder of `diffseg label` (or one .parquet file)")
-    e.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs)")
-    e.add_argument("--format", required=True, choices=FORMATS,
-                   help="ground truth's kind: COCO-Stuff stuffthingmaps (27 coarse classes), Cityscapes gtFine, or "
-                   "a folder of PNG class maps named like the images")
+    add_ground_truth_arguments(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     e.add_argument("--image-list", default=None,
                    help="score only these images (one id or file stem a line, e.g. Coco164kFull_Stuff_Coarse_7.txt)")

@@ -34,6 +34,14 @@ from pipeline.data.sources import IMAGE_EXTENSIONS, open_fs
 
 FORMATS = ("coco-stuff-27", "cityscapes", "masks")
 
+
+def add_ground_truth_arguments(parser: Any) -> None:
+    """The ground-truth folder and its ``--format``, as ``diffseg eval`` and ``diffseg tune`` take them."""
+    parser.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="ground truth's kind: COCO-Stuff stuffthingmaps (27 coarse classes), Cityscapes gtFine, "
+                        "or a folder of PNG class maps named like the images")
+
 # STEGO's COCO-Stuff-27 class order (things 0..11, stuff 12..26), as supercategory names of the
 # COCO annotation files; google/diffseg uses the same fine -> coarse map (PiCIE's pickle).
 COCO_THING_SUPERCATEGORIES = (

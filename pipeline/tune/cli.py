@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from pipeline.after.datasets_gt import FORMATS
+from pipeline.after.datasets_gt import add_ground_truth_arguments
 from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 
@@ -48,10 +48,7 @@ def add_tune(subparsers: Any) -> None:
         "score is a k-fold estimate of what the chosen setting gives on new images.",
     )
     t.add_argument("images", help="folder (or glob) of the labelled images: image files, local or fsspec URL")
-    t.add_argument("ground_truth", help="ground-truth folder (searched recursively for PNGs), as for diffseg eval")
-    t.add_argument("--format", required=True, choices=FORMATS,
-                   help="ground truth's kind, as for diffseg eval: COCO-Stuff stuffthingmaps (27 coarse classes), "
-                   "Cityscapes gtFine, or a folder of PNG class maps named like the images")
+    add_ground_truth_arguments(t)
     t.add_argument("--n", type=int, default=100, help="images to sample (seeded) from those with ground truth")
     t.add_argument("--out", default="tune", help="local folder for best.json, results.csv, tau.png and the cache")
     t.add_argument("--folds", type=int, default=5, help="k of the k-fold held-out estimate")
