@@ -20,6 +20,8 @@ import argparse
 import os
 import platform
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +35,6 @@ from diffseg_core.method_defaults import model_method_defaults
 from diffseg_core.metrics import SegmentationMetrics
 from diffseg_core.segmentor import DiffSeg
 
-
 ORACLE_SIGMA = 20.0  # colour distance scale of the oracle's kernel, in 0-255 RGB units
 
 
@@ -46,19 +47,18 @@ def colour_oracle(images: np.ndarray, patch: int = 8) -> dict[int, torch.Tensor]
     return {images.shape[1] // patch: attention}
 
 
-def score(model: str, scenes: list, taus: list[float], batch: int, kmeans: bool) -> dict[str, SegmentationMetrics]:
-    """{method: metrics} over the scenes; the scenes are labelled at their own size.
-    ``model`` "colour oracle" scores the reference attention of ``colour_oracle``."""
-    extractor = colour_oracle if model == "colour oracle" else AttentionExtractor.from_pretrained(model)
-    defaults = model_method_defaults("tiny-demo" if model == "colour oracle" else model)
-    weights = None if model == "colour oracle" else defaults["weights"]  # the oracle has one resolution
-    segmentors = {tau: DiffSeg(kl_threshold=tau, num_points=defaults["num_points"],
-                               iterations=defaults["iterations"], weights=weights) for tau in taus}
+def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor]], method: dict[str, Any], scenes: list,
+          taus: list[float], batch: int, kmeans: bool) -> dict[str, SegmentationMetrics]:
+    """{method: metrics} over the scenes, labelled at their own size from the attention ``extract``
+    gives, with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau swept."""
+    weights = method["weights"]
+    segmentors = {tau: DiffSeg(kl_threshold=tau, num_points=method["num_points"],
+                               iterations=method["iterations"], weights=weights) for tau in taus}
     names = [f"DiffSeg tau={tau:g}" for tau in taus] + (["K-Means-C", "K-Means-S"] if kmeans else [])
     metrics = {name: SegmentationMetrics(MAX_REGIONS, -1) for name in names}
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
-        maps = extractor(np.stack([s.image for s in chunk]))
+        maps = extract(np.stack([s.image for s in chunk]))
         for b, scene in enumerate(chunk):
             one = {r: m[b : b + 1] for r, m in maps.items()}
             size = scene.regions.shape
@@ -87,16 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
     started, cpu0 = time.perf_counter(), time.process_time()
-    demo_size = AttentionExtractor.from_pretrained("tiny-demo").image_size
+    demo, demo_method = AttentionExtractor.from_pretrained("tiny-demo"), model_method_defaults("tiny-demo")
+    demo_size = demo.image_size
     scenes = [make_scene(HELD_OUT_SEEDS[k], demo_size) for k in range(args.scenes)]
-    default_tau = model_method_defaults("tiny-demo")["kl_threshold"]
-    rows = [("tiny-demo", name, m) for name, m in score("tiny-demo", scenes, taus, args.batch, True).items()]
-    if not args.no_oracle:
-        rows += [("colour oracle", name, m) for name, m in score("colour oracle", scenes, taus, args.batch, False).items()]
+    default_tau = demo_method["kl_threshold"]
+    rows = [("tiny-demo", name, m) for name, m in score(demo, demo_method, scenes, taus, args.batch, True).items()]
+    if not args.no_oracle:  # tiny-demo's parameters; one resolution, so no per-level weights
+        oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
+        rows += [("colour oracle", name, m) for name, m in oracle.items()]
     if not args.no_random:
-        random_tau = model_method_defaults("tiny-random")["kl_threshold"]
-        for name, m in score("tiny-random", scenes, [random_tau], args.batch, False).items():
-            rows.append(("tiny-random", name, m))
+        random_method = model_method_defaults("tiny-random")
+        random = score(AttentionExtractor.from_pretrained("tiny-random"), random_method, scenes,
+                       [random_method["kl_threshold"]], args.batch, False)
+        rows += [("tiny-random", name, m) for name, m in random.items()]
     print(f"{len(scenes)} held-out scenes ({demo_size} px, seeds {HELD_OUT_SEEDS[0]}..{HELD_OUT_SEEDS[len(scenes) - 1]}); "
           f"tiny-demo's default tau: {default_tau:g}")
     print("| model | method | mIoU | pixel accuracy |\n|---|---|---|---|")
