@@ -83,16 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-random", action="store_true", help="skip the tiny-random floor")
     parser.add_argument("--no-oracle", action="store_true", help="skip the colour-oracle reference row")
+    parser.add_argument("--model", default="tiny-demo",
+                        help="the model scored (a training run's output folder, say); its card gives the defaults")
+    parser.add_argument("--first-scene", type=int, default=0,
+                        help="index into HELD_OUT_SEEDS of the first scene; 50000: the validation scenes the "
+                        "shipped defaults were chosen on (0: this table's)")
+    parser.add_argument("--weights", default=None, help="aggregation weights, finest first (default: the model's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
     started, cpu0 = time.perf_counter(), time.process_time()
-    demo, demo_method = AttentionExtractor.from_pretrained("tiny-demo"), model_method_defaults("tiny-demo")
+    demo, demo_method = AttentionExtractor.from_pretrained(args.model), model_method_defaults(args.model)
+    if args.weights is not None:
+        demo_method["weights"] = [float(w) for w in args.weights.split(",")]
     demo_size = demo.image_size
-    scenes = [make_scene(HELD_OUT_SEEDS[k], demo_size) for k in range(args.scenes)]
+    seeds = [HELD_OUT_SEEDS[args.first_scene + k] for k in range(args.scenes)]
+    scenes = [make_scene(seed, demo_size) for seed in seeds]
     default_tau = demo_method["kl_threshold"]
-    rows = [("tiny-demo", name, m) for name, m in score(demo, demo_method, scenes, taus, args.batch, True).items()]
-    if not args.no_oracle:  # tiny-demo's parameters; one resolution, so no per-level weights
+    rows = [(args.model, name, m) for name, m in score(demo, demo_method, scenes, taus, args.batch, True).items()]
+    if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
         oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
         rows += [("colour oracle", name, m) for name, m in oracle.items()]
     if not args.no_random:
@@ -100,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         random = score(AttentionExtractor.from_pretrained("tiny-random"), random_method, scenes,
                        [random_method["kl_threshold"]], args.batch, False)
         rows += [("tiny-random", name, m) for name, m in random.items()]
-    print(f"{len(scenes)} held-out scenes ({demo_size} px, seeds {HELD_OUT_SEEDS[0]}..{HELD_OUT_SEEDS[len(scenes) - 1]}); "
-          f"tiny-demo's default tau: {default_tau:g}")
+    print(f"{len(scenes)} held-out scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}); "
+          f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x {demo_method['num_points']} "
+          f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}")
     print("| model | method | mIoU | pixel accuracy |\n|---|---|---|---|")
     for model, name, m in rows:
-        bold = "**" if model == "tiny-demo" and name == f"DiffSeg tau={default_tau:g}" else ""
+        bold = "**" if model == args.model and name == f"DiffSeg tau={default_tau:g}" else ""
         print(f"| {model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} |")
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU; "
