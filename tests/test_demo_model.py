@@ -1,6 +1,7 @@
 """tiny-demo: the shipped learned demo model, its model card, its training script and its scenes."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import tomllib
@@ -143,6 +144,36 @@ def test_training_is_deterministic_and_writes_a_loadable_demo_folder(tmp_path):
     ex = AttentionExtractor.from_pretrained(tmp_path / "a")
     assert ex.model_info["demo_model"] is True and ex.image_size == 64
     assert torch.get_num_threads() >= 1 and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_shipped_card_holds_the_trainers_defaults():
+    """What ``python -m diffseg_core.demo_model.train`` writes is what ships: the card's DiffSeg
+    defaults and the recorded training settings are the script's own."""
+    from diffseg_core.demo_model.train import DEMO_DEFAULTS, TrainConfig
+    from diffseg_core.tiny_model import tiny_demo_path
+
+    folder = tiny_demo_path()
+    card = json.loads((folder / "diffseg.json").read_text())
+    assert card["defaults"] == DEMO_DEFAULTS
+    assert json.loads((folder / "training.json").read_text())["config"] == dataclasses.asdict(TrainConfig())
+
+
+def test_training_options_for_a_4x_vae_and_decoder_attention(tmp_path):
+    """The experiment options (BENCHMARKS.md, tiny-demo): a 3-block VAE (4x, latents twice as fine)
+    and self-attention in the UNet's last up block; the folder loads at the factor it was built with."""
+    from diffseg_core.demo_model.train import TrainConfig, train
+    from diffseg_core.extract import AttentionExtractor
+
+    cfg = TrainConfig(image_size=64, vae_blocks=3, decoder_attention=True, vae_scenes=4, scenes=4, photo_crops=1,
+                      vae_steps=2, vae_batch=2, vae_crop=32, unet_steps=2, unet_batch=2, unet_crop=8)
+    train(tmp_path, cfg, log=lambda s: None)
+    ex = AttentionExtractor.from_pretrained(tmp_path)
+    assert ex.vae_scale_factor == 4 and ex.image_size == 64
+    assert any(name.startswith("up_blocks.2.attentions") for name in ex.layer_names)
+    maps = ex(np.zeros((1, 64, 64, 3), dtype=np.uint8))
+    assert sorted(maps) == [4, 8, 16]
+    with pytest.raises(ValueError, match="vae_blocks must be 3 or 4"):
+        train(tmp_path / "bad", TrainConfig(vae_blocks=5))
 
 
 def test_model_card_defaults_fill_only_what_the_caller_left_out(tmp_path, tiny_model_path):

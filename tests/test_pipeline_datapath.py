@@ -109,10 +109,19 @@ def label_actor_pids(root_pid: int) -> set[int]:
     return pids
 
 
-@pytest.mark.slow
-def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_session, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    ids = make_photo_folder(src, copies=16)  # 48 images, 24 shards
+def _released_by_the_pool(record: dict) -> bool:
+    """Whether an actor ended because its pool let it go (its handle was dropped: its work was
+    done), not because it was killed."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    reasons = ActorDiedErrorContext.Reason
+    return record["DeathCause"].actor_died_error_context.reason in (reasons.REF_DELETED, reasons.OUT_OF_SCOPE)
+
+
+def _label_and_kill_the_model_actor(src: Path, out: Path) -> dict:
+    """Label ``src`` into ``out`` with one model actor, SIGKILL it once it has labelled its first
+    batch, and report what happened: the run's result, the kill, the actor processes seen after
+    it and the GCS records of this run's actors."""
     result: dict = {}
 
     def run() -> None:
@@ -141,15 +150,35 @@ def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_ses
             time.sleep(0.1)
     finally:
         driver.join(timeout=max(1.0, deadline - time.monotonic()))
-    assert killed is not None, f"the run ended before its model actor could be killed: {result}"
-    assert committed_at_kill < 24, "the kill came after the last commit: nothing was tested"
+    ours = [a for key, a in _actor_table().items() if key not in actors_before]
+    late = any(a["Pid"] == killed and _released_by_the_pool(a) for a in ours)
+    return {"result": result, "killed": killed, "committed_at_kill": committed_at_kill, "restarted": restarted,
+            "actors": ours, "kill_came_late": late or committed_at_kill == 24}
+
+
+@pytest.mark.slow
+def test_a_killed_model_actor_is_restarted_and_every_image_is_there_once(ray_session, tmp_path):
+    src = tmp_path / "in"
+    ids = make_photo_folder(src, copies=16)  # 48 images, 24 shards
+    # On a loaded machine the actor can finish all 48 images before the first spill part is
+    # written, and the kill then lands on an actor its pool has already let go: nothing was tested,
+    # so that case (and only that one) is run again, into a fresh output.
+    for attempt in range(3):
+        out = tmp_path / f"out-{attempt}"
+        seen = _label_and_kill_the_model_actor(src, out)
+        if seen["killed"] is None or not seen["kill_came_late"]:
+            break
+    result = seen["result"]
+    assert seen["killed"] is not None, f"the run ended before its model actor could be killed: {result}"
+    assert not seen["kill_came_late"], f"3 tries, and each kill came after the model's work was done: {seen}"
     assert "error" not in result, result.get("error")
+    assert "summary" in result, f"the run did not end within 300 s of its start: {seen}"
     summary = result["summary"]
     assert summary["complete"] and summary["images"] == len(ids) and summary["labelled"] == len(ids)
     got = read_output(str(out)).column("image_id").to_pylist()
     assert len(got) == len(set(got)) and sorted(got) == ids
     # a new process took over: seen directly, or in the GCS's actor table (a restart can come
     # and go between two polls on a loaded machine): the actor restarted or was replaced
-    ours = [a for key, a in _actor_table().items() if key not in actors_before]
+    ours = seen["actors"]
     took_over = any(a.get("NumRestarts", 0) >= 1 for a in ours) or len(ours) >= 2
-    assert restarted or took_over, f"no new model actor process took over: {ours}"
+    assert seen["restarted"] or took_over, f"no new model actor process took over: {ours}"
