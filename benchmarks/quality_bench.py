@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-random", action="store_true", help="skip the tiny-random floor")
     parser.add_argument("--no-oracle", action="store_true", help="skip the colour-oracle reference row")
+    parser.add_argument("--no-kmeans", action="store_true",
+                        help="skip K-Means-C/S (slow on 64 x 64 attention: 4096 points of 4096 dimensions)")
     parser.add_argument("--model", default="tiny-demo",
                         help="the model scored (a training run's output folder, say); its card gives the defaults")
     parser.add_argument("--first-scene", type=int, default=0,
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [HELD_OUT_SEEDS[args.first_scene + k] for k in range(args.scenes)]
     scenes = [make_scene(seed, demo_size) for seed in seeds]
     default_tau = demo_method["kl_threshold"]
-    rows = [(args.model, name, m) for name, m in score(demo, demo_method, scenes, taus, args.batch, True).items()]
+    demo_scores = score(demo, demo_method, scenes, taus, args.batch, not args.no_kmeans)
+    rows = [(args.model, name, m) for name, m in demo_scores.items()]
     if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
         oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
         rows += [("colour oracle", name, m) for name, m in oracle.items()]
