@@ -1,9 +1,9 @@
 """DiffSeg's parameters when the caller leaves them out: the model's own, else the paper's.
 
 The paper's values (tau 1.1, a 16 x 16 anchor grid, 3 iterations, aggregation
-weights proportional to resolution) suit Stable Diffusion. A local diffusers folder may ship other defaults in its model card
-(``diffseg.json``, key ``defaults``); ``tiny-demo`` does. An option the caller
-sets always wins.
+weights proportional to resolution) suit Stable Diffusion. A local diffusers
+folder may ship other defaults in its model card (``diffseg.json``, key
+``defaults``); ``tiny-demo`` does. An option the caller sets always wins.
 """
 from __future__ import annotations
 

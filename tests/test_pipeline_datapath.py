@@ -150,7 +150,8 @@ def _label_and_kill_the_model_actor(src: Path, out: Path) -> dict:
             time.sleep(0.1)
     finally:
         driver.join(timeout=max(1.0, deadline - time.monotonic()))
-    ours = [a for key, a in _actor_table().items() if key not in actors_before]
+    # this run's model actors (Ray Data's own detached actors, created by a session's first dataset, are not)
+    ours = [a for key, a in _actor_table().items() if key not in actors_before and "LabelActor" in a["ActorClassName"]]
     late = any(a["Pid"] == killed and _released_by_the_pool(a) for a in ours)
     return {"result": result, "killed": killed, "committed_at_kill": committed_at_kill, "restarted": restarted,
             "actors": ours, "kill_came_late": late or committed_at_kill == 24}
