@@ -91,13 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="index into HELD_OUT_SEEDS of the first scene; 50000: the validation scenes the "
                         "shipped defaults were chosen on (0: this table's)")
     parser.add_argument("--weights", default=None, help="aggregation weights, finest first (default: the model's)")
+    parser.add_argument("--num-points", type=int, default=None, help="anchor grid side (default: the model's)")
+    parser.add_argument("--iterations", type=int, default=None, help="merge iterations (default: the model's)")
+    parser.add_argument("--timestep", type=int, default=300, help="timestep of the one UNet call (the paper's 300)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
     started, cpu0 = time.perf_counter(), time.process_time()
-    demo, demo_method = AttentionExtractor.from_pretrained(args.model), model_method_defaults(args.model)
+    demo = AttentionExtractor.from_pretrained(args.model, timestep=args.timestep)
+    demo_method = model_method_defaults(args.model)
     if args.weights is not None:
         demo_method["weights"] = [float(w) for w in args.weights.split(",")]
+    for key in ("num_points", "iterations"):
+        if getattr(args, key) is not None:
+            demo_method[key] = getattr(args, key)
     demo_size = demo.image_size
     seeds = [HELD_OUT_SEEDS[args.first_scene + k] for k in range(args.scenes)]
     scenes = [make_scene(seed, demo_size) for seed in seeds]
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [("tiny-random", name, m) for name, m in random.items()]
     print(f"{len(scenes)} held-out scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}); "
           f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x {demo_method['num_points']} "
-          f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}")
+          f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}, "
+          f"timestep {args.timestep}")
     print("| model | method | mIoU | pixel accuracy |\n|---|---|---|---|")
     for model, name, m in rows:
         bold = "**" if model == args.model and name == f"DiffSeg tau={default_tau:g}" else ""
