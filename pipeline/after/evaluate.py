@@ -137,8 +137,9 @@ def _run_ray(files: list[str], spec: EvalSpec, workers: int | None, ray_address:
     import ray
     from ray.data import ActorPoolStrategy
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    from pipeline.ray_connect import init_ray
+
+    init_ray(ray_address, include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     size = workers or max(1, cpus - 1)
     filesystem, paths = arrow_filesystem(files, storage_options)

@@ -226,10 +226,17 @@ def ray_dataset(
     image_column: str | None = None,
     target: str = "label_map",
 ):
-    """A lazy ``ray.data.Dataset`` of the pairs (columns image_id, image, label). Needs ``ray.init()``.
-    ``target="class_map"``: ``label`` is the class map (labels made with a vocabulary)."""
+    """A lazy ``ray.data.Dataset`` of the pairs (columns image_id, image, label).
+
+    Uses the Ray this process has initialised; otherwise starts a local one (or joins
+    ``RAY_ADDRESS`` when it names a cluster), never a stale cluster a plain ``ray.init()``
+    would find. ``target="class_map"``: ``label`` is the class map (labels made with a vocabulary)."""
     import ray
     from ray.data import ActorPoolStrategy
+
+    from pipeline.ray_connect import init_ray
+
+    init_ray(None, include_dashboard=False)
 
     columns, _ = _target(target)
     files = committed_label_files(labels_uri, storage_options)

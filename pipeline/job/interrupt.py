@@ -21,6 +21,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from pipeline.job.stderr_filter import silence_ray
+
 __all__ = ["RunInterrupted", "StopSignals", "stop_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -81,6 +83,7 @@ class StopSignals:
             sys.stderr.flush()
             os._exit(128 + signum)
         self.received = signum
+        silence_ray()  # what Ray prints while it tears down is not for the user
         if self._depth:
             self._pending = signum
             return

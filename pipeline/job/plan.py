@@ -46,11 +46,14 @@ from pipeline.data.schema import (
     MANIFEST,
     PLAN,
     STAGE_NAMES,
+    STAGED_DIR,
     TMP_DIR,
     shard_of_part,
 )
-from pipeline.data.sources import iter_inputs
+from pipeline.data.containers import plan_inputs
+from pipeline.data.sources import SkippedInputs, output_in_input
 from pipeline.errors import LabelError
+from pipeline.ray_connect import init_ray
 from pipeline.job import lease
 from pipeline.job.commit import CommitError, Committer
 from pipeline.job.dataset_card import write_dataset_card
@@ -183,6 +186,9 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         refuse_url_credentials(input, output, opts.storage_options)  # they would reach the manifest and logs
     except ValueError as exc:
         raise LabelError(str(exc)) from None
+    problem = output_in_input(input, output, opts.storage_options)  # its labels would be read as images
+    if problem:
+        raise LabelError(problem)
     started = time.time()
     times: dict[str, float] = {}
     with stop_signals() as stop:
@@ -227,6 +233,8 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
             raise
         finally:
             _shutdown(ray, own_ray)
+            if stop.received is not None:  # a clean stop leaves only what it committed
+                _tidy_after_stop(checked.out_fs, checked.out_root)
             held.release()
 
 
@@ -243,27 +251,21 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
     if vocab is not None:  # the names and their hash; the hash is a label parameter too
         manifest["vocabulary"] = vocab.to_json()
     write_manifest(out_fs, out_root, manifest, policy)
+    write_dataset_card(out_fs, out_root, manifest)  # first: load_dataset(OUTPUT) works at every moment
 
     t = time.perf_counter()
     markers, torn = read_markers(out_fs, out_root, policy)
+    skipped = SkippedInputs()  # FIFOs, sockets, devices with an input's name: never opened
     try:
         plan, dropped = update_plan_rebuilding(
-            out_fs, out_root, lambda: iter_inputs(checked.input, opts.storage_options), opts.rows_per_file, markers)
+            out_fs, out_root,
+            lambda: plan_inputs(checked.input, opts.storage_options, opts.rows_per_file, out_fs, out_root, skipped),
+            opts.rows_per_file, markers)
     except (OSError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.errno in OUTPUT_FULL_ERRNOS:  # writing the plan, not listing
             raise LabelError(_storage_sentence(output, exc)) from None
         raise LabelError(f"Cannot list input {checked.input!r}: {type(exc).__name__}: {_one_line(exc)}") from None
-    if dropped:
-        logger.warning("the shard plan was rebuilt: %d committed shard(s) no longer match it and are redone",
-                       len(dropped))
-        drop_markers(out_fs, out_root, markers, dropped)
-    removed = clean_uncommitted(out_fs, out_root, markers, torn)
     done = set(markers)
-    retry_rows = rows_to_retry(out_fs, out_root, markers, opts.retry_errors) if opts.retry_errors else {}
-    times["list+plan"] = time.perf_counter() - t
-    if removed:
-        logger.warning("removed %d uncommitted file(s) left by an earlier run", len(removed))
-
     metadata = {"model": manifest["model"], "parameters": parameters, "version": manifest["version"],
                 "input": checked.input_root}
     if vocab is not None:
@@ -271,8 +273,18 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
     committer = Committer(out_fs, out_root, OutputLocation(output, opts.storage_options), opts.rows_per_file,
                           metadata, policy)
     interrupted: RunInterrupted | None = None
-    t = time.perf_counter()
-    try:
+    try:  # from here on the plan is known: a stop says how many of its shards are committed
+        if dropped:
+            logger.warning("the shard plan was rebuilt: %d committed shard(s) no longer match it and are redone",
+                           len(dropped))
+            drop_markers(out_fs, out_root, markers, dropped)
+            done = set(markers)
+        removed = clean_uncommitted(out_fs, out_root, markers, torn)
+        retry_rows = rows_to_retry(out_fs, out_root, markers, opts.retry_errors) if opts.retry_errors else {}
+        times["list+plan"] = time.perf_counter() - t
+        if removed:
+            logger.warning("removed %d uncommitted file(s) left by an earlier run", len(removed))
+        t = time.perf_counter()
         shards_ds, todo = shard_dataset(ray, out_fs, out_root, plan.index, opts.storage_options, done)
         for shard_id in todo:
             committer.expect(shard_id)
@@ -300,9 +312,11 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
         markers = list(final_markers.values())
         summary = summarize(opts, checked.input, output, checked.input_root, manifest, markers, committer,
                             plan.shards, len(done), plan.new, times, started)
-        if interrupted is not None:
+        if skipped.count:
+            summary["skipped_inputs"] = skipped.to_json()
+            logger.warning("%s", skipped.sentence())
+        if interrupted is not None and not summary["complete"]:
             manifest["status"] = "interrupted"
-            summary["complete"] = False
         else:
             manifest["status"] = "complete" if summary["complete"] else "incomplete"
         manifest["counts"] = {k: summary[k] for k in ("images", "labelled", "errors", "errors_by_kind", "shards")}
@@ -640,9 +654,18 @@ def _storage_sentence(output: str, exc: BaseException) -> str:
     return f"Cannot use the output {output!r}: {describe(exc)}."
 
 
+def _tidy_after_stop(fs: Any, root: str) -> None:
+    """After Ctrl-C / SIGTERM (Ray stopped): move committed shards' staged files in, delete the rest."""
+    try:
+        markers, torn = read_markers(fs, root)
+        clean_uncommitted(fs, root, markers, torn)
+    except Exception as exc:  # noqa: BLE001 - the next run cleans up the same way
+        logger.warning("could not remove this run's uncommitted files: %s (the next run does)", describe(exc))
+
+
 def _remove_previous_output(fs: Any, root: str) -> None:
     """--overwrite: delete only what this tool writes (never other files in the folder)."""
-    for name in (MANIFEST, PLAN, DONE_DIR, TMP_DIR):
+    for name in (MANIFEST, PLAN, DONE_DIR, TMP_DIR, STAGED_DIR):
         path = f"{root}/{name}"
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -652,36 +675,8 @@ def _remove_previous_output(fs: Any, root: str) -> None:
 
 
 def _init_ray(address: str | None) -> tuple[Any, bool]:
-    """Join the cluster (or start a local Ray); returns (ray, whether this call started it)."""
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    # A local Ray turns token authentication on by default and warns, every run, that it did
-    # (opting out is the only other choice it offers): keep the security, drop the note.
-    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    auth_log.addFilter(_drop_token_auth_note)
-    try:
-        ray.init(address=address, log_to_driver=True)
-    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions too ("node timed out during startup")
-        raise LabelError(_ray_start_sentence(address, exc)) from None
-    finally:
-        auth_log.removeFilter(_drop_token_auth_note)
-    return ray, True
-
-
-def _ray_start_sentence(address: str | None, exc: BaseException) -> str:
-    text = _one_line(exc)
-    if "timed out during startup" in text:
-        return ("Ray's node timed out during startup (its processes did not register in 30 s: the machine is "
-                "overloaded or short of memory); try again when it is less busy, or start Ray once yourself "
-                "(`ray start --head`) and pass --ray-address auto.")
-    where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-    return f"Cannot start or join {where}: {text} (is it running? try `ray status`)."
-
-
-def _drop_token_auth_note(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+    """Start a local Ray, or join the cluster asked for (pipeline/ray_connect.py); (ray, whether this call did)."""
+    return init_ray(address, log_to_driver=True)
 
 
 def _shutdown(ray: Any, own_ray: bool) -> None:

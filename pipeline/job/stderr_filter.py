@@ -20,7 +20,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Pattern
 
-__all__ = ["HARMLESS", "filtered_stderr"]
+__all__ = ["HARMLESS", "RAY_CHATTER", "filtered_stderr", "silence_ray"]
 
 HARMLESS: tuple[Pattern[bytes], ...] = (
     re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
@@ -28,10 +28,34 @@ HARMLESS: tuple[Pattern[bytes], ...] = (
 )
 _HOLD_S = 0.05  # a partial line waits this long for its end before it is passed on
 
+# What Ray prints on its own: lines its log monitor forwards from workers and the raylet
+# ("(raylet) ...", "(MapWorker(...) pid=12, ip=...) ..."), its Python loggers' lines and its
+# C++ core's. After Ctrl-C or SIGTERM (silence_ray), they are the teardown's chatter ("Task
+# ... killed by ray.kill") and are dropped, so a clean stop shows only its one sentence.
+RAY_CHATTER: tuple[Pattern[bytes], ...] = (
+    re.compile(rb"^(\x1b\[[0-9;]*m)*\((raylet|gcs_server|[^()\s]+(\([^\n]*?\))*,? pid=)"),
+    re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"),
+    re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]"),
+)
+_silenced = threading.Event()
+
+
+def silence_ray() -> None:
+    """From now on, inside filtered_stderr, drop Ray's own lines (the run is stopping)."""
+    _silenced.set()
+
+
+def _dropped(line: bytes, patterns: tuple[Pattern[bytes], ...]) -> bool:
+    if any(p.search(line) for p in patterns):
+        return True
+    return _silenced.is_set() and any(p.search(line) for p in RAY_CHATTER)
+
 
 @contextmanager
 def filtered_stderr(patterns: tuple[Pattern[bytes], ...] = HARMLESS) -> Iterator[None]:
-    """Inside this block, lines on fd 2 matching ``patterns`` are dropped; the rest pass unchanged."""
+    """Inside this block, lines on fd 2 matching ``patterns`` are dropped; the rest pass unchanged.
+    After silence_ray(), Ray's own lines are dropped too."""
+    _silenced.clear()
     try:
         sys.stderr.flush()
         real = os.dup(2)
@@ -92,7 +116,7 @@ def _pump(reader: int, out: int, patterns: tuple[Pattern[bytes], ...], stop: thr
                 break
             pending += chunk
             *lines, pending = re.split(rb"(?<=[\n\r])", pending)
-            kept = b"".join(line for line in lines if not any(p.search(line) for p in patterns))
+            kept = b"".join(line for line in lines if not _dropped(line, patterns))
             if kept:
                 _write(out, kept)
         if pending:
