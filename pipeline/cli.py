@@ -166,6 +166,8 @@ def format_summary(summary: dict) -> str:
     if shards["skipped_already_done"]:
         this += f", {shards['skipped_already_done']} already done"
     lines.append(this)
+    if summary.get("skipped_inputs"):  # FIFOs, sockets, devices named like inputs: never read
+        lines.append(summary["skipped_inputs"]["summary"])
     if summary["errors_by_kind"]:
         lines.append("errors by kind: " + ", ".join(f"{k}: {v}" for k, v in summary["errors_by_kind"].items()))
     stages = summary["stage_seconds"]

@@ -190,7 +190,7 @@ def resilient_read(
 
 
 def _read_images(paths: list[str], root: str, storage_options: dict[str, Any] | None, policy: RetryPolicy):
-    from pipeline.data.sources import RawImage, open_fs, read_source
+    from pipeline.data.sources import RawImage, open_fs, read_one, read_source
 
     fs = None
     unavailable: str | None = None  # once the deadline is spent, the shard is redone anyway: stop reading
@@ -203,7 +203,7 @@ def _read_images(paths: list[str], root: str, storage_options: dict[str, Any] | 
         if raw.error is not None and raw.error.startswith("read error:"):
             fs = fs or open_fs(raw.source, storage_options)[0]
             try:
-                data = call_with_retries(fs.cat_file, fs._strip_protocol(raw.source), policy=policy)
+                data = call_with_retries(read_one, fs, fs._strip_protocol(raw.source), policy=policy)
                 raw = RawImage(raw.image_id, raw.source, bytes(data))
             except Exception as exc:  # noqa: BLE001
                 if is_transient(exc):
@@ -218,7 +218,7 @@ def _read_container(
     kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None,
     policy: RetryPolicy,
 ):
-    from pipeline.data.sources import RawImage, read_source, relative_id
+    from pipeline.data.sources import RawImage, read_source, shard_error_id
 
     waits = policy.waits()
     yielded = 0
@@ -237,8 +237,7 @@ def _read_container(
                 raise
             wait = next(waits, None)
             if wait is None:
-                shard = relative_id(paths[0], root)
-                yield RawImage(f"{shard}/#shard-error", paths[0], None,
+                yield RawImage(shard_error_id(kind, paths[0], root), paths[0], None,
                                f"{UNAVAILABLE}: {describe(exc)} (retried for {policy.deadline_s:g} s)")
                 return
             time.sleep(wait)

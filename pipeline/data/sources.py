@@ -16,11 +16,14 @@ Reading happens inside Ray tasks (``read_shard``), one work shard at a time.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 import tarfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -33,6 +36,9 @@ _GLOB_CHARS = "*?["
 # Column names tried, in order, when a Parquet file's image column is not named.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes", "image_bytes", "content")
 KEY_COLUMN_CANDIDATES = ("key", "image_id", "id", "__key__")
+# A local read (an NFS or FUSE mount that hangs) that takes longer than this fails like an
+# unreachable storage: retried until the storage deadline, then a "storage unavailable" row.
+READ_BLOCK_BOUND_S = 60.0
 T = TypeVar("T")
 
 
@@ -79,27 +85,99 @@ def input_root(url: str, storage_options: dict[str, Any] | None = None) -> str:
     return _input_spec(url, storage_options)[2]
 
 
-def iter_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
+def iter_inputs(
+    url: str, storage_options: dict[str, Any] | None = None, skipped: "SkippedInputs | None" = None
+) -> Iterator[tuple[str, str]]:
     """Every input file under ``url`` as ``(kind, uri)``, streamed, in a deterministic order.
 
     A folder is walked directory by directory (entries sorted, hidden ones pruned), an S3
     prefix is listed page by page in key order: nothing per file is kept, so a listing of
     millions of files costs no more memory than one directory (or one page) of it.
+    Only regular files are inputs: a FIFO, socket or device with an input's name (opening
+    a FIFO blocks until someone writes to it) is left out and counted in ``skipped``.
     """
     fs, path, root, pattern, depth = _input_spec(url, storage_options)
     if pattern is None:
         if input_kind(path) is not None and fs.isfile(path):
-            yield input_kind(path), fs.unstrip_protocol(path)
+            what = _not_regular(fs, path)
+            if what is None:
+                yield input_kind(path), fs.unstrip_protocol(path)
+            elif skipped is not None:
+                skipped.add(posixpath.basename(path), what)
             return
         stripped_root = path
     else:
         stripped_root = fs._strip_protocol(root)
-    for p in _walk_files(fs, stripped_root, depth):
+    for p, what in _walk_files(fs, stripped_root, depth):
         if pattern is not None and not pattern.match(p):
             continue
         kind = input_kind(p)
         if kind is not None and not _is_hidden(p, stripped_root):
-            yield kind, fs.unstrip_protocol(p)
+            if what is None:
+                yield kind, fs.unstrip_protocol(p)
+            elif skipped is not None:
+                skipped.add(relative_id(p, stripped_root), what)
+
+
+@dataclass
+class SkippedInputs:
+    """Files with an input's name that are not regular files (FIFO, socket, device): never read."""
+
+    count: int = 0
+    kinds: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    keep: int = 5
+
+    def add(self, name: str, what: str) -> None:
+        self.count += 1
+        self.kinds[what] += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(name)
+
+    def reset(self) -> None:
+        self.count, self.kinds, self.examples = 0, Counter(), []
+
+    def sentence(self) -> str | None:
+        """``skipped 1 non-regular file (FIFO): a/b.png``, or None when nothing was skipped."""
+        if not self.count:
+            return None
+        what = ", ".join(f"{n} {k}" if len(self.kinds) > 1 else k for k, n in sorted(self.kinds.items()))
+        names = ", ".join(self.examples) + (", ..." if self.count > len(self.examples) else "")
+        plural = "file" if self.count == 1 else "files"
+        return f"skipped {self.count} non-regular {plural} ({what}): {names}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "kinds": dict(sorted(self.kinds.items())), "examples": list(self.examples),
+                "summary": self.sentence()}
+
+
+def _file_type(mode: int) -> str | None:
+    """What a stat mode is when it is not a regular file ("FIFO", "socket", "device"), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "special file"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs) or "local" in _protocols(fs)
+
+
+def _not_regular(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """For a local path, what it is when it is not a regular file; None otherwise (object stores hold files)."""
+    if not _is_local(fs):
+        return None
+    try:
+        return _file_type(os.stat(path).st_mode)
+    except OSError:
+        return None  # gone or unreadable: the read says so in its row
 
 
 def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
@@ -122,6 +200,40 @@ def first_input(url: str, storage_options: dict[str, Any] | None = None) -> tupl
     for item in iter_inputs(url, storage_options):
         return item
     raise no_input_error(url)
+
+
+def output_in_input(input: str, output: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """One sentence when the output folder lies where the input listing would read it (equal to
+    the input folder or inside it, not under a ``.``/``_`` folder the listing skips), else None.
+
+    Its committed Parquet files would be labelled as inputs by the next run. A single input
+    file is never a problem (only it is read); nor is an input that cannot be opened (the
+    checks that follow say so).
+    """
+    try:
+        fs, path, root, pattern, _ = _input_spec(input, storage_options)
+        out_fs, out_path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    except Exception:  # noqa: BLE001 - preflight reports an unusable URL
+        return None
+    if pattern is None and input_kind(path) is not None and fs.isfile(path):
+        return None
+    if set(_protocols(fs)) != set(_protocols(out_fs)):
+        return None
+    base = fs._strip_protocol(root).rstrip("/") or "/"
+    out = listed = out_path.rstrip("/") or "/"
+    if _is_local(fs):
+        base, out = os.path.realpath(base), os.path.realpath(out)
+    if out != base and not out.startswith(base.rstrip("/") + "/"):
+        return None
+    inside = out[len(base):].strip("/")
+    if any(part.startswith((".", "_")) for part in inside.split("/") if part):
+        return None  # the listing prunes such folders
+    if pattern is not None and not pattern.match(f"{listed}/labels-000000-000.parquet"):
+        return None
+    where = "is the input folder" if not inside else f"is inside the input {input!r}"
+    return (f"The output {output!r} {where}: the next run would read its Parquet files as input images; "
+            "choose an output outside the input (or a folder whose name starts with '_' or '.', which "
+            "the input listing skips).")
 
 
 def no_input_error(url: str) -> NoInputError:
@@ -152,17 +264,34 @@ def _input_spec(url: str, storage_options: dict[str, Any] | None):
     return fs, path, fs.unstrip_protocol(root), re.compile(glob_translate(path)), depth
 
 
-def _walk_files(fs: fsspec.AbstractFileSystem, root: str, maxdepth: int | None) -> Iterator[str]:
-    """Files under root, streamed: S3 page by page in key order, elsewhere a sorted walk."""
+def _walk_files(fs: fsspec.AbstractFileSystem, root: str, maxdepth: int | None) -> Iterator[tuple[str, str | None]]:
+    """(path, None) for each file under root, (path, "FIFO"/"socket"/"device") for what is not a
+    regular file; streamed: S3 page by page in key order, elsewhere a sorted walk."""
     if maxdepth is None and "s3" in _protocols(fs) and hasattr(fs, "_iterdir"):
-        yield from _s3_keys(fs, root)
+        for key in _s3_keys(fs, root):
+            yield key, None
         return
     if not fs.isdir(root):
         return
-    for dirpath, dirs, files in fs.walk(root, maxdepth=maxdepth, topdown=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+    local = _is_local(fs)
+    for dirpath, dirs, files in fs.walk(root, maxdepth=maxdepth, topdown=True, detail=local):
+        _prune(dirs, sorted(d for d in dirs if not d.startswith((".", "_"))))  # local: dicts of info
         for name in sorted(files):
-            yield f"{dirpath.rstrip('/')}/{name}" if name else dirpath
+            path = f"{dirpath.rstrip('/')}/{name}" if name else dirpath
+            what = None
+            if local and files[name].get("type") != "file":
+                what = _file_type(files[name].get("mode", 0)) or "special file"
+            yield path, what
+
+
+def _prune(dirs: list[str] | dict[str, Any], keep: list[str]) -> None:
+    """Walk only ``keep``, in this order (in place: fsspec's walk reads the same list or dict)."""
+    if isinstance(dirs, dict):
+        kept = {d: dirs[d] for d in keep}
+        dirs.clear()
+        dirs.update(kept)
+    else:
+        dirs[:] = keep
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -241,11 +370,14 @@ def read_image_files(
     if not paths:
         return
     fs, _ = open_fs(paths[0], storage_options)
+    local = _is_local(fs)
     for start in range(0, len(paths), chunk):
         group = paths[start : start + chunk]
         stripped = [fs._strip_protocol(p) for p in group]
         try:
-            contents = read_literal(fs, stripped)
+            # Local files one by one, each open checked (a FIFO is refused, never opened for a
+            # blocking read) and each read bounded; object stores in one batched read.
+            contents = [_or_error(read_one, fs, p) for p in stripped] if local else read_literal(fs, stripped)
         except Exception as exc:  # noqa: BLE001 - e.g. a backend without batched reads: report per file
             contents = [exc] * len(stripped)
         for uri, data in zip(group, contents):
@@ -263,6 +395,76 @@ def read_literal(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes 
     file that cannot be read. Never a glob: ``cat_ranges`` reads each path as written
     (concurrently on object stores), where ``cat``/``rm``/``copy`` on a list expand ``[*?``."""
     return fs.cat_ranges(list(paths), None, None, on_error="return")
+
+
+class NotRegularFileError(OSError):
+    """An input path that is a FIFO, socket or device: refused before any read (a FIFO's blocks)."""
+
+
+def _or_error(fn: Callable[..., T], *args: Any) -> T | BaseException:
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the caller makes it a row
+        return exc
+
+
+def bounded(fn: Callable[..., T], *args: Any, seconds: float | None = None, what: str = "") -> T:
+    """``fn(*args)``, but TimeoutError (a transient fault: see pipeline/data/retry.py) when it has not
+    returned after ``seconds`` (default READ_BLOCK_BOUND_S): a read that hangs fails like unreachable
+    storage instead of holding its task, and every shard queued behind it, forever."""
+    seconds = READ_BLOCK_BOUND_S if seconds is None else seconds
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="diffseg-bounded-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"reading {what or 'an input'} blocked for more than {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _open_local(path: str) -> IO[bytes]:
+    """Open a local file for reading, refusing what is not a regular file without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        what = _file_type(os.fstat(fd).st_mode)
+        if what is not None:
+            raise NotRegularFileError(f"not a regular file ({what}): {path}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_local(path: str) -> bytes:
+    with _open_local(path) as f:
+        return f.read()
+
+
+def read_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The whole contents of one (protocol-less) input path, read as written (never a glob). Local
+    files: a FIFO, socket or device is refused (NotRegularFileError) and the read is bounded."""
+    if _is_local(fs):
+        return bounded(_read_local, path, what=path)
+    return fs.cat_file(path)
+
+
+def open_input(fs: fsspec.AbstractFileSystem, uri: str) -> IO[bytes]:
+    """An input file opened for reading (binary); local files as read_one checks them."""
+    if _is_local(fs):
+        path = fs._strip_protocol(uri)
+        return bounded(_open_local, path, what=path)
+    return fs.open(uri, "rb")
 
 
 @dataclass
@@ -289,29 +491,27 @@ class UniqueKeys:
         return unique
 
 
-def read_tar(uri: str, root: str, storage_options: dict[str, Any] | None) -> Iterator[RawImage]:
+def read_tar(
+    uri: str, root: str, storage_options: dict[str, Any] | None, rows: tuple[int, int] | None = None
+) -> Iterator[RawImage]:
     """Stream a WebDataset-style tar: one row per image member, key = member name minus extension.
 
     The same key with two image extensions (``a.jpg``, ``a.png``) keeps both: the second
     is keyed by its full name. A member name that repeats (appended or concatenated
     shards) gets ``key#2``, ``key#3``, ... in the order of the tar (see UniqueKeys).
+    ``rows``: only the image members ``[start, stop)`` (a shard of a large tar, see
+    pipeline/data/containers.py); the tar is then read seekably, skipping the other members'
+    bytes, and the keys are the ones a whole read gives them.
     """
     shard = relative_id(uri, root)
     fs, _ = open_fs(uri, storage_options)
-    keys = UniqueKeys()
-    names: set[str] = set()
-    with fs.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or input_kind(member.name) != "image":
+    with open_input(fs, uri) as f, tarfile.open(fileobj=f, mode="r|*" if rows is None else "r:") as tar:
+        for index, (member, key) in enumerate(tar_image_members(tar)):
+            if rows is not None and index < rows[0]:
                 continue
-            base = posixpath.basename(member.name)
-            if base.startswith((".", "_")):
-                continue
-            key = posixpath.splitext(member.name)[0]
-            if key in keys and member.name not in names:  # another image extension of one key
-                key = member.name
-            names.add(member.name)
-            image_id = f"{shard}/{keys.claim(key)}"
+            if rows is not None and index >= rows[1]:
+                return
+            image_id = f"{shard}/{key}"
             try:
                 fobj = tar.extractfile(member)
                 data = fobj.read() if fobj is not None else b""
@@ -321,17 +521,39 @@ def read_tar(uri: str, root: str, storage_options: dict[str, Any] | None) -> Ite
             yield RawImage(image_id, uri, data)
 
 
+def tar_image_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str]]:
+    """(member, unique key) of each image member of a tar, in order: the rows of read_tar."""
+    keys = UniqueKeys()
+    names: set[str] = set()
+    for member in tar:
+        if not member.isfile() or input_kind(member.name) != "image":
+            continue
+        base = posixpath.basename(member.name)
+        if base.startswith((".", "_")):
+            continue
+        key = posixpath.splitext(member.name)[0]
+        if key in keys and member.name not in names:  # another image extension of one key
+            key = member.name
+        names.add(member.name)
+        yield member, keys.claim(key)
+
+
 def read_parquet(
-    uri: str, root: str, storage_options: dict[str, Any] | None, image_column: str | None = None
+    uri: str, root: str, storage_options: dict[str, Any] | None, image_column: str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[RawImage]:
     """One row per Parquet row; reads row group by row group, only the image (and key) columns.
 
     Key: the key column's value (the row number where it is null, or without a key
     column); a key that repeats gets ``key#2``, ``key#3``, ... in row order (UniqueKeys).
+    ``rows``: only rows ``[start, stop)`` (a shard of a large file, see pipeline/data/containers.py):
+    only the row groups that hold them are read, and the key column of those before (so that
+    repeated keys are numbered as a whole read numbers them).
     """
     shard = relative_id(uri, root)
     fs, _ = open_fs(uri, storage_options)
-    with fs.open(uri, "rb") as f:
+    start, stop = rows if rows is not None else (0, None)
+    with open_input(fs, uri) as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
         column = image_column or _guess_image_column(schema)
@@ -348,14 +570,26 @@ def read_parquet(
         unique = UniqueKeys()
         row = 0
         for rg in range(pf.num_row_groups):
+            if stop is not None and row >= stop:
+                return
+            size = pf.metadata.row_group(rg).num_rows
+            if row + size <= start:  # wholly before the range: only its keys count
+                if key_column:
+                    for key in pf.read_row_group(rg, columns=[key_column]).column(0).to_pylist():
+                        unique.claim(str(key) if key is not None else str(row))
+                        row += 1
+                else:
+                    row += size
+                continue
             table = pf.read_row_group(rg, columns=columns)
             images = table.column(column).to_pylist()
             keys = table.column(key_column).to_pylist() if key_column else [None] * len(images)
             for value, key in zip(images, keys):
                 key = str(key) if key is not None else str(row)
                 image_id = f"{shard}/{unique.claim(key)}"
-                data, error = _image_value(value)
-                yield RawImage(image_id, uri, data, error)
+                if row >= start and (stop is None or row < stop):
+                    data, error = _image_value(value)
+                    yield RawImage(image_id, uri, data, error)
                 row += 1
 
 
@@ -384,14 +618,40 @@ def _image_value(value: Any) -> tuple[bytes | None, str | None]:
 def read_source(
     kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None = None
 ) -> Iterator[RawImage]:
-    """Dispatch on the work shard's kind ("images", "tar" or "parquet")."""
+    """Dispatch on the work shard's kind ("images", "tar", "parquet", or a range such as "tar[0:1000]")."""
     if kind == "images":
         return read_image_files(paths, root, storage_options)
-    if kind == "tar":
-        return read_tar(paths[0], root, storage_options)
-    if kind == "parquet":
-        return read_parquet(paths[0], root, storage_options, image_column)
+    base, rows = parse_kind(kind)
+    if base == "tar":
+        return read_tar(paths[0], root, storage_options, rows)
+    if base == "parquet":
+        return read_parquet(paths[0], root, storage_options, image_column, rows)
     raise ValueError(f"unknown source kind {kind!r}")
+
+
+def ranged_kind(kind: str, start: int, stop: int) -> str:
+    """The kind of a shard of rows ``[start, stop)`` of one tar or Parquet file: ``"tar[0:1000]"``."""
+    return f"{kind}[{start}:{stop}]"
+
+
+def parse_kind(kind: str) -> tuple[str, tuple[int, int] | None]:
+    """``"tar[0:1000]"`` -> ``("tar", (0, 1000))``; ``"tar"`` -> ``("tar", None)`` (the whole file)."""
+    if not kind.endswith("]") or "[" not in kind:
+        return kind, None
+    base, _, span = kind[:-1].partition("[")
+    start, _, stop = span.partition(":")
+    try:
+        return base, (int(start), int(stop))
+    except ValueError:
+        raise ValueError(f"unknown source kind {kind!r}") from None
+
+
+def shard_error_id(kind: str, uri: str, root: str) -> str:
+    """The id of the one row that says a whole shard could not be read: ``<file>/#shard-error``, and
+    ``<file>/[<start>:<stop>]/#shard-error`` for a range of a file (one such row per shard, never twice)."""
+    rows = parse_kind(kind)[1] if kind != "images" else None
+    span = f"/[{rows[0]}:{rows[1]}]" if rows is not None else ""
+    return f"{relative_id(uri, root)}{span}/#shard-error"
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -79,10 +79,10 @@ def _safe_read(
     try:
         yield from resilient_read(kind, paths, root, storage_options, image_column, retry, only)
     except Exception as exc:  # noqa: BLE001 - corrupt tar / Parquet: say so in a row, go on
-        from pipeline.data.sources import relative_id
+        from pipeline.data.sources import shard_error_id
 
-        shard = relative_id(paths[0], root)
-        yield RawImage(f"{shard}/#shard-error", paths[0], None, f"shard error: {type(exc).__name__}: {exc}")
+        yield RawImage(shard_error_id(kind, paths[0], root), paths[0], None,
+                       f"shard error: {type(exc).__name__}: {exc}")
 
 
 def _decode_chunk(
