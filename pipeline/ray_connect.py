@@ -132,9 +132,16 @@ def init_ray(ray_address: str | None, **init_kwargs: Any) -> tuple[Any, bool]:
     auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     auth_log.addFilter(_drop_token_auth_note)
     try:
-        ray.init(address=where.address, **init_kwargs)
-    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions too ("node timed out during startup")
-        raise RayConnectError(_ray_start_sentence(where, exc)) from None
+        for attempt in (1, 2):
+            try:
+                ray.init(address=where.address, **init_kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions ("node timed out during startup")
+                # A local node gets a fixed 30 s to register, which a busy machine can miss once:
+                # clean up what the attempt started and try once more.
+                if attempt == 2 or where.joins or "timed out during startup" not in str(exc):
+                    raise RayConnectError(_ray_start_sentence(where, exc)) from None
+                ray.shutdown()
     finally:
         auth_log.removeFilter(_drop_token_auth_note)
     return ray, True
