@@ -14,7 +14,10 @@ from typing import Any, Mapping
 __all__ = ["PAPER_DEFAULTS", "model_method_defaults", "with_method_defaults"]
 
 #: ``weights`` None: proportional to each attention resolution (the paper's aggregation).
-PAPER_DEFAULTS: dict[str, Any] = {"kl_threshold": 1.1, "num_points": 16, "iterations": 3, "weights": None}
+#: ``boundaries`` "off": no refinement (the paper's method); PAMR's iterations and dilations are
+#: the PAMR paper's, used when a caller or a card turns it on.
+PAPER_DEFAULTS: dict[str, Any] = {"kl_threshold": 1.1, "num_points": 16, "iterations": 3, "weights": None,
+                                  "boundaries": "off", "pamr_iterations": 10, "pamr_dilations": [1, 2, 4, 8, 12, 24]}
 
 
 def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
@@ -34,6 +37,11 @@ def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
     from diffseg_core.parameters import weights_problem
 
     problem = weights_problem(given.get("weights"))
+    if not problem and any(k in given for k in ("boundaries", "pamr_iterations", "pamr_dilations")):
+        from diffseg_core.boundaries import boundaries_problem
+
+        merged = {**PAPER_DEFAULTS, **given}
+        problem = boundaries_problem(merged["boundaries"], merged["pamr_iterations"], merged["pamr_dilations"])
     if problem:
         raise ModelLoadError(name, f"its {MODEL_CARD} 'defaults': {problem}.")
     return {**PAPER_DEFAULTS, **given}

@@ -7,7 +7,12 @@ From Stable Diffusion self-attention to label maps, batched, on any device:
    of the aggregate rows within KL threshold of it (one batched pass);
 3. iterations 1..: greedy merging of the proposals by the same rule;
 4. optional k-means refinement started at the proposals;
-5. NMS: upsample the proposals to the output size and take the argmax.
+5. NMS: upsample the proposals to the output size and take the argmax;
+6. optional (off by default, so the paper's method label for label): before the
+   argmax, PAMR refines the upsampled proposals with the image's own affinities
+   (``boundaries="pamr"``, :mod:`diffseg_core.boundaries`); after it, small
+   regions are absorbed and disconnected parts split (``min_region_area``,
+   ``connected``, :mod:`diffseg_core.regions`).
 
 Agrees with the official TensorFlow implementation on its fixtures (at least
 99.9% of pixels; tests/test_agreement.py); on 2 CPU cores ~0.15 s per image
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from diffseg_core import merge
+from diffseg_core import boundaries as pamr_module
 from diffseg_core.aggregate import Weights, aggregate_attention, aggregate_side, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import (
@@ -34,6 +40,7 @@ from diffseg_core.merge import (
     merge_with_anchors,
 )
 from diffseg_core.parameters import method_thresholds
+from diffseg_core.regions import clean_label_map, cleaning_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffseg_core.labeler import Labeler
@@ -52,6 +59,12 @@ class DiffSeg:
             a kl_threshold sequence; giving both, they must agree).
         refine: k-means refinement of the proposals (the reference's ``refine``).
         weights: per-resolution aggregation weights (default proportional to r).
+        boundaries: ``"off"`` (the paper) or ``"pamr"``: the upsampled proposals are refined
+            with the image's affinities before the argmax (label_maps then needs the images).
+        pamr_iterations, pamr_dilations: PAMR's iterations and neighbourhood dilations.
+        min_region_area: connected regions smaller than this many pixels are absorbed by
+            the segment around them (0: off).
+        connected: every connected region becomes its own segment.
     """
 
     def __init__(
@@ -61,16 +74,40 @@ class DiffSeg:
         iterations: int | None = None,
         refine: bool = False,
         weights: Weights = None,
+        boundaries: str = "off",
+        pamr_iterations: int = pamr_module.DEFAULT_ITERATIONS,
+        pamr_dilations: Sequence[int] = pamr_module.DEFAULT_DILATIONS,
+        min_region_area: int = 0,
+        connected: bool = False,
     ) -> None:
         self.thresholds = method_thresholds(kl_threshold, num_points, iterations)
         self.num_points = num_points
         self.refine = bool(refine)
         self.weights = weights
+        problem = pamr_module.boundaries_problem(boundaries, pamr_iterations, pamr_dilations) or cleaning_problem(
+            min_region_area, connected)
+        if problem:
+            raise ValueError(problem)
+        self.boundaries = boundaries
+        self.pamr_iterations = int(pamr_iterations)
+        self.pamr_dilations = tuple(int(d) for d in pamr_dilations)
+        self.min_region_area = int(min_region_area)
+        self.connected = bool(connected)
         self._scratch = _Scratch()
 
     @property
     def iterations(self) -> int:
         return len(self.thresholds)
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether label_maps needs the images (PAMR's affinities come from their pixels)."""
+        return self.boundaries == "pamr"
+
+    @property
+    def cleans(self) -> bool:
+        """Whether label maps are cleaned after the argmax (then a map may hold more segments than proposals)."""
+        return self.min_region_area > 1 or self.connected
 
     @classmethod
     def from_pretrained(
@@ -82,6 +119,11 @@ class DiffSeg:
         iterations: int | None = None,
         refine: bool = False,
         weights: Weights = None,
+        boundaries: str | None = None,
+        pamr_iterations: int | None = None,
+        pamr_dilations: Sequence[int] | None = None,
+        min_region_area: int = 0,
+        connected: bool = False,
         **load_kwargs: Any,
     ) -> Labeler:
         """Images to label maps in one call: a Stable Diffusion attention extractor plus DiffSeg.
@@ -94,14 +136,17 @@ class DiffSeg:
         """
         from diffseg_core.method_defaults import with_method_defaults
 
-        given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations, "weights": weights}
-        diffseg = cls(**with_method_defaults(model, given), refine=refine)
+        given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations, "weights": weights,
+                 "boundaries": boundaries, "pamr_iterations": pamr_iterations, "pamr_dilations": pamr_dilations}
+        diffseg = cls(**with_method_defaults(model, given), refine=refine, min_region_area=min_region_area,
+                      connected=connected)
         from diffseg_core.labeler import Labeler  # lazy: the algorithm alone never imports diffusers' side
 
         return Labeler.from_pretrained(model, diffseg, **load_kwargs)
 
     def segment(
-        self, maps: Mapping[int, torch.Tensor], output_size: tuple[int, int] | None = None
+        self, maps: Mapping[int, torch.Tensor], output_size: tuple[int, int] | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Segment a batch.
 
@@ -110,6 +155,7 @@ class DiffSeg:
                 probabilities (rows sum to 1).
             output_size: (H, W) of the label maps; default 8R x 8R (512 x 512
                 for the 64 x 64 maps of SD 1.x at 512 px).
+            images: (B, C, S, S) float pixels, needed with ``boundaries="pamr"``.
 
         Returns:
             int64 (B, H, W), segment indices 0..K-1 (not classes), numbered in
@@ -118,14 +164,44 @@ class DiffSeg:
         proposals = self.proposals(maps)
         R = proposals[0].shape[-1]
         size = output_size if output_size is not None else (8 * R, 8 * R)
-        return torch.stack(self.label_maps(proposals, [size] * len(proposals)))
+        return torch.stack(self.label_maps(proposals, [size] * len(proposals), images))
 
-    def label_maps(self, proposals: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    def label_maps(
+        self, proposals: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], images: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """NMS of each image's proposals at its own (H, W): int64 label maps 0..K-1 without gaps,
-        on the proposals' device (nothing is copied back here)."""
+        on the proposals' device (nothing is copied back here unless the maps are cleaned).
+
+        ``images``: (B, C, S, S) float pixels the proposals came from (the model's input), needed
+        with ``boundaries="pamr"``: the proposals are upsampled to S x S, refined there with the
+        pixels' affinities, and the refined maps upsampled to (H, W) for the argmax. With
+        ``min_region_area`` or ``connected`` each map is then cleaned on the host, at (H, W).
+        """
         if len(proposals) != len(sizes):
             raise ValueError(f"{len(proposals)} images of proposals but {len(sizes)} sizes")
-        return [compact_labels(labels_from_proposals(p, size), p.shape[0]) for p, size in zip(proposals, sizes)]
+        if self.needs_images:
+            if images is None or images.ndim != 4 or images.shape[0] != len(proposals):
+                raise ValueError("boundaries='pamr' needs the batch's images, (B, C, S, S), one per proposal set")
+            proposals = self.refined(proposals, images)
+        maps = [compact_labels(labels_from_proposals(p, size), p.shape[0]) for p, size in zip(proposals, sizes)]
+        if not self.cleans:
+            return maps
+        return [torch.from_numpy(clean_label_map(m.cpu().numpy(), self.min_region_area, self.connected)).to(m.device)
+                for m in maps]
+
+    def refined(self, proposals: Sequence[torch.Tensor], images: torch.Tensor) -> list[torch.Tensor]:
+        """PAMR of each image's (K_b, R, R) proposals at the images' (S, S): (K_b, S, S) soft maps.
+
+        One batched pass: the images' K_b differ, so the masks are padded with zero maps to the
+        largest K (PAMR is linear: a zero map stays zero, and the argmax never picks it).
+        """
+        size = tuple(images.shape[-2:])
+        most = max(p.shape[0] for p in proposals)
+        masks = torch.zeros((len(proposals), most, *size), dtype=torch.float32, device=proposals[0].device)
+        for b, p in enumerate(proposals):
+            masks[b, : p.shape[0]] = pamr_module.proposal_distribution(p, size)[0]
+        masks = pamr_module.pamr(images, masks, self.pamr_iterations, self.pamr_dilations)
+        return [masks[b, : p.shape[0]] for b, p in enumerate(proposals)]
 
     def proposals(self, maps: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
         """Merged proposals per image, each (K_b, R, R): what NMS turns into labels.
@@ -183,7 +259,11 @@ class DiffSeg:
     def __repr__(self) -> str:
         return (
             f"DiffSeg(kl_threshold={self.thresholds}, num_points={self.num_points}, "
-            f"refine={self.refine}, weights={self.weights})"
+            f"refine={self.refine}, weights={self.weights}"
+            + (f", boundaries={self.boundaries!r}, pamr_iterations={self.pamr_iterations}, "
+               f"pamr_dilations={list(self.pamr_dilations)}" if self.boundaries != "off" else "")
+            + (f", min_region_area={self.min_region_area}" if self.min_region_area else "")
+            + (", connected=True" if self.connected else "") + ")"
         )
 
 
