@@ -74,6 +74,19 @@ def test_large_containers_are_split_into_row_ranges_with_the_ids_of_a_whole_read
     assert [k for k, _ in again] == ["parquet", "tar", "tar"]
 
 
+def test_a_large_tar_on_s3_is_split_and_read_by_ranges(tmp_path):
+    from s3_server import moto_s3
+
+    _tar(tmp_path / "big.tar", [f"img{i:02d}.png" for i in range(25)])
+    with moto_s3("inputs") as (fs, options):
+        fs.put(str(tmp_path / "big.tar"), "inputs/in/big.tar")
+        items = list(split_containers(iter_inputs("s3://inputs/in", options), 10, options))
+        assert [k for k, _ in items] == ["tar[0:10]", "tar[10:20]", "tar[20:25]"]
+        ranged = [r.image_id for k, uri in items for r in read_source(k, [uri], "s3://inputs/in", options)]
+        whole = [r.image_id for r in read_source("tar", [items[0][1]], "s3://inputs/in", options)]
+    assert ranged == whole and len(whole) == 25
+
+
 def test_a_fifo_is_never_opened_for_a_blocking_read(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     os.mkfifo(tmp_path / "pipe.tar")

@@ -12,7 +12,14 @@ through fsspec's glob expansion (``bracket[1].png`` is a name, not a pattern).
 
 Listing uses one ``find``/``glob`` call, never a per-file ``info``: on a bucket
 of millions of objects that is the difference between seconds and hours.
-Reading happens inside Ray tasks (``read_shard``), one work shard at a time.
+Reading happens inside Ray tasks (``read_shard``), one work shard at a time; a tar or
+Parquet file larger than a shard is read as ranges of its rows (kind ``"tar[0:1000]"``,
+see pipeline/data/containers.py).
+
+Only regular files are inputs: a FIFO, socket or device named like one is left out of
+the listing (``SkippedInputs``, said in the run's summary), a local open never blocks on
+one, and a local read that hangs longer than READ_BLOCK_BOUND_S fails as a transient
+fault (retried, then ``storage unavailable``: the shard is redone by the next run).
 """
 from __future__ import annotations
 
