@@ -180,15 +180,15 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
     Raises LabelError (one clear sentence) on systemic failures, and RunInterrupted
     (a KeyboardInterrupt) after SIGINT or SIGTERM, once the manifest says "interrupted".
     """
+    try:
+        refuse_url_credentials(input, output, options.get("storage_options"))  # they would reach the manifest and logs
+    except ValueError as exc:
+        raise LabelError(str(exc)) from None
     problem = output_in_input(input, output, options.get("storage_options"))  # its labels would be read as images
     if problem:
         raise LabelError(problem)
     opts = LabelOptions(**options).with_model_defaults()
     validate_options(opts)
-    try:
-        refuse_url_credentials(input, output, opts.storage_options)  # they would reach the manifest and logs
-    except ValueError as exc:
-        raise LabelError(str(exc)) from None
     started = time.time()
     times: dict[str, float] = {}
     with stop_signals() as stop:
