@@ -1,10 +1,11 @@
 """Read a labeling job's output: the committed Parquet parts and their rows.
 
-Only *committed* parts are read: when the output has a ``_done/`` folder (every
-output of ``diffseg label`` does), a part counts only if its shard's marker lists it,
-so the rows of a killed run's unfinished shard (which the next run deletes and
-redoes) are never evaluated, exported or trained on. Files under ``_``/``.``
-folders (``_inprogress/``, ...) are always skipped.
+Only *committed* parts are read: in an output of ``diffseg label`` (it has a
+``_manifest.json``, ``_plan.jsonl.gz``, ``_lease.json`` or ``_done/``), a part counts only
+if its shard's marker lists it (no marker yet: nothing is committed), so the rows of a
+killed run's unfinished shard and a replaced generation's files are never evaluated,
+exported or trained on. A committed file whose move to the root has not happened yet
+is read from ``_staged/<shard>/``. Other files under ``_``/``.`` folders are skipped.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.encode import decode_png
 from pipeline.data.resume import read_markers
-from pipeline.data.schema import DONE_DIR, shard_of_part
+from pipeline.data.schema import DONE_DIR, LEASE, MANIFEST, PLAN, shard_of_part, staged_path
 from pipeline.data.sources import open_fs
 
 ROW_COLUMNS = ("image_id", "source", "width", "height", "label_map", "num_segments", "error")
@@ -34,13 +35,20 @@ def committed_label_files(uri: str, storage_options: dict[str, Any] | None = Non
         return [fs.unstrip_protocol(root)]
     if not fs.isdir(root):
         raise NoLabelsError(f"No labels at {uri!r}: not a folder or a .parquet file.")
+    found = fs.find(root)
     files = [
-        p for p in fs.find(root)
+        p for p in found
         if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in _relative(p, root).split("/"))
     ]
-    if fs.exists(f"{root}/{DONE_DIR}"):
-        markers, _ = read_markers(fs, root)
+    if any(fs.exists(f"{root}/{name}") for name in (DONE_DIR, MANIFEST, PLAN, LEASE)):
+        markers, _ = read_markers(fs, root)  # none yet: nothing is committed
         files = [p for p in files if shard_of_part(p) is None or _listed(markers.get(shard_of_part(p)), p)]
+        present = set(found)
+        for shard_id, marker in markers.items():  # committed, not yet moved to the root
+            for name in marker.get("files", []):
+                staged = f"{root}/{staged_path(shard_id, name)}"
+                if f"{root}/{name}" not in present and staged in present:
+                    files.append(staged)
     if not files:
         raise NoLabelsError(f"No committed label Parquet files under {uri!r}.")
     return [fs.unstrip_protocol(p) for p in sorted(files)]

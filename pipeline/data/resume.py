@@ -4,10 +4,12 @@ The input listing is cut into deterministic work shards (``rows_per_file`` image
 files each; one shard per tar or Parquet input). The plan is saved in the output
 (``_plan.jsonl.gz``) on the first run and reused by every rerun, so shard ids never
 shift; files that appeared since are appended as new shards. A shard is done iff
-its marker ``_done/<shard>.json`` exists (and parses); anything else a killed run
-left behind (``_inprogress/``, files renamed before the marker was written, files of
-a shard's older generation not listed in its marker, a torn marker) is deleted before
-the rerun starts. A torn plan is rebuilt from the listing; a committed shard is kept
+its marker ``_done/<shard>.json`` exists (and parses). A shard's files are staged under
+``_staged/<shard>/`` before its marker and moved to the root after it (``publish``): a
+rerun first deletes root files its marker does not list (an older generation, files of
+a shard without a marker), then moves a committed shard's staged files in (the move a
+kill cut short, rolled forward), then deletes everything else a killed run left behind
+(``_inprogress/``, uncommitted staged files, torn markers and their temp files). A torn plan is rebuilt from the listing; a committed shard is kept
 only if its files hold exactly the inputs of the rebuilt shard of the same id.
 
 Everything here streams, so a driver plans millions of images in constant memory:
@@ -38,7 +40,7 @@ import fsspec
 import numpy as np
 
 from pipeline.data.retry import RetryPolicy, call_with_retries
-from pipeline.data.schema import DONE_DIR, PLAN, TMP_DIR, marker_name, shard_of_part
+from pipeline.data.schema import DONE_DIR, PLAN, STAGED_DIR, TMP_DIR, marker_name, shard_of_part, staged_path
 from pipeline.data.sources import read_literal
 from pipeline.data.storage import remove
 
@@ -309,7 +311,7 @@ def _sources(fs: fsspec.AbstractFileSystem, root: str, marker: dict) -> set[str]
 
     found: set[str] = set()
     for name in marker["files"]:
-        with fs.open(f"{root}/{name}", "rb") as f:
+        with fs.open(committed_path(fs, root, int(marker["shard_id"]), name), "rb") as f:
             found.update(pq.read_table(f, columns=["source"]).column(0).to_pylist())
     return found
 
@@ -349,13 +351,55 @@ def _is_marker(path: str) -> bool:
     return base.endswith(".json") and base.split(".")[0].isdigit()
 
 
+def committed_path(fs: fsspec.AbstractFileSystem, root: str, shard_id: int, name: str) -> str:
+    """Where a committed file of shard ``shard_id`` is now: the root, or still staged (a move not yet done)."""
+    at_root = f"{root}/{name}"
+    staged = f"{root}/{staged_path(shard_id, name)}"
+    return staged if not fs.exists(at_root) and fs.exists(staged) else at_root
+
+
+def publish(
+    fs: fsspec.AbstractFileSystem, root: str, shard_id: int, names: Iterable[str], policy: RetryPolicy | None = None
+) -> None:
+    """Move a committed shard's staged files to the output root (after its marker: the commit).
+
+    On an object store a move is a copy then a delete; a reader of the root meanwhile sees some
+    of the shard's files, never an uncommitted one. A file that is not staged is skipped.
+    """
+    policy = policy or RetryPolicy()
+    for name in names:
+        src = f"{root}/{staged_path(shard_id, name)}"
+        if call_with_retries(fs.exists, src, policy=policy):
+            call_with_retries(fs.mv, src, f"{root}/{name}", policy=policy)
+    try:
+        fs.rmdir(f"{root}/{STAGED_DIR}/{shard_id:06d}")  # only when empty; object stores have no folders
+    except (OSError, NotImplementedError):
+        pass
+
+
+def _is_temp(base: str) -> bool:
+    """A temp file our atomic writes make (``.<name>.<x>.tmp``, pipeline/data/storage.py) and a kill left."""
+    return base.startswith(".") and base.endswith(".tmp")
+
+
 def clean_uncommitted(
     fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], torn: list[str] = (),
+    policy: RetryPolicy | None = None,
 ) -> list[str]:
-    """Delete what a killed run left behind: spill parts, torn markers, files of shards without a
-    marker, and files of a committed shard that its marker does not list (an older generation)."""
+    """Make the output hold exactly its committed shards, at the root; returns what was deleted.
+
+    In this order, so that no reader ever sees two generations of a shard: delete torn markers
+    and their temp files, spill parts, and root files of shards without a marker or not listed
+    in their marker (an older generation); then move committed shards' staged files in (a move
+    a kill cut short); then delete the staged files no marker lists (uncommitted).
+    """
     removed = list(torn)
     remove(fs, list(torn))
+    done = f"{root}/{DONE_DIR}"
+    if fs.exists(done):
+        temps = [p for p in fs.ls(done, detail=False) if _is_temp(posixpath.basename(p))]
+        remove(fs, temps)
+        removed.extend(temps)
     tmp = f"{root}/{TMP_DIR}"
     if fs.exists(tmp):
         removed.extend(fs.find(tmp))
@@ -371,13 +415,34 @@ def clean_uncommitted(
                 stale.append(p)
         remove(fs, stale)
         removed.extend(stale)
+    staged = f"{root}/{STAGED_DIR}"
+    if fs.exists(staged):
+        roll: dict[int, list[str]] = {}
+        for p in fs.find(staged):
+            parts = p[len(staged):].strip("/").split("/")
+            shard_id = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+            marker = markers.get(shard_id) if shard_id is not None else None
+            if marker is not None and parts[1] in marker.get("files", []):
+                roll.setdefault(shard_id, []).append(parts[1])
+            else:
+                remove(fs, [p])
+                removed.append(p)
+        for shard_id, names in sorted(roll.items()):
+            logger.info("moving committed shard %d's staged files in (a move an earlier run did not finish)",
+                        shard_id)
+            publish(fs, root, shard_id, names, policy)
+        try:
+            fs.rm(staged, recursive=True)  # empty folders only by now
+        except (OSError, FileNotFoundError, NotImplementedError):
+            pass
     return removed
 
 
 def drop_markers(fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], shard_ids: list[int]) -> None:
     """Un-commit shards: delete their markers (first) and their files."""
     remove(fs, [f"{root}/{DONE_DIR}/{marker_name(sid)}" for sid in shard_ids])
-    remove(fs, [f"{root}/{name}" for sid in shard_ids for name in markers[sid].get("files", [])])
+    remove(fs, [p for sid in shard_ids for name in markers[sid].get("files", [])
+                for p in (f"{root}/{name}", f"{root}/{staged_path(sid, name)}")])
     for sid in shard_ids:
         del markers[sid]
 

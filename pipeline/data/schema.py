@@ -66,6 +66,7 @@ PLAN = "_plan.jsonl.gz"
 DONE_DIR = "_done"  # one marker per committed shard, written last
 TMP_DIR = "_inprogress"  # spill parts written by workers, one folder per shard; never read as labels
 LEASE = "_lease.json"  # the run that writes this output now (pipeline/job/lease.py)
+STAGED_DIR = "_staged"  # a shard's final files before (and just after) its marker; moved to the root after it
 METADATA_KEY = b"diffseg"
 
 
@@ -78,6 +79,12 @@ def part_name(shard_id: int, part: int, generation: int = 0) -> str:
 def spill_dir(shard_id: int) -> str:
     """Folder (relative to the output root) of a shard's spill parts."""
     return f"{TMP_DIR}/{shard_id:06d}"
+
+
+def staged_path(shard_id: int, name: str) -> str:
+    """Where a shard's file ``name`` is written before its marker (relative to the output root):
+    under a ``_`` folder, which no reader looks in (pyarrow, pandas, datasets' card globs)."""
+    return f"{STAGED_DIR}/{shard_id:06d}/{name}"
 
 
 def marker_name(shard_id: int) -> str:

@@ -4,9 +4,20 @@ The driver never sees a label row. It reads the writers' part records
 (pipeline/job/sink.py, RECORD_SCHEMA: about 100 bytes + 8 per row) and keeps, per open
 shard, the set of row hashes seen and the spill parts that hold them. A part whose
 rows were all seen already (a retried task) is dropped; when every row of a shard
-is in, one ``finalize_shard`` Ray task makes the shard's files, and the driver
-writes the shard's marker ``_done/<shard>.json`` (atomically), which is the commit:
-a rerun skips shards with a marker and deletes every other file (resume.py).
+is in, one ``finalize_shard`` Ray task makes the shard's files under ``_staged/<shard>/``
+(where no reader looks), and the driver writes the shard's marker ``_done/<shard>.json``
+(atomically; it names the files and the generation), which is the commit, then moves
+the files to the output root (resume.publish). A rerun skips shards with a marker,
+finishes a move a kill cut short and deletes every other file (resume.clean_uncommitted).
+
+``--retry-errors`` (generation g+1 of a committed shard): stage g+1, write marker g+1,
+delete g's root files, move g+1 in. A plain reader of the root sees g, then neither
+(a short window), then g+1, never both; our readers follow the marker (the staged copy
+while the move has not happened).
+
+Tests freeze the driver at a named moment with ``DIFFSEG_TEST_PAUSE_AT=<moment>[:<n>]``
+(the n-th time it gets there, default 1; moments: ``before-marker``, ``after-marker``,
+``after-old-removed``): it writes ``DIFFSEG_TEST_PAUSE_FILE`` and sleeps. Unset, it costs nothing.
 
 Interface (what ``label()`` uses)::
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,12 +49,33 @@ from pipeline.data.retry import (
     is_transient,
     storage_refusal,
 )
-from pipeline.data.schema import DONE_DIR, TIMING_COLUMNS, TMP_DIR, marker_name
+from pipeline.data.resume import publish
+from pipeline.data.schema import DONE_DIR, STAGED_DIR, TIMING_COLUMNS, TMP_DIR, marker_name
 from pipeline.data.storage import remove, write_json
 from pipeline.job.sink import OutputLocation, finalize_shard
 
 logger = logging.getLogger(__name__)
 MAX_FINALIZE_IN_FLIGHT = 16
+
+
+_PAUSES: dict[str, int] = {}
+
+
+def pause_point(moment: str, shard_id: int) -> None:
+    """Test hook (see the module doc): freeze the driver here when DIFFSEG_TEST_PAUSE_AT names ``moment``."""
+    want = os.environ.get("DIFFSEG_TEST_PAUSE_AT")
+    if not want:
+        return
+    name, _, nth = want.partition(":")
+    if name != moment:
+        return
+    _PAUSES[moment] = _PAUSES.get(moment, 0) + 1
+    if _PAUSES[moment] != int(nth or 1):
+        return
+    with open(os.environ["DIFFSEG_TEST_PAUSE_FILE"], "w") as f:
+        json.dump({"moment": moment, "shard_id": shard_id}, f)
+    while True:
+        time.sleep(3600)
 
 
 class CommitError(RuntimeError):
@@ -225,20 +258,30 @@ class Committer:
             "files": list(result["files"]),
             "committed_at": time.time(),
         }
-        if old:
-            marker["generation"] = int(old.get("generation", 0)) + 1
+        marker["generation"] = int(old.get("generation", 0)) + 1 if old else 0
+        pause_point("before-marker", shard_id)
         try:
             write_marker(self.fs, self.root, shard_id, marker, self.policy)
         except Exception as exc:  # noqa: BLE001
             self._storage_failure(shard_id, exc, "writing its marker")
             return
-        if old:  # the new marker is the commit; the old generation's files are garbage now
+        pause_point("after-marker", shard_id)
+        published = True
+        if old:  # the new marker is the commit; the old generation's files go before the new ones come in
             stale = [f"{self.root}/{f}" for f in old.get("files", []) if f not in marker["files"]]
             try:
                 call_with_retries(remove, self.fs, stale, policy=self.policy)
-            except Exception as exc:  # noqa: BLE001 - the next run's clean-up removes them
+            except Exception as exc:  # noqa: BLE001 - the next run removes them, then moves the new ones in
                 logger.warning("could not delete replaced files of shard %d: %s", shard_id, describe(exc))
+                published = False
+            pause_point("after-old-removed", shard_id)
             self.replaced += len(shard.seen)
+        if published:
+            try:
+                publish(self.fs, self.root, shard_id, marker["files"], self.policy)
+            except Exception as exc:  # noqa: BLE001 - committed; our readers read the staged copy, a rerun moves it
+                logger.warning("shard %d is committed but its files are still staged (%s); the next run moves "
+                               "them to the output root", shard_id, describe(exc))
         self.rows += len(shard.seen)
         self.errors.update(shard.errors)
         self.committed.append(shard_id)
@@ -283,10 +326,11 @@ class Committer:
                 if shard.failure and shard_id not in self.failed:
                     self.failed[shard_id] = shard.failure
             if not self.open:
-                try:
-                    self.fs.rmdir(f"{self.root}/{TMP_DIR}")  # only when empty
-                except (OSError, NotImplementedError):
-                    pass
+                for folder in (TMP_DIR, STAGED_DIR):
+                    try:
+                        self.fs.rmdir(f"{self.root}/{folder}")  # only when empty
+                    except (OSError, NotImplementedError):
+                        pass
         finally:
             self.driver_seconds += time.thread_time() - start
 

@@ -4,7 +4,9 @@ A run takes the lease before it touches anything (before Ray starts), renews it
 (a heartbeat) while it works, and deletes it when it ends. The lease holds the
 run's id, host, process id and the time of its last heartbeat. Another run
 finding a live lease stops with one sentence; a lease is dead (and taken over)
-when its heartbeat is older than ``stale_after_s``, or at once when it was taken
+when its heartbeat is older than ``stale_after_s`` or more than ``stale_after_s`` in
+the future (clock skew: a holder's clock that far off looks dead either way, so a
+dead lease is never waited on past twice that), or at once when it was taken
 on this host by a process that no longer exists (a killed run, rerun right away).
 
 Taking it is atomic where the storage allows: a local file is created with
@@ -140,10 +142,11 @@ def acquire(
             continue  # released between our two calls: try again
         reason = _dead(current, stale_after_s)
         if reason is None:
-            age = max(0.0, time.time() - float(current.get("heartbeat_at", 0)))
+            age = time.time() - float(current.get("heartbeat_at", 0))
+            when = f"{age:.0f} s ago" if age >= 0 else f"{-age:.0f} s in the future by this host's clock"
             raise LeaseHeldError(
                 f"{output} is being written by another diffseg run (run {str(current.get('run_id'))[:8]} on "
-                f"{current.get('host')}, pid {current.get('pid')}, last heartbeat {age:.0f} s ago); wait for it "
+                f"{current.get('host')}, pid {current.get('pid')}, last heartbeat {when}); wait for it "
                 f"to finish, or if that run is dead, rerun after {stale_after_s:.0f} s or delete {path}."
             )
         logger.warning("taking over the lease of %s: the run that held it %s", output, reason)
@@ -160,6 +163,8 @@ def _dead(lease: dict[str, Any], stale_after_s: float) -> str | None:
         return "left an unreadable lease"
     if age > stale_after_s:
         return f"stopped renewing it {age:.0f} s ago"
+    if age < -stale_after_s:  # a live holder's heartbeat is never ahead of its own clock
+        return f"left a heartbeat {-age:.0f} s in the future (clock skew past {stale_after_s:.0f} s)"
     if lease.get("host") == socket.gethostname() and lease.get("pid") == os.getpid():
         if lease.get("run_id") not in _HELD_HERE:
             return "(an earlier run in this process) has ended"

@@ -10,10 +10,11 @@ part (RECORD_SCHEMA: shard id, file, row count, 8-byte hashes of the image ids,
 error counts, stage seconds); the label bytes never travel to the driver.
 
 ``finalize_shard`` runs as a Ray task once the driver has seen every row of a
-shard: it streams the spill parts into the shard's committed files
+shard: it streams the spill parts into the shard's files
 ``labels-<shard>-<part>.parquet`` (zstd, the run's key-value metadata, at most
-``rows_per_file`` rows each) and returns their names. The driver then writes the
-shard's marker, the commit (pipeline/job/commit.py).
+``rows_per_file`` rows each), *staged* under ``_staged/<shard>/`` where no reader
+looks, and returns their names. The driver then writes the shard's marker, the
+commit, and moves the files to the output root (pipeline/job/commit.py).
 
 Storage faults never raise out of here (a raise would fail the whole Ray Data
 job): transient ones are retried (pipeline/data/retry.py), and a fault that persists
@@ -50,6 +51,7 @@ from pipeline.data.schema import (
     as_output,
     part_name,
     spill_dir,
+    staged_path,
 )
 from pipeline.data.storage import remove, write_bytes
 
@@ -191,13 +193,13 @@ def finalize_shard(
     policy: RetryPolicy,
     replace: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Turn a shard's spill parts into its committed files; returns {files, bytes[, rows, errors]} or a failure.
+    """Turn a shard's spill parts into its staged files; returns {files, bytes[, rows, errors]} or a failure.
 
     ``replace`` (``--retry-errors``): {"files": the shard's committed files, "generation": g,
     "drop": image ids}: rows of those files whose image id is in ``drop`` or in the spill
     parts are replaced by the new rows,
-    and everything is written as generation ``g`` (new names; the driver deletes the old
-    files after writing the new marker).
+    and everything is written as generation ``g`` (new names; after writing the new marker the
+    driver deletes the old files, then moves the new ones in).
     """
     start = time.perf_counter()
     fs, root = output.open()
@@ -245,7 +247,7 @@ def _merge(
         head, rest = table.slice(0, n), table.slice(n)
         name = part_name(shard_id, len(files), generation)
         data = parquet_bytes(head, metadata)
-        call_with_retries(write_bytes, fs, f"{root}/{name}", data, policy=policy)
+        call_with_retries(write_bytes, fs, f"{root}/{staged_path(shard_id, name)}", data, policy=policy)
         files.append(name)
         total_bytes += len(data)
         pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
