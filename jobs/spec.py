@@ -13,8 +13,8 @@ Layout (every section but ``input``/``output`` is optional)::
     output: s3://bucket/labels/
     model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
-    method: {kl_threshold, num_points, iterations, refine, weights, paper_preprocess,
-             vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
+    method: {kl_threshold, num_points, iterations, refine, weights, boundaries, pamr_iterations,
+             pamr_dilations, min_region_area, connected, paper_preprocess, vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
     resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
                 cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, retry_errors, image_column, max_pixels, storage_options,
@@ -159,6 +159,12 @@ def _weights(v: Any) -> list[float]:
     return values
 
 
+def _dilations(v: Any) -> list[int]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(f"a non-empty list of integers >= 1, not {_type_name(v)} {v!r}")
+    return [_int(1)(x) for x in v]
+
+
 def _str_mapping(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
         raise _Bad(f"a mapping with string keys, not {_type_name(v)}")
@@ -191,6 +197,11 @@ _METHOD = {
     "iterations": (_int(1), "iterations"),
     "refine": (_bool, "refine"),
     "weights": (_optional(_weights), "weights"),  # diffseg tune's choice; null: proportional to r
+    "boundaries": (_optional(_choice("off", "pamr")), "boundaries"),  # null: the model's
+    "pamr_iterations": (_optional(_int(1)), "pamr_iterations"),
+    "pamr_dilations": (_optional(_dilations), "pamr_dilations"),
+    "min_region_area": (_int(0), "min_region_area"),
+    "connected": (_bool, "connected"),
     "paper_preprocess": (_bool, "paper_preprocess"),
     "vocabulary": (_vocabulary, "vocabulary"),
     "vocabulary_file": (_optional(_str), "vocabulary_file"),
@@ -305,8 +316,33 @@ class JobSpec:
             "options": options,
             "driver": self.driver,
             "runtime_env": env,
+            "method": method_sources(self.options),
             "entrypoint": entrypoint_command(shown),
         }
+
+
+def method_sources(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """DiffSeg's parameters for this job, each with where it comes from: the spec's ``method:``, the
+    model card (read here when the model is tiny-demo or a folder on this machine), or the paper's
+    defaults (for a folder only the cluster has, its card's defaults apply there instead)."""
+    from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults
+    from pipeline.job.plan import DEFAULT_MODEL
+
+    model = str(options.get("model") or DEFAULT_MODEL)
+    card = model_method_defaults(model)
+    shown: dict[str, dict[str, Any]] = {}
+    for key in (*PAPER_DEFAULTS, "refine"):
+        if options.get(key) is not None:
+            shown[key] = {"value": options[key], "from": "spec"}
+        elif key == "refine":
+            shown[key] = {"value": False, "from": "default"}
+        elif key == "iterations" and isinstance(options.get("kl_threshold"), list):
+            shown[key] = {"value": len(options["kl_threshold"]), "from": "spec (one per kl_threshold value)"}
+        elif card[key] != PAPER_DEFAULTS[key]:
+            shown[key] = {"value": card[key], "from": f"model card ({model})"}
+        else:
+            shown[key] = {"value": card[key], "from": "default"}
+    return shown
 
 
 def _masked_raw(raw: dict[str, Any]) -> dict[str, Any]:

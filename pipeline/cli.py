@@ -12,10 +12,13 @@ from typing import Any, Callable, Iterator, Sequence
 from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.job.devices import DEVICES
-from pipeline.job.params import METHOD_PARAMS, read_params
+from pipeline.job.params import METHOD_PARAMS, read_frame, read_params
 from pipeline.job.plan import DEFAULT_MODEL, LabelError, LabelOptions
 
 _DEFAULTS = LabelOptions()
+# a frame option at its default counts as not given (best.json's value is taken)
+_DEFAULTS_OF = {"revision": None, "image_size": _DEFAULTS.image_size, "timestep": _DEFAULTS.timestep,
+                "paper_preprocess": False}
 
 
 def _kl_threshold(text: str) -> float | list[float]:
@@ -27,9 +30,16 @@ def _weights(text: str) -> list[float]:
     return [float(v) for v in text.split(",")]
 
 
+def _dilations(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
     """The ``diffseg`` parser; ``extra(subparsers)`` may add commands (jobs.cli adds the job commands)."""
+    from pipeline.data.manifest import package_version
+
     parser = argparse.ArgumentParser(prog="diffseg", description="DiffSeg pseudo-labels at scale.")
+    parser.add_argument("--version", action="version", version=f"diffseg-labeler {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "label",
@@ -41,9 +51,10 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     p.add_argument("input", help="input URL: folder, file or glob")
     p.add_argument("output", help="output folder URL")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=DEFAULT_MODEL,
+    m.add_argument("--model", default=None,
                    help="hub id, local diffusers folder, .safetensors, tiny-demo (small learned demo model) "
-                   "or tiny-random (random weights)")
+                   f"or tiny-random (random weights); default: {DEFAULT_MODEL}, or the model a --params "
+                   "best.json was tuned on")
     m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     m.add_argument("--vae-dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"],
@@ -71,6 +82,18 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     d.add_argument("--weights", type=_weights, default=None,
                    help="aggregation weights, one per attention resolution, finest first, e.g. 8,4,2,1 "
                    "(default: the model's; for SD proportional to the resolution)")
+    d.add_argument("--boundaries", default=None, metavar="{off,pamr}",
+                   help="pamr: refine the soft proposal maps with the image's own pixels (PAMR) before the "
+                   "argmax, so segments follow the picture's edges (default: the model's; off for SD, the paper)")
+    d.add_argument("--pamr-iterations", type=int, default=None,
+                   help="PAMR iterations (default: the model's; 10 for SD, the PAMR paper's)")
+    d.add_argument("--pamr-dilations", type=_dilations, default=None, metavar="D,D,...",
+                   help="PAMR's neighbourhood dilations (default: the model's; 1,2,4,8,12,24 for SD)")
+    d.add_argument("--min-region-area", type=int, default=_DEFAULTS.min_region_area, metavar="PIXELS",
+                   help="connected regions (islands, holes) smaller than this many pixels join the segment "
+                   "around them (default 0: off)")
+    d.add_argument("--connected", action="store_true",
+                   help="every connected region becomes its own segment (instance-like masks)")
     d.add_argument("--params", default=None, metavar="JSON",
                    help="DiffSeg parameters from a file, e.g. tune/best.json from `diffseg tune` (kl_threshold, "
                    "iterations, num_points, refine, weights); flags given on the command line win over the file")
@@ -182,7 +205,10 @@ def _rate(value: float) -> str:
 
 
 def _method_options(options: dict[str, Any], params: str | None) -> dict[str, Any]:
-    """Method options: the command line's, then the --params file's, then label's defaults (left out)."""
+    """Method options: the command line's, then the --params file's, then label's defaults (left out).
+
+    A ``diffseg tune`` best.json also names the model (and frame: image size, timestep) it was
+    tuned on: used when the command line gives none, warned about when it gives another."""
     given = {k: v for k, v in options.items() if k in METHOD_PARAMS and v is not None}
     from_file = read_params(params) if params else {}
     for key in sorted(set(given) & set(from_file)):
@@ -190,7 +216,28 @@ def _method_options(options: dict[str, Any], params: str | None) -> dict[str, An
               f"{from_file[key]!r}", file=sys.stderr)
     merged = {**from_file, **given}
     rest = {k: v for k, v in options.items() if k not in METHOD_PARAMS}
+    if params:
+        rest = _tuned_frame(rest, params)
+    if rest.get("model") is None:
+        rest["model"] = DEFAULT_MODEL
     return {**rest, **{k: v for k, v in merged.items() if v is not None}}
+
+
+def _tuned_frame(rest: dict[str, Any], params: str) -> dict[str, Any]:
+    frame = read_frame(params)
+    tuned_model = frame.get("model")
+    if tuned_model is None:
+        return rest
+    if rest.get("model") is None:
+        print(f"diffseg label: using model {tuned_model} from {params} (the model its parameters were tuned on)",
+              file=sys.stderr)
+        # the whole frame comes along, but for what the command line set (a value at its default counts as unset)
+        unset = {k for k in frame if k == "model" or rest.get(k) == _DEFAULTS_OF.get(k)}
+        return {**rest, **{k: frame[k] for k in unset}}
+    if rest["model"] != tuned_model:
+        print(f"diffseg label: warning: {params}'s parameters were tuned on model {tuned_model}, "
+              f"not {rest['model']}; they may not suit it (run `diffseg tune` on this model)", file=sys.stderr)
+    return rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +274,9 @@ def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
 def interrupted_sentence(exc: Any, command: Sequence[str]) -> str:
     """One sentence: what a stopped run kept, and the command that resumes it."""
     kept = ""
+    if exc.committed is not None and exc.total is not None and exc.committed >= exc.total:
+        return (f"diffseg label: stopped by {exc.signal_name} after every shard was committed "
+                f"({plural(exc.total, 'shard')}): the output is complete.")
     if exc.committed is not None and exc.total is not None:
         kept = f"; {exc.committed} of {plural(exc.total, 'shard')} are committed and kept"
     return (f"diffseg label: stopped by {exc.signal_name}{kept}; "

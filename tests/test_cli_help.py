@@ -48,3 +48,14 @@ def test_label_help_explains_timestep_and_iterations(capsys):
     # a default of None is not shown: the help text says what happens instead
     assert "--dtype {fp32,fp16,bf16} default: fp16 on GPU, fp32 on CPU --" in text
     assert "--rle add COCO RLE per segment --rows-per-file" in text  # a flag: no "(default: False)"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffseg-labeler {version('diffseg-labeler')}"

@@ -225,3 +225,33 @@ def test_method_parameters_diffseg_refuses_are_refused_before_submission(tmp_pat
     message = str(err.value)
     assert message.startswith(f"{path}: DiffSeg parameters: num_points must be an integer >= 2")
     assert "\n" not in message
+
+
+def test_an_example_spec_adapted_by_its_model_alone_leaves_the_method_to_the_model(tmp_path, capsys):
+    """jobs/local-folder.yaml with only `model:` changed: tiny-demo's own defaults apply, and the dry run
+    says which values come from the spec and which from the model card."""
+    text = (JOBS_DIR / "local-folder.yaml").read_text()
+    adapted = text.replace("name: CompVis/stable-diffusion-v1-4", "name: tiny-demo", 1)
+    assert adapted != text
+    spec = load_spec(write(tmp_path, adapted))
+    assert not {"kl_threshold", "num_points", "iterations", "weights"} & set(spec.options)
+    assert cli.main(["submit", str(write(tmp_path, adapted + "method: {num_points: 4}\n", "b.yaml")), "--dry-run"]) == 0
+    method = json.loads(capsys.readouterr().out)["method"]
+    from diffseg_core.method_defaults import model_method_defaults
+
+    card = model_method_defaults("tiny-demo")
+    assert method["num_points"] == {"value": 4, "from": "spec"}
+    assert method["kl_threshold"] == {"value": card["kl_threshold"], "from": "model card (tiny-demo)"}
+    assert method["weights"] == {"value": card["weights"], "from": "model card (tiny-demo)"}
+    assert method["refine"] == {"value": False, "from": "default"}
+
+
+def test_a_dry_run_piped_into_head_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    spec = write(tmp_path, GOOD)
+    # `true` has exited long before Python starts writing: every write meets a closed pipe
+    done = subprocess.run(f"{sys.executable} -m jobs.cli submit {spec} --dry-run | true", shell=True,
+                          capture_output=True, text=True, cwd=JOBS_DIR.parent, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.tune import tune
+from pipeline.tune.report import format_report
 from pipeline.tune.cache import CACHE_DIR, AttentionCache, extraction_key, model_identity
 from pipeline.tune.grid import Grid
 from after_helpers import write_png
@@ -98,19 +99,28 @@ def test_label_params_from_best_json_and_command_line_flags_win(planted_report, 
 
     best = str(planted["out"] / "best.json")
     options = _method_options({"kl_threshold": None, "num_points": None, "iterations": None, "refine": None,
-                               "weights": None, "batch_size": 8}, best)
+                               "weights": None, "batch_size": 8, "model": None, "timestep": 300}, best)
     assert options == {"kl_threshold": 0.9, "num_points": 8, "iterations": planted_report["label_params"]["iterations"],
-                       "refine": False, "batch_size": 8}
+                       "refine": False, "batch_size": 8, "model": PLANTED_MODEL, "timestep": 300}
+    assert f"using model {PLANTED_MODEL} from {best}" in capsys.readouterr().err
     options = _method_options({"kl_threshold": 1.2, "num_points": None, "iterations": None, "refine": None,
-                               "weights": None}, best)
+                               "weights": None, "model": PLANTED_MODEL}, best)
     assert options["kl_threshold"] == 1.2 and options["num_points"] == 8
-    assert "--kl-threshold on the command line overrides" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--kl-threshold on the command line overrides" in err and "warning" not in err
+    options = _method_options({"model": "tiny-demo"}, best)
+    assert options["model"] == "tiny-demo"
+    assert (f"warning: {best}'s parameters were tuned on model {PLANTED_MODEL}, not tiny-demo"
+            in capsys.readouterr().err)
+    plain = planted["out"] / "plain.json"  # a plain parameters file names no model: the default stays
+    plain.write_text(json.dumps(planted_report["label_params"]))
+    assert _method_options({"model": None}, str(plain))["model"] == "CompVis/stable-diffusion-v1-4"
 
 
 # --- the cache, with a real extractor ------------------------------------------------------------
 
 
-def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session, tmp_path, monkeypatch):
+def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session, tmp_path, monkeypatch, capsys):
     from diffseg_core.extract import AttentionExtractor
 
     calls = []
@@ -149,6 +159,20 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session,
     # another timestep is other attention: extracted again
     third = tune(str(tmp_path / "images"), str(tmp_path / "gt"), "masks", **dict(args, timestep=200))
     assert third["cache"]["extracted"] == 3 and sum(calls) == 3
+
+    # the printed copy-paste line labels with the model and frame it was tuned on, not the hub default
+    line = next(l.strip() for l in format_report(third).splitlines() if "--params" in l)
+    assert line == f"diffseg label INPUT OUTPUT --params {tmp_path / 'out' / 'best.json'}"
+    argv = line.split()[1:]
+    argv[1:3] = [str(tmp_path / "images"), str(tmp_path / "labels")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"using model tiny-random from {tmp_path / 'out' / 'best.json'}" in err and "ERROR" not in err
+    manifest = json.loads((tmp_path / "labels" / "_manifest.json").read_text())
+    assert manifest["model"]["model"] == "tiny-random"
+    assert manifest["parameters"]["timestep"] == 200 and manifest["parameters"]["image_size"] == 64
+    assert manifest["parameters"]["kl_threshold"] == third["label_params"]["kl_threshold"]
 
 
 # --- bad input: one sentence, exit 2 --------------------------------------------------------------

@@ -14,8 +14,26 @@ from typing import Any
 
 from pipeline.job.plan import LabelError
 
-METHOD_PARAMS = ("kl_threshold", "iterations", "num_points", "refine", "weights")
+METHOD_PARAMS = ("kl_threshold", "iterations", "num_points", "refine", "weights", "boundaries", "pamr_iterations",
+                 "pamr_dilations")
 TUNE_KEY = "label_params"  # where diffseg tune's best.json keeps them
+FRAME_KEY = "extraction"  # best.json: the model and frame the parameters were chosen on
+# label options that best.json's extraction block gives (label's name -> tune's name)
+FRAME_OPTIONS = {"model": "model", "revision": "revision", "image_size": "image_size_given",
+                 "timestep": "timestep", "paper_preprocess": "paper_preprocess"}
+
+
+def read_frame(path: str) -> dict[str, Any]:
+    """The model and frame a ``diffseg tune`` best.json was tuned on, as label options ({} for a plain file).
+
+    Only values that differ from nothing: a frame value of None (e.g. no --image-size given to tune) is left out.
+    """
+    with open(path) as f:  # read_params has already judged the file
+        doc = json.load(f)
+    frame = doc.get(FRAME_KEY) if isinstance(doc, dict) and isinstance(doc.get(TUNE_KEY), dict) else None
+    if not isinstance(frame, dict):
+        return {}
+    return {option: frame[key] for option, key in FRAME_OPTIONS.items() if frame.get(key) is not None}
 
 
 def read_params(path: str) -> dict[str, Any]:
@@ -50,7 +68,15 @@ def _check(path: str, key: str, value: Any) -> Any:
         if isinstance(value, list) and value and all(number(v) for v in value):
             return [float(v) for v in value]
         raise bad("a number or a non-empty list of numbers")
-    if key in ("iterations", "num_points"):
+    if key == "boundaries":
+        if isinstance(value, str):
+            return value  # off / pamr: judged with the other options when label() starts
+        raise bad("off or pamr")
+    if key == "pamr_dilations":
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise bad("a non-empty list of integers")
+    if key in ("iterations", "num_points", "pamr_iterations"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise bad("an integer")
