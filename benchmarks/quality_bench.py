@@ -47,18 +47,61 @@ def colour_oracle(images: np.ndarray, patch: int = 8) -> dict[int, torch.Tensor]
     return {images.shape[1] // patch: attention}
 
 
+BOUNDARY_TOLERANCE = 2  # px: a predicted boundary pixel this close to a true one counts as found
+
+
+def boundary(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another label."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+class BoundaryF:
+    """Boundary F-score at a pixel tolerance, counts summed over the scenes: precision is the share
+    of predicted boundary pixels within the tolerance of a true one, recall the converse."""
+
+    def __init__(self, tolerance: int = BOUNDARY_TOLERANCE) -> None:
+        self.tolerance, self.counts = tolerance, np.zeros(4)
+
+    def update(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        from scipy.ndimage import distance_transform_edt
+
+        p, t = boundary(pred), boundary(truth)
+        near_t = distance_transform_edt(~t) <= self.tolerance if t.any() else np.zeros_like(t)
+        near_p = distance_transform_edt(~p) <= self.tolerance if p.any() else np.zeros_like(p)
+        self.counts += [(p & near_t).sum(), p.sum(), (t & near_p).sum(), t.sum()]
+
+    def f(self) -> float:
+        hit_p, n_p, hit_t, n_t = self.counts
+        precision, recall = hit_p / max(n_p, 1), hit_t / max(n_t, 1)
+        return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+#: DiffSeg variants scored beside the plain method: name -> DiffSeg's refinement / clean-up options.
+VARIANTS: dict[str, dict[str, Any]] = {}
+
+
 def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor]], method: dict[str, Any], scenes: list,
-          taus: list[float], batch: int, kmeans: bool) -> dict[str, SegmentationMetrics]:
-    """{method: metrics} over the scenes, labelled at their own size from the attention ``extract``
-    gives, with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau swept."""
+          taus: list[float], batch: int, kmeans: bool, variants: dict[str, dict[str, Any]] | None = None,
+          ) -> dict[str, tuple[SegmentationMetrics, BoundaryF]]:
+    """{method: (metrics, boundary F)} over the scenes, labelled at their own size from the attention
+    ``extract`` gives, with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau
+    swept; each of ``variants`` ({suffix: DiffSeg options}) is scored beside each tau."""
     weights = method["weights"]
+    variants = variants or {}
     segmentors = {tau: DiffSeg(kl_threshold=tau, num_points=method["num_points"],
                                iterations=method["iterations"], weights=weights) for tau in taus}
-    names = [f"DiffSeg tau={tau:g}" for tau in taus] + (["K-Means-C", "K-Means-S"] if kmeans else [])
-    metrics = {name: SegmentationMetrics(MAX_REGIONS, -1) for name in names}
+    finishers = {suffix: DiffSeg(**options) for suffix, options in variants.items()}
+    names = [f"DiffSeg tau={tau:g}{suffix}" for tau in taus for suffix in ["", *variants]]
+    names += ["K-Means-C", "K-Means-S"] if kmeans else []
+    metrics = {name: (SegmentationMetrics(MAX_REGIONS, -1), BoundaryF()) for name in names}
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
-        maps = extract(np.stack([s.image for s in chunk]))
+        images = np.stack([s.image for s in chunk])
+        maps = extract(images)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # the model's input
         for b, scene in enumerate(chunk):
             one = {r: m[b : b + 1] for r, m in maps.items()}
             size = scene.regions.shape
@@ -67,11 +110,17 @@ def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor]], method: dict
             for tau, seg in segmentors.items():
                 proposals = seg.proposals_from_aggregate(aggregate)[0]
                 preds[f"DiffSeg tau={tau:g}"] = compact_labels(labels_from_proposals(proposals, size))
+                for suffix, finisher in finishers.items():
+                    preds[f"DiffSeg tau={tau:g}{suffix}"] = finisher.label_maps([proposals], [size],
+                                                                                pixels[b : b + 1])[0]
             if kmeans:
                 preds["K-Means-C"] = kmeans_constant(one, k=6, output_size=size)[0]
                 preds["K-Means-S"] = kmeans_per_image(one, [scene.num_regions], output_size=size)[0]
+            truth = scene.regions.astype(np.int64)
             for name, pred in preds.items():
-                metrics[name].update(pred.to(torch.int64).cpu().numpy(), scene.regions.astype(np.int64))
+                pred = pred.to(torch.int64).cpu().numpy()
+                metrics[name][0].update(pred, truth)
+                metrics[name][1].update(pred, truth)
     return metrics
 
 
@@ -94,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-points", type=int, default=None, help="anchor grid side (default: the model's)")
     parser.add_argument("--iterations", type=int, default=None, help="merge iterations (default: the model's)")
     parser.add_argument("--timestep", type=int, default=300, help="timestep of the one UNet call (the paper's 300)")
+    parser.add_argument("--pamr", default=None, metavar="ITERATIONS[:D,D,...]",
+                        help="score DiffSeg with --boundaries pamr too, at these iterations (and dilations), "
+                        "e.g. 10:1,2,4,8,12,24; several separated by '/'")
+    parser.add_argument("--clean", default=None, metavar="AREA",
+                        help="score the first --pamr setting with --min-region-area AREA --connected too")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
@@ -109,7 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [HELD_OUT_SEEDS[args.first_scene + k] for k in range(args.scenes)]
     scenes = [make_scene(seed, demo_size) for seed in seeds]
     default_tau = demo_method["kl_threshold"]
-    demo_scores = score(demo, demo_method, scenes, taus, args.batch, not args.no_kmeans)
+    variants: dict[str, dict[str, Any]] = {}
+    for spec in (args.pamr.split("/") if args.pamr else []):
+        iterations, _, dilations = spec.partition(":")
+        options = {"boundaries": "pamr", "pamr_iterations": int(iterations)}
+        if dilations:
+            options["pamr_dilations"] = [int(d) for d in dilations.split(",")]
+        variants[f" +pamr {spec}"] = options
+    if args.clean is not None and variants:
+        first = next(iter(variants.values()))
+        variants[f"{next(iter(variants))} +clean {args.clean}"] = {
+            **first, "min_region_area": int(args.clean), "connected": True}
+    demo_scores = score(demo, demo_method, scenes, taus, args.batch, not args.no_kmeans, variants)
     rows = [(args.model, name, m) for name, m in demo_scores.items()]
     if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
         oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
@@ -123,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x {demo_method['num_points']} "
           f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}, "
           f"timestep {args.timestep}")
-    print("| model | method | mIoU | pixel accuracy |\n|---|---|---|---|")
-    for model, name, m in rows:
+    print(f"| model | method | mIoU | pixel accuracy | boundary F ({BOUNDARY_TOLERANCE} px) |\n|---|---|---|---|---|")
+    for model, name, (m, bf) in rows:
         bold = "**" if model == args.model and name == f"DiffSeg tau={default_tau:g}" else ""
-        print(f"| {model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} |")
+        print(f"| {model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} "
+              f"| {bf.f():.3f} |")
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "

@@ -27,7 +27,6 @@ import torch
 
 from diffseg_core.class_vote import DEFAULT_CLASS_THRESHOLD, check_voting, combine_class_attention, vote_classes
 from diffseg_core.extract import AttentionExtractor
-from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.parameters import anchor_grid_problem
 
 if TYPE_CHECKING:
@@ -129,28 +128,28 @@ class Labeler:
         sizes = image_sizes(images)
         if not sizes:
             return []
-        maps = self.extractor(images)
-        return self.labels_from_attention(maps, sizes)
+        pixels = self.extractor.to_pixels(images)
+        return self.labels_from_attention(self.extractor(pixels), sizes, pixels)
 
     def labels_from_attention(
-        self, maps: Mapping[int, torch.Tensor], sizes: Sequence[tuple[int, int]]
+        self, maps: Mapping[int, torch.Tensor], sizes: Sequence[tuple[int, int]], pixels: torch.Tensor | None = None
     ) -> list[np.ndarray]:
-        """DiffSeg on extracted maps; NMS at each image's own (H, W)."""
+        """DiffSeg on extracted maps; NMS at each image's own (H, W). ``pixels``: the model's
+        (B, 3, S, S) input, which ``boundaries="pamr"`` refines with."""
         proposals = self.diffseg.proposals(maps)
         if len(proposals) != len(sizes):
             raise ValueError(f"{len(proposals)} images of attention maps but {len(sizes)} sizes")
-        return [
-            compact_labels(labels_from_proposals(p, (int(h), int(w)))).cpu().numpy().astype(np.int64, copy=False)
-            for p, (h, w) in zip(proposals, sizes)
-        ]
+        sizes = [(int(h), int(w)) for h, w in sizes]
+        return [m.cpu().numpy().astype(np.int64, copy=False) for m in self.diffseg.label_maps(proposals, sizes, pixels)]
 
     def label(self, images: Sequence[np.ndarray] | np.ndarray) -> list[LabeledImage]:
         """Label maps and, with a vocabulary, each segment's class, from one UNet pass per batch."""
         sizes = image_sizes(images)
         if not sizes:
             return []
-        extraction = self.extractor.extract(images)
-        label_maps = self.labels_from_attention(extraction.self_attention, sizes)
+        pixels = self.extractor.to_pixels(images)
+        extraction = self.extractor.extract(pixels)
+        label_maps = self.labels_from_attention(extraction.self_attention, sizes, pixels)
         if extraction.class_attention is None:
             return [LabeledImage(label_map=m) for m in label_maps]
         class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)
@@ -172,6 +171,11 @@ class Labeler:
             "refine": self.diffseg.refine,
             "weights": _jsonable_weights(self.diffseg.weights),
         }
+        if self.diffseg.boundaries != "off":  # only when on: the paper's method reads as it always did
+            info["diffseg"].update(boundaries=self.diffseg.boundaries, pamr_iterations=self.diffseg.pamr_iterations,
+                                   pamr_dilations=list(self.diffseg.pamr_dilations))
+        if self.diffseg.cleans:
+            info["diffseg"].update(min_region_area=self.diffseg.min_region_area, connected=self.diffseg.connected)
         vocab = self.extractor.vocabulary
         if vocab is not None:  # the extractor's provenance is the model's alone (as the driver derives it)
             info["vocabulary"] = dict(vocab.vocabulary.to_json(), prompts=list(vocab.prompts))

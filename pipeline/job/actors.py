@@ -166,7 +166,8 @@ class LabelActor:
         staged = self.extractor.to_pixels(pixels)
         with self._device_lock:
             proposals = self.diffseg.proposals(self.extractor(staged))
-            return labels_to_host(self.diffseg.label_maps(proposals, sizes), [p.shape[0] for p in proposals])
+            maps = self.diffseg.label_maps(proposals, sizes, staged)
+            return labels_to_host(maps, segment_counts(self.diffseg, proposals, maps))
 
     @torch.inference_mode()
     def labels_and_classes(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, Any]]:
@@ -177,13 +178,22 @@ class LabelActor:
         with self._device_lock:
             extraction = self.extractor.extract(staged)
             proposals = self.diffseg.proposals(extraction.self_attention)
-            maps = self.diffseg.label_maps(proposals, sizes)
+            maps = self.diffseg.label_maps(proposals, sizes, staged)
+            counts = segment_counts(self.diffseg, proposals, maps)
             class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)
             voted = [
-                vote_classes(c, m, num_segments=p.shape[0], voting=self.class_voting, threshold=self.class_threshold)
-                for c, m, p in zip(class_maps, maps, proposals)
+                vote_classes(c, m, num_segments=k, voting=self.class_voting, threshold=self.class_threshold)
+                for c, m, k in zip(class_maps, maps, counts)
             ]
-            return list(zip(labels_to_host(maps, [p.shape[0] for p in proposals]), voted))
+            return list(zip(labels_to_host(maps, counts), voted))
+
+
+def segment_counts(diffseg: Any, proposals: list[torch.Tensor], maps: list[torch.Tensor]) -> list[int]:
+    """A bound on each label map's ids: its proposals, or, when the maps were cleaned (a split
+    segment gives several), the map's own largest id + 1 (cleaned maps were on the host already)."""
+    if getattr(diffseg, "cleans", False):
+        return [int(m.max()) + 1 for m in maps]
+    return [p.shape[0] for p in proposals]
 
 
 def row_size(batch: dict[str, np.ndarray], i: int) -> tuple[int, int]:

@@ -97,6 +97,11 @@ class LabelOptions:
     iterations: int | None = None
     refine: bool = False
     weights: list[float] | None = None  # aggregation weights, finest resolution first; None: the model's (else proportional to r)
+    boundaries: str | None = None  # "off" or "pamr" (image-guided refinement); None: the model's (else off)
+    pamr_iterations: int | None = None  # None: the model's (else the PAMR paper's 10)
+    pamr_dilations: list[int] | None = None  # None: the model's (else the PAMR paper's 1, 2, 4, 8, 12, 24)
+    min_region_area: int = 0  # regions smaller than this many pixels join the segment around them (0: off)
+    connected: bool = False  # every connected region its own segment
     rle: bool = False
     rows_per_file: int = 1000
     overwrite: bool = False
@@ -151,6 +156,13 @@ class LabelOptions:
         parameters.update(vocabulary_parameters(self.resolved_vocabulary(), self.class_voting, self.class_threshold))
         if self.weights is not None:  # likewise: only when given
             parameters["weights"] = [float(w) for w in self.weights]
+        if self.boundaries not in (None, "off"):  # likewise: only when on
+            parameters.update(boundaries=self.boundaries, pamr_iterations=self.pamr_iterations,
+                              pamr_dilations=[int(d) for d in self.pamr_dilations])
+        if self.min_region_area:  # likewise
+            parameters["min_region_area"] = self.min_region_area
+        if self.connected:  # likewise
+            parameters["connected"] = True
         return parameters
 
     def with_model_defaults(self) -> "LabelOptions":
@@ -158,7 +170,8 @@ class LabelOptions:
         from diffseg_core.method_defaults import with_method_defaults
 
         given = {"kl_threshold": self.kl_threshold, "num_points": self.num_points, "iterations": self.iterations,
-                 "weights": self.weights}
+                 "weights": self.weights, "boundaries": self.boundaries, "pamr_iterations": self.pamr_iterations,
+                 "pamr_dilations": self.pamr_dilations}
         try:
             return replace(self, **with_method_defaults(self.model, given))
         except OSError as exc:  # a model card that cannot be read
@@ -167,6 +180,13 @@ class LabelOptions:
     def diffseg_kwargs(self) -> dict[str, Any]:
         kl = self.kl_threshold
         weights = {"weights": [float(w) for w in self.weights]} if self.weights is not None else {}
+        if self.boundaries not in (None, "off"):
+            weights.update(boundaries=self.boundaries, pamr_iterations=self.pamr_iterations,
+                           pamr_dilations=list(self.pamr_dilations))
+        if self.min_region_area:
+            weights["min_region_area"] = self.min_region_area
+        if self.connected:
+            weights["connected"] = True
         if isinstance(kl, (list, tuple)):
             return {"kl_threshold": list(kl), "num_points": self.num_points, "refine": self.refine, **weights}
         return {"kl_threshold": float(kl), "num_points": self.num_points, "iterations": self.iterations,
@@ -630,6 +650,16 @@ def validate_options(opts: LabelOptions) -> None:
     problem = weights_problem(opts.weights)
     if problem:
         raise LabelError(f"--weights: {problem}.")
+    from diffseg_core.boundaries import boundaries_problem
+    from diffseg_core.regions import cleaning_problem
+
+    problem = (boundaries_problem(opts.boundaries if opts.boundaries is not None else "off",
+                                  opts.pamr_iterations if opts.pamr_iterations is not None else 10,
+                                  opts.pamr_dilations if opts.pamr_dilations is not None else [1])
+               or cleaning_problem(opts.min_region_area, opts.connected))
+    if problem:
+        name, rest = problem.split(" ", 1)  # "min_region_area must be ..." -> "--min-region-area must be ..."
+        raise LabelError(f"--{name.replace('_', '-')} {rest}.")
     try:
         kwargs = opts.diffseg_kwargs()
         method_thresholds(kwargs["kl_threshold"], kwargs["num_points"], kwargs.get("iterations"))
