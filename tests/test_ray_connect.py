@@ -8,14 +8,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.ray_connect import RayConnectError, check_reachable, resolve_address
 from ray_processes import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO / "examples" / "images"
+PHOTOS = REPO / "examples" / "images"  # the quick start itself: tests/test_quick_start.py
 
 
 @pytest.mark.parametrize("given, env, expected", [
@@ -76,21 +75,6 @@ def stale_ray_dir():
 def _env(ray_dir: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_dir, **extra}
-
-
-@pytest.mark.slow
-def test_the_quick_start_labels_with_a_local_ray_despite_a_stale_cluster_file(stale_ray_dir, tmp_path):
-    """The README's tiny-demo command, with a dead cluster on record and RAY_ADDRESS set for `diffseg submit`."""
-    ray_dir, _ = stale_ray_dir
-    out = tmp_path / "labels-demo"
-    done = _diffseg(["label", str(PHOTOS), str(out), "--model", "tiny-demo"],
-                    _env(ray_dir, RAY_ADDRESS="http://127.0.0.1:8265"), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Connecting to existing Ray cluster" not in done.stderr
-    assert "ERROR" not in done.stderr and "Traceback" not in done.stderr
-    assert "is a job-server address (for `diffseg submit`)" in done.stderr
-    rows = sum(pq.read_metadata(p).num_rows for p in out.glob("*.parquet"))
-    assert rows == len(list(PHOTOS.glob("*.jpg")))
 
 
 @pytest.mark.parametrize("how", ["--ray-address", "RAY_ADDRESS"])
