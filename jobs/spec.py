@@ -11,7 +11,7 @@ Layout (every section but ``input``/``output`` is optional)::
     name: my-run                      # default: the file's stem
     input: s3://bucket/images/        # absolute path or URL (the cluster resolves it)
     output: s3://bucket/labels/
-    model: tiny-random                # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
+    model: tiny-demo                  # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, weights, boundaries, pamr_iterations,
              pamr_dilations, min_region_area, connected, paper_preprocess, vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below

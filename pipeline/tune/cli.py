@@ -55,7 +55,8 @@ def add_tune(subparsers: Any) -> None:
     t.add_argument("--seed", type=int, default=0, help="sample and fold split")
     m = t.add_argument_group("model (as diffseg label)")
     m.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
-                   help="hub id, local diffusers folder, .safetensors, or tiny-random")
+                   help="hub id, local diffusers folder, .safetensors, tiny-demo (small learned demo model) or "
+                   "tiny-random (random weights)")
     m.add_argument("--revision", default=None, help="hub revision")
     m.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's native)")
     m.add_argument("--timestep", type=int, default=300, help="timestep of the one UNet call, as for diffseg label")
