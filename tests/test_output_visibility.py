@@ -87,7 +87,7 @@ def _views(uri: str, fs, root: str, cache: Path, options: dict | None = None) ->
 
         with patch.object(datasets.config, "HF_HUB_OFFLINE", False):  # it refuses s3:// offline; moto is local
             ds = load_dataset("parquet", data_files={"train": f"{uri}/{glob}"}, cache_dir=str(cache),
-                              storage_options=options)
+                              storage_options=json.loads(json.dumps(options)))  # it adds keys to it
     else:
         ds = load_dataset(uri, cache_dir=str(cache))
     files = committed_label_files(uri, options)
@@ -106,6 +106,7 @@ def _assert_views(views: dict[str, list[str]], ours: list[str], plain: list[str]
         assert sorted(ids) == sorted(ours if reader == "ours" else plain), reader
 
 
+@pytest.mark.slow
 def test_frozen_after_a_marker_before_its_move_local(ray_session, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     ids = make_photo_folder(src, copies=2)  # 6 images, 3 shards of 2
@@ -128,6 +129,7 @@ def test_frozen_after_a_marker_before_its_move_local(ray_session, tmp_path):
     _assert_views(views, ours=ids, plain=ids)
 
 
+@pytest.mark.slow
 def test_frozen_before_a_marker_on_s3_then_ctrl_c(ray_session, tmp_path):
     from pipeline_helpers import encoded, photos
 
@@ -160,6 +162,7 @@ def test_frozen_before_a_marker_on_s3_then_ctrl_c(ray_session, tmp_path):
         _assert_views(_views("s3://vis/out", fs, "vis/out", tmp_path / "hf3", options), ours=ids, plain=ids)
 
 
+@pytest.mark.slow
 def test_frozen_in_a_new_generation_shows_one_generation(ray_session, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     ids = make_photo_folder(src) + ["zz-broken.png"]  # 4 images, 2 shards: the broken one in the last
