@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 SIZE = 256  # tiny-demo's native size
 VARIANTS = ("plain", "wide", "exif6")
 AREA = 40
-# Measured on these 4 scenes: plain 0.708 mIoU, pamr 0.848 (on 50 validation scenes 0.742 -> 0.880).
+# Measured on these 3 scenes, EXIF-rotated: plain 0.548 mIoU, pamr 0.650 (on 50 validation scenes
+# 0.697 -> 0.843, BENCHMARKS.md). Set well under the gain.
 MIN_GAIN = 0.05
 
 
@@ -33,7 +34,7 @@ def runs(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("boundaries")
     ids = write_scene_sets(root, held_out_seeds(3, offset=20), SIZE, variants=VARIANTS, paper=False)
     out = {}
-    for name, flags in {"plain": [], "pamr": ["--boundaries", "pamr"],
+    for name, flags in {"plain": ["--boundaries", "off"], "pamr": [],  # tiny-demo's card turns PAMR on
                         "clean": ["--boundaries", "pamr", "--connected", "--min-region-area", str(AREA)]}.items():
         out[name] = root / f"labels-{name}"
         code = main(["label", str(root / "images"), str(out[name]), "--model", "tiny-demo", "--batch-size", "4",
@@ -98,7 +99,7 @@ def test_another_setting_and_bad_values_are_refused_before_ray(runs, capsys):
     from pipeline.cli import main
 
     root, out, _ = runs
-    code = main(["label", str(root / "images"), str(out["pamr"]), "--model", "tiny-demo"])
+    code = main(["label", str(root / "images"), str(out["pamr"]), "--model", "tiny-demo", "--boundaries", "off"])
     assert code == 2 and "boundaries" in capsys.readouterr().err
     for flags, said in [(["--boundaries", "crf"], "--boundaries must be one of off, pamr"),
                         (["--boundaries", "pamr", "--pamr-iterations", "0"], "--pamr-iterations must be"),
