@@ -23,6 +23,8 @@ SIZE = 256  # tiny-demo's native size
 # Measured on these 6 scenes (BENCHMARKS.md has 200), at tiny-demo's defaults (tau 1.5, 8 x 8
 # anchors, 2 iterations, weights 1, 2, 0): tiny-demo mIoU 0.711, pixel accuracy 0.900; tiny-random
 # 0.144 / 0.720 (one segment: the background's share). Set a little under, not at, the figures.
+# With the card's --boundaries pamr (issue 22) tiny-demo measures 0.895 / 0.979 here; the floors are
+# kept at the plain method's, which tests/test_pipeline_boundaries.py scores below PAMR.
 # The issue's goal (0.80 / 0.90) is NOT reached by the shipped demo model (0.66 / 0.88 on 200 scenes).
 MIN_MIOU = 0.66
 MIN_ACC = 0.87
@@ -30,7 +32,9 @@ MAX_VARIANT_DROP = 0.05  # the same pixels, turned, stretched or cropped: measur
 # A one-channel file against the same grey pixels stored as RGB: the same input, so the same bound
 # (measured: equal). Against the colour scene it is other input (luminance only; two regions may
 # differ little in it): measured 0.127 mIoU, 0.039 accuracy lower; bounded apart, as information lost.
-MAX_GREY_LOSS = 0.2
+# With PAMR on (tiny-demo's card), colour also guides the refinement, grey only luminance: measured
+# 0.895 colour against 0.671 grey mIoU (0.224; 0.127 before PAMR).
+MAX_GREY_LOSS = 0.26
 RANDOM_GAP = 0.35  # tiny-demo's mIoU above tiny-random's, at least (measured: 0.567; greyscale 0.440)
 
 
