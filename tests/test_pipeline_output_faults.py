@@ -196,14 +196,14 @@ def test_a_full_disk_stops_the_run_with_one_sentence_and_the_rerun_finishes(ray_
 
 
 def test_ray_node_timeout_at_startup_is_one_sentence_with_what_to_try():
-    from pipeline.job.plan import _ray_start_sentence
+    from pipeline.ray_connect import RayAddress, _ray_start_sentence
 
     # Ray's own words (ray/_private/node.py), raised as a bare Exception by ray.init
     ray_says = Exception("The current node timed out during startup. This could happen because some of the "
                          "raylet failed to startup or the GCS has become overloaded.")
-    sentence = _ray_start_sentence(None, ray_says)
+    sentence = _ray_start_sentence(RayAddress("local"), ray_says)
     assert sentence.startswith("Ray's node timed out during startup") and "\n" not in sentence
     assert "try again when it is less busy" in sentence and "--ray-address auto" in sentence
-    other = _ray_start_sentence("10.0.0.1:6379", ConnectionError("GCS unreachable\n  at line 2"))
-    assert other == ("Cannot start or join the Ray cluster at '10.0.0.1:6379': GCS unreachable at line 2 "
+    other = _ray_start_sentence(RayAddress("10.0.0.1:6379"), ConnectionError("GCS unreachable\n  at line 2"))
+    assert other == ("Cannot start or join the Ray cluster at 10.0.0.1:6379: GCS unreachable at line 2 "
                      "(is it running? try `ray status`).")
