@@ -31,32 +31,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from diffseg_core.parameters import BOUNDARY_MODES, boundaries_problem  # torch-free: the driver checks them
+
 __all__ = ["BOUNDARY_MODES", "DEFAULT_DILATIONS", "DEFAULT_ITERATIONS", "SIGMA_SCALE", "boundaries_problem",
            "neighbour_offsets", "pamr", "pamr_affinity", "proposal_distribution"]
 
-#: --boundaries values: "off" (the paper's method) or "pamr".
-BOUNDARY_MODES = ("off", "pamr")
 #: The paper's dilations and iterations.
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 DEFAULT_ITERATIONS = 10
 #: Temperature of the kernel, in units of the local standard deviation (the authors' code).
 SIGMA_SCALE = 0.1
 _EPS = 1e-8
-
-
-def boundaries_problem(mode: object, iterations: object, dilations: object) -> str | None:
-    """One sentence saying what is wrong with PAMR's parameters, or None."""
-    if mode not in BOUNDARY_MODES:
-        return f"boundaries must be one of {', '.join(BOUNDARY_MODES)}, not {mode!r}"
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        return f"pamr_iterations must be a whole number of at least 1, not {iterations!r}"
-    try:
-        values = list(dilations)  # type: ignore[call-overload]
-    except TypeError:
-        return f"pamr_dilations must be a list of whole numbers of at least 1, not {dilations!r}"
-    if not values or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in values):
-        return f"pamr_dilations must be a non-empty list of whole numbers of at least 1, not {dilations!r}"
-    return None
 
 
 def neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:

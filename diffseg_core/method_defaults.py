@@ -38,7 +38,7 @@ def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
 
     problem = weights_problem(given.get("weights"))
     if not problem and any(k in given for k in ("boundaries", "pamr_iterations", "pamr_dilations")):
-        from diffseg_core.boundaries import boundaries_problem
+        from diffseg_core.parameters import boundaries_problem
 
         merged = {**PAPER_DEFAULTS, **given}
         problem = boundaries_problem(merged["boundaries"], merged["pamr_iterations"], merged["pamr_dilations"])

@@ -9,7 +9,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem"]
+__all__ = ["BOUNDARY_MODES", "DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem",
+           "boundaries_problem"]
 
 DEFAULT_ITERATIONS = 3
 
@@ -65,4 +66,23 @@ def weights_problem(weights: Sequence[float] | None, resolutions: Sequence[int] 
         who = f"model {str(model)!r}" if model is not None else "the model"
         return (f"{len(values)} weights given, but {who} has {len(res)} attention resolutions {res} "
                 "(one weight each, finest first)")
+    return None
+
+
+#: --boundaries values: "off" (the paper's method) or "pamr".
+BOUNDARY_MODES = ("off", "pamr")
+
+
+def boundaries_problem(mode: object, iterations: object, dilations: object) -> str | None:
+    """One sentence saying what is wrong with PAMR's parameters, or None."""
+    if mode not in BOUNDARY_MODES:
+        return f"boundaries must be one of {', '.join(BOUNDARY_MODES)}, not {mode!r}"
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        return f"pamr_iterations must be a whole number of at least 1, not {iterations!r}"
+    try:
+        values = list(dilations)  # type: ignore[call-overload]
+    except TypeError:
+        return f"pamr_dilations must be a list of whole numbers of at least 1, not {dilations!r}"
+    if not values or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in values):
+        return f"pamr_dilations must be a non-empty list of whole numbers of at least 1, not {dilations!r}"
     return None

@@ -650,7 +650,7 @@ def validate_options(opts: LabelOptions) -> None:
     problem = weights_problem(opts.weights)
     if problem:
         raise LabelError(f"--weights: {problem}.")
-    from diffseg_core.boundaries import boundaries_problem
+    from diffseg_core.parameters import boundaries_problem
     from diffseg_core.regions import cleaning_problem
 
     problem = (boundaries_problem(opts.boundaries if opts.boundaries is not None else "off",
