@@ -34,3 +34,21 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def stale_ray_dir():
+    """A Ray temp root whose ``ray_current_cluster`` names a cluster that is gone (what a crashed
+    ``ray start`` leaves behind). Short path: Ray's socket names must fit in 107 bytes."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ray_processes import free_ports
+
+    root = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    (port,) = free_ports(1)
+    Path(root, "ray").mkdir()
+    Path(root, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    yield root, port
+    shutil.rmtree(root, ignore_errors=True)

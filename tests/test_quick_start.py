@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_docs import quick_start_commands, split_commands
-from test_ray_connect import stale_ray_dir  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_PREFIX = "~/diffseg-out"

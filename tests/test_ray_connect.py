@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,18 +56,6 @@ def test_an_unreachable_address_fails_fast_with_the_address_in_the_sentence():
 def _diffseg(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-@pytest.fixture
-def stale_ray_dir():
-    """A Ray temp root whose ``ray_current_cluster`` names a cluster that is gone (what a crashed
-    ``ray start`` leaves behind). Short path: Ray's socket names must fit in 107 bytes."""
-    root = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    (port,) = free_ports(1)
-    Path(root, "ray").mkdir()
-    Path(root, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
-    yield root, port
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _env(ray_dir: str, **extra: str) -> dict[str, str]:
