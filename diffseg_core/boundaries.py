@@ -26,7 +26,7 @@ one neighbour at a time, so memory stays at a few copies of (B, K, H, W).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffseg_core.parameters import BOUNDARY_MODES, boundaries_problem  # torch-free: the driver checks them
 
 __all__ = ["BOUNDARY_MODES", "DEFAULT_DILATIONS", "DEFAULT_ITERATIONS", "SIGMA_SCALE", "boundaries_problem",
-           "neighbour_offsets", "pamr", "pamr_affinity", "proposal_distribution"]
+           "neighbour_offsets", "pamr", "pamr_affinity", "pamr_steps", "proposal_distribution"]
 
 #: The paper's dilations and iterations.
 DEFAULT_DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
@@ -99,24 +99,43 @@ def pamr(
 ) -> torch.Tensor:
     """Refine (B, K, H, W) soft masks with the affinities of the (B, C, H, W) image: ``iterations``
     times ``M_i <- sum_j a(i, j) M_j``. Returns float (B, K, H, W) on the masks' device."""
-    if masks.ndim != 4 or image.ndim != 4 or image.shape[0] != masks.shape[0] or image.shape[-2:] != masks.shape[-2:]:
-        raise ValueError(f"image {tuple(image.shape)} and masks {tuple(masks.shape)}: expected (B, C, H, W) and "
-                         "(B, K, H, W) of the same batch and size")
     problem = boundaries_problem("pamr", iterations, dilations)
     if problem:
         raise ValueError(problem)
+    return next(pamr_steps(image, masks, [iterations], dilations))[1]
+
+
+def pamr_steps(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    counts: Sequence[int],
+    dilations: Sequence[int] = DEFAULT_DILATIONS,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(n, masks after n iterations) for each n of ``counts``, in increasing order: one chain of
+    iterations and one affinity for every count (``diffseg tune`` scores 5, 10 and 20 at the cost of 20)."""
+    if masks.ndim != 4 or image.ndim != 4 or image.shape[0] != masks.shape[0] or image.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(f"image {tuple(image.shape)} and masks {tuple(masks.shape)}: expected (B, C, H, W) and "
+                         "(B, K, H, W) of the same batch and size")
+    wanted = sorted({int(n) for n in counts})
+    for n in wanted:
+        problem = boundaries_problem("pamr", n, dilations)
+        if problem:
+            raise ValueError(problem)
     affinity = pamr_affinity(image.to(masks.device), dilations)
     offsets = neighbour_offsets(dilations)
     height, width = masks.shape[-2:]
     pad = max(dilations)
     masks = masks.float()
-    for _ in range(iterations):
-        padded = _replicate(masks, pad)
-        out = torch.zeros_like(masks)
-        for p, (dy, dx) in enumerate(offsets):
-            out.addcmul_(affinity[:, p : p + 1], _shifted(padded, pad, dy, dx, height, width))
-        masks = out
-    return masks
+    done = 0
+    for n in wanted:
+        for _ in range(n - done):
+            padded = _replicate(masks, pad)
+            out = torch.zeros_like(masks)
+            for p, (dy, dx) in enumerate(offsets):
+                out.addcmul_(affinity[:, p : p + 1], _shifted(padded, pad, dy, dx, height, width))
+            masks = out
+        done = n
+        yield n, masks
 
 
 def proposal_distribution(proposals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

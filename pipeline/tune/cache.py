@@ -5,7 +5,9 @@ resolution), not one aggregate: the aggregate depends on the aggregation
 weights, and every weighting is one pass over these. At SD 1.x 512 px that is
 4096^2 + 1024^2 + 256^2 + 64^2 float16 values = 35.8 MB per image (the 64 x 64
 level alone is 33.5 MB, so one aggregate would save 6%); 100 images: 3.6 GB
-(measured: benchmarks/tune_bench.py, BENCHMARKS.md).
+(measured: benchmarks/tune_bench.py, BENCHMARKS.md). Beside them, the model's
+input pixels (S x S x 3 uint8, 0.75 MB at 512 px): ``--boundaries pamr`` refines
+with them, as the model actor does with the same pixels.
 
 A file is named by a hash of everything its values depend on: the model's
 identity (hub id + commit, or the local files' names, sizes and mtimes: no
@@ -26,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where maps are written or read: a refusal before that never loads it
     import torch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the model's input pixels are stored too (PAMR)
 CACHE_DIR = "attention"
+PIXELS = "pixels"
 
 
 def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
@@ -61,7 +64,8 @@ def extraction_key(identity: dict[str, Any], image_sha256: str, *, image_size: i
 
 
 class AttentionCache:
-    """Files ``<root>/<key>.safetensors``: tensors ``r<R>`` (R*R, R*R) float16, and a JSON header.
+    """Files ``<root>/<key>.safetensors``: tensors ``r<R>`` (R*R, R*R) float16, ``pixels`` (S, S, 3)
+    uint8 (the model's input), and a JSON header.
 
     The header (``meta``) holds the image's label frame (height, width), its id,
     the resolutions and the model input size, so a run whose images are all
@@ -87,13 +91,17 @@ class AttentionCache:
         except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss; it is rewritten
             return None
 
-    def put(self, key: str, maps: dict[int, "torch.Tensor"], meta: dict[str, Any]) -> Path:
-        """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16; atomic (write, then rename)."""
+    def put(self, key: str, maps: dict[int, "torch.Tensor"], meta: dict[str, Any], pixels: Any = None) -> Path:
+        """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16 and its (S, S, 3) uint8
+        model input; atomic (write, then rename)."""
+        import numpy as np
         import torch
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
         tensors = {f"r{r}": m.reshape(r * r, r * r).to("cpu", torch.float16).contiguous() for r, m in maps.items()}
+        if pixels is not None:
+            tensors[PIXELS] = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # a copy: torch wants it writable
         header = dict(meta, resolutions=sorted(maps, reverse=True))
         tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
         save_file(tensors, str(tmp), metadata={"diffseg": json.dumps(header)})
@@ -105,4 +113,16 @@ def load_maps(path: str | os.PathLike) -> dict[int, "torch.Tensor"]:
     """{r: (1, r*r, r*r) float16} of one cached image (the input DiffSeg's aggregation takes)."""
     from safetensors.torch import load_file
 
-    return {int(name[1:]): t[None] for name, t in load_file(str(path)).items()}
+    return {int(name[1:]): t[None] for name, t in load_file(str(path)).items() if name != PIXELS}
+
+
+def load_pixels(path: str | os.PathLike) -> "torch.Tensor":
+    """(1, 3, S, S) float in [-1, 1]: the model input of one cached image, exactly as the extractor
+    makes it from the same uint8 pixels (what ``--boundaries pamr`` refines with)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if PIXELS not in f.keys():
+            raise KeyError(f"{path}: no pixels in this cache file")
+        pixels = f.get_tensor(PIXELS)
+    return pixels.permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)

@@ -27,6 +27,15 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
+def _modes(text: str) -> list[str]:
+    from diffseg_core.parameters import BOUNDARY_MODES
+
+    modes = [v.strip().lower() for v in text.split(",")]
+    if not modes or any(m not in BOUNDARY_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"--boundaries takes off, pamr or off,pamr; got {text!r}")
+    return modes
+
+
 def _switches(text: str) -> list[bool]:
     values = {"off": False, "on": True, "false": False, "true": True}
     try:
@@ -77,6 +86,13 @@ def add_tune(subparsers: Any) -> None:
                    help=f"aggregation weights: presets ({', '.join(WEIGHT_PRESETS)}) or numbers finest first (8,4,2,1)")
     s.add_argument("--refine", type=_switches, default=g.refine,
                    help="off, on, or off,on (k-means refinement costs ~40x a plain setting on CPU)")
+    s.add_argument("--boundaries", type=_modes, default=g.boundaries,
+                   help="off, pamr, or off,pamr: PAMR is scored on the best --boundary-candidates plain settings "
+                   "of each fold (seconds an image at 512 px on a CPU, so not on every setting)")
+    s.add_argument("--pamr-iterations", type=_ints, default=g.pamr_iterations,
+                   help="PAMR iteration counts searched (one chain of iterations scores them all)")
+    s.add_argument("--boundary-candidates", type=int, default=g.boundary_candidates,
+                   help="plain settings per fold whose PAMR variants are scored")
     e = t.add_argument_group("scoring")
     e.add_argument("--score-size", type=int, default=512,
                    help="score at most this many pixels on the label frame's longer side (0: full size)")
@@ -103,7 +119,9 @@ def run_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.run import TuneError, tune
 
     grid = Grid(taus=args.tau, iterations=args.iterations, tau_steps=args.tau_steps, schedules=list(args.schedules),
-                num_points=args.num_points, weights=list(args.weights), refine=args.refine)
+                num_points=args.num_points, weights=list(args.weights), refine=args.refine,
+                boundaries=args.boundaries, pamr_iterations=args.pamr_iterations,
+                boundary_candidates=args.boundary_candidates)
     try:
         report = tune(
             args.images, args.ground_truth, args.format, model=args.model, revision=args.revision,

@@ -14,6 +14,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from diffseg_core.method_defaults import PAPER_DEFAULTS
+
+#: PAMR's parameters when a setting turns it on without saying (the PAMR paper's).
+PAMR_ITERATIONS: int = PAPER_DEFAULTS["pamr_iterations"]
+PAMR_DILATIONS: tuple[int, ...] = tuple(PAPER_DEFAULTS["pamr_dilations"])
+#: Method settings whose PAMR variants are scored: the best this many of the plain search, per fold.
+BOUNDARY_CANDIDATES = 3
+
 #: Aggregation weight presets, as functions of the resolution r (normalised later).
 #: proportional is the paper's (and label's) default; the others span from every
 #: resolution alike (equal) to the finest alone.
@@ -39,6 +47,36 @@ class Setting:
     num_points: int
     weights: str = DEFAULT_WEIGHTS
     refine: bool = False
+    boundaries: str = "off"  # "off" or "pamr"; the two below matter only with "pamr"
+    pamr_iterations: int = PAMR_ITERATIONS
+    pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
+
+    def __post_init__(self) -> None:
+        if self.boundaries == "off":  # one setting, whatever PAMR's unused parameters say
+            object.__setattr__(self, "pamr_iterations", PAMR_ITERATIONS)
+            object.__setattr__(self, "pamr_dilations", PAMR_DILATIONS)
+        else:
+            object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))
+
+    @property
+    def method(self) -> "Setting":
+        """The same setting with boundaries off: what the plain search scores."""
+        return Setting(self.thresholds, self.num_points, self.weights, self.refine)
+
+    def with_pamr(self, iterations: int, dilations: Sequence[int] = PAMR_DILATIONS) -> "Setting":
+        return Setting(self.thresholds, self.num_points, self.weights, self.refine, "pamr", int(iterations),
+                       tuple(dilations))
+
+    @property
+    def boundary_spec(self) -> tuple[int, tuple[int, ...]] | None:
+        """(iterations, dilations) of PAMR, or None when off."""
+        return (self.pamr_iterations, self.pamr_dilations) if self.boundaries == "pamr" else None
+
+    def describe_boundaries(self) -> str:
+        if self.boundaries == "off":
+            return "off"
+        dil = "" if self.pamr_dilations == PAMR_DILATIONS else ":" + ",".join(map(str, self.pamr_dilations))
+        return f"pamr({self.pamr_iterations}{dil})"
 
     @property
     def iterations(self) -> int:
@@ -52,7 +90,8 @@ class Setting:
     def describe(self) -> str:
         tau = _fmt(self.thresholds[0]) if self.constant_tau is not None else ",".join(map(_fmt, self.thresholds))
         return (f"tau={tau} iterations={self.iterations} num_points={self.num_points} "
-                f"weights={self.weights} refine={'on' if self.refine else 'off'}")
+                f"weights={self.weights} refine={'on' if self.refine else 'off'} "
+                f"boundaries={self.describe_boundaries()}")
 
     def label_params(self, resolutions: Sequence[int]) -> dict[str, Any]:
         """The parameters as ``diffseg label --params`` reads them (weights as numbers, finest first)."""
@@ -63,6 +102,9 @@ class Setting:
             "num_points": self.num_points,
             "refine": self.refine,
             "weights": weight_values(self.weights, resolutions),
+            "boundaries": self.boundaries,
+            **({"pamr_iterations": self.pamr_iterations, "pamr_dilations": list(self.pamr_dilations)}
+               if self.boundaries == "pamr" else {}),
         }
 
 
@@ -77,6 +119,11 @@ class Grid:
     num_points: list[int] | None = None  # None: DEFAULT_NUM_POINTS that fit the model
     weights: list[str] = field(default_factory=lambda: list(WEIGHT_PRESETS))
     refine: list[bool] = field(default_factory=lambda: [False])
+    # PAMR is scored on the best BOUNDARY_CANDIDATES method settings of the plain search (per fold):
+    # at 512 px it costs seconds an image on a CPU, too much for every setting of the grid
+    boundaries: list[str] = field(default_factory=lambda: ["off", "pamr"])
+    pamr_iterations: list[int] = field(default_factory=lambda: [PAMR_ITERATIONS])
+    boundary_candidates: int = BOUNDARY_CANDIDATES
 
 
 DEFAULT_NUM_POINTS = (8, 16)
@@ -96,7 +143,15 @@ def default_setting(model: str | None = None) -> Setting:
         weights = "equal"
     else:
         weights = ",".join(f"{float(w):g}" for w in d.weights)
-    return Setting(thresholds, d.num_points, weights, bool(d.refine))
+    return Setting(thresholds, d.num_points, weights, bool(d.refine), d.boundaries or "off",
+                   int(d.pamr_iterations), tuple(int(v) for v in d.pamr_dilations))
+
+
+def boundary_settings(candidates: Sequence[Setting], grid: Grid) -> list[Setting]:
+    """The PAMR variants of these method settings that the grid asks for (none when it is off only)."""
+    if "pamr" not in grid.boundaries:
+        return []
+    return list(dict.fromkeys(c.method.with_pamr(n) for c in candidates for n in sorted(set(grid.pamr_iterations))))
 
 
 def frange(start: float, stop: float, step: float) -> list[float]:
@@ -177,6 +232,15 @@ def check_values(grid: Grid) -> None:
             parse_weight_numbers(w)
     if not grid.refine:
         raise GridError("the refine grid is empty")
+    from diffseg_core.parameters import BOUNDARY_MODES
+
+    if not grid.boundaries or any(b not in BOUNDARY_MODES for b in grid.boundaries):
+        raise GridError(f"--boundaries takes {', '.join(BOUNDARY_MODES)} or off,pamr; got {','.join(grid.boundaries)}")
+    if "pamr" in grid.boundaries:
+        if not grid.pamr_iterations or any(n < 1 for n in grid.pamr_iterations):
+            raise GridError(f"--pamr-iterations must be integers >= 1, got {grid.pamr_iterations}")
+        if grid.boundary_candidates < 1:
+            raise GridError(f"--boundary-candidates must be at least 1, got {grid.boundary_candidates}")
 
 
 def weight_values(weights: str, resolutions: Sequence[int]) -> list[float]:

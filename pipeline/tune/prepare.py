@@ -141,7 +141,7 @@ def fill_cache(
             for b, (item, _) in enumerate(batch):
                 cache.put(item.key, {r: m[b] for r, m in maps.items()},
                           {"image_id": item.image_id, "height": item.frame[0], "width": item.frame[1],
-                           "image_size": extractor.image_size})
+                           "image_size": extractor.image_size}, pixels=batch[b][1])
             extracted += len(batch)
             bar.update(len(batch))
         bar.close()

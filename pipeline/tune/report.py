@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.tune.grid import DEFAULT_WEIGHTS, Setting
+from pipeline.tune.grid import DEFAULT_WEIGHTS, PAMR_DILATIONS, Setting
 
 
 def label_params(setting: Setting, resolutions: Sequence[int]) -> dict[str, Any]:
@@ -34,6 +34,12 @@ def label_flags(params: dict[str, Any], extraction: dict[str, Any]) -> str:
         flags.append("--weights " + ",".join(_num(v) for v in params["weights"]))
     if params["refine"]:
         flags.append("--refine")
+    # always said: a model card may turn PAMR on (tiny-demo's does), so "off" is a choice too
+    flags.append(f"--boundaries {params.get('boundaries', 'off')}")
+    if params.get("boundaries") == "pamr":
+        flags.append(f"--pamr-iterations {params['pamr_iterations']}")
+        if tuple(params["pamr_dilations"]) != PAMR_DILATIONS:
+            flags.append("--pamr-dilations " + ",".join(map(str, params["pamr_dilations"])))
     if extraction.get("paper_preprocess"):
         flags.append("--paper-preprocess")
     return " ".join(flags)
@@ -49,12 +55,16 @@ def method_block(params: dict[str, Any]) -> str:
     lines += [f"  num_points: {params['num_points']}", f"  refine: {'true' if params['refine'] else 'false'}"]
     if params.get("weights") is not None:
         lines.append(f"  weights: [{', '.join(_num(v) for v in params['weights'])}]")
+    lines.append(f"  boundaries: {params.get('boundaries', 'off')}")
+    if params.get("boundaries") == "pamr":
+        lines += [f"  pamr_iterations: {params['pamr_iterations']}",
+                  f"  pamr_dilations: [{', '.join(map(str, params['pamr_dilations']))}]"]
     return "\n".join(lines)
 
 
 def write_results_csv(path: Path, ranking: list[dict[str, Any]]) -> None:
     fields = ["rank", "miou", "pixel_accuracy", "kl_threshold", "iterations", "num_points", "weights", "refine",
-              "is_default"]
+              "boundaries", "pamr_iterations", "is_default"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -77,7 +87,7 @@ def plot_tau(path: Path, ranking: list[dict[str, Any]], best: dict[str, Any], de
     (nothing drawn) when no slice has two.
     """
     def key(r: dict[str, Any]) -> tuple:
-        return r["num_points"], r["weights"], r["refine"]
+        return r["num_points"], r["weights"], r["refine"], r["boundaries"], r["pamr_iterations"]
 
     slices: dict[tuple, list[dict[str, Any]]] = {}
     for r in ranking:
@@ -111,8 +121,9 @@ def plot_tau(path: Path, ranking: list[dict[str, Any]], best: dict[str, Any], de
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    num_points, weights, refine = chosen
-    title = f"num_points={num_points}, weights={weights}, refine={'on' if refine else 'off'}"
+    num_points, weights, refine, boundaries, pamr_iterations = chosen
+    title = (f"num_points={num_points}, weights={weights}, refine={'on' if refine else 'off'}, boundaries="
+             + (f"pamr({pamr_iterations})" if boundaries == "pamr" else "off"))
     if chosen != key(best):
         title += " (the chosen setting's own slice has one tau)"
     fig.suptitle(title + (f"  [{title_note}]" if title_note else ""), fontsize=10)

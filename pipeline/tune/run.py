@@ -157,17 +157,18 @@ def tune(
                           f"{len(dropped)} could not be read (e.g. {next(iter(dropped.items()), ('', ''))[0]!r})")
     num_folds = assign_folds(sample, folds, seed)  # again, over the images that are left
     resolutions, size = filled["resolutions"], filled["image_size"]
-    all_settings, notes = _with_default(chosen["settings"], resolutions, size, model)
+    default, notes = _default(resolutions, size, model)
     notes = chosen["notes"] + notes
-    default_index = 0 if all_settings[0] == default_setting(model) else None
 
     from pipeline.tune.search import (
-        run_search,  # torch and Ray: only once every check has passed
+        SearchSession,  # torch and Ray: only once every check has passed
     )
 
-    result = run_search(all_settings, [str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample],
-                        num_folds, gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress)
-    sel = select(result.counts, result.images, default_index)
+    with SearchSession([str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample], num_folds,
+                       gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress) as session:
+        all_settings, scores, eligible, result = _search_stages(session, grid, chosen["settings"], default, notes)
+    default_index = 0 if default is not None else None
+    sel = select(scores, result.images, default_index, eligible)
 
     ranking = [_row(rank + 1, all_settings[i], s, i == default_index) for rank, (i, s) in enumerate(sel.ranking)]
     if sel.kept_default:
@@ -220,21 +221,74 @@ def tune(
     return report
 
 
-def _with_default(settings: list[Setting], resolutions: list[int], image_size: int,
-                  model: str) -> tuple[list[Setting], list[str]]:
-    """The default setting first (scored even when outside the grid), unless the model cannot run it."""
+def _default(resolutions: list[int], image_size: int, model: str) -> tuple[Setting | None, list[str]]:
+    """The default setting (scored even when outside the grid), unless the model cannot run it."""
     from diffseg_core.parameters import anchor_grid_problem
 
     default = default_setting(model)
     problem = anchor_grid_problem(default.num_points, resolutions, model, image_size)
     if problem:
-        return settings, [f"the default setting cannot run on this model ({problem}); no default score"]
-    return [default] + [s for s in settings if s != default], []
+        return None, [f"the default setting cannot run on this model ({problem}); no default score"]
+    return default, []
+
+
+def _search_stages(session: Any, grid: Grid, plain: list[Setting], default: Setting | None,
+                   notes: list[str]) -> tuple[list[Setting], Any, Any, Any]:
+    """Score the plain grid, then PAMR on the best few plain settings of each fold's training folds.
+
+    Returns the settings (the default first), their counts (settings, folds, 3, classes), which of
+    them each fold (and, last row, the in-sample choice) may choose, and the stages' result (images,
+    seconds, tasks and label maps scored).
+    """
+    from dataclasses import replace
+
+    import numpy as np
+
+    from pipeline.tune.grid import boundary_settings
+    from pipeline.tune.select import top
+
+    # the default's own method is scored plain too (tiny-demo's card turns PAMR on, at weights no preset gives)
+    stage1 = list(dict.fromkeys(([default.method] if default is not None else []) + plain))
+    first = session.search(stage1)
+    counts = first.counts
+    settings = list(stage1)
+    plain_ok = "off" in grid.boundaries
+    k = counts.shape[1]
+    in_sample, per_fold = top(counts, first.images, grid.boundary_candidates, range(len(stage1)))
+    chosen_by = per_fold + [in_sample]  # row k: the in-sample choice
+    variants = [boundary_settings([stage1[i] for i in rows], grid) for rows in chosen_by]
+    stage2 = list(dict.fromkeys(s for v in variants for s in v if s not in settings))
+    if default is not None and default.boundaries != "off" and default not in stage2:
+        stage2.insert(0, default)
+    summary = first
+    if stage2:
+        second = session.search(stage2, desc="score with --boundaries pamr")
+        settings += stage2
+        counts = np.concatenate([counts, second.counts])
+        summary = replace(first, seconds=first.seconds + second.seconds, tasks=first.tasks + second.tasks,
+                          scored=first.scored + second.scored)
+        notes.append(f"--boundaries pamr scored on the best {grid.boundary_candidates} plain settings of each "
+                     f"fold ({len(stage2)} settings with PAMR, {second.seconds:.0f} s)")
+    eligible = np.zeros((k + 1, len(settings)), dtype=bool)
+    for row, v in enumerate(variants):
+        eligible[row, : len(stage1)] = plain_ok
+        for s in v:
+            eligible[row, settings.index(s)] = True
+    if default is not None:
+        d = settings.index(default)
+        eligible[:, d] = default.boundaries in grid.boundaries
+        if d != 0:  # the default first: ties keep it
+            order = [d] + [i for i in range(len(settings)) if i != d]
+            settings, counts, eligible = [settings[i] for i in order], counts[order], eligible[:, order]
+    if not eligible.any(axis=1).all():
+        raise TuneError("no setting of the grid can be chosen (--boundaries asks for none that was scored)")
+    return settings, counts, eligible, summary
 
 
 def _fields(s: Setting) -> dict[str, Any]:
     return {"kl_threshold": list(s.thresholds), "constant_tau": s.constant_tau, "iterations": s.iterations,
-            "num_points": s.num_points, "weights": s.weights, "refine": s.refine}
+            "num_points": s.num_points, "weights": s.weights, "refine": s.refine, "boundaries": s.boundaries,
+            "pamr_iterations": s.pamr_iterations if s.boundaries == "pamr" else None}
 
 
 def _row(rank: int, s: Setting, score: Any, is_default: bool) -> dict[str, Any]:

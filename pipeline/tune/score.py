@@ -5,8 +5,12 @@ weights, same num_points); within it every threshold schedule and refine flag
 comes from one :func:`diffseg_core.sweep.sweep_proposals` pass per image.
 Settings whose proposals come out identical (schedules that stop merging
 early, thresholds that select the same rows) share one NMS and one scoring
-(keyed by a hash of the proposals' bytes). Scores are the paper's protocol
-(``SegmentationMetrics``: per-image Hungarian matching, TP/FP/FN summed).
+(keyed by a hash of the proposals' bytes). Settings with ``boundaries="pamr"``
+refine those proposals exactly as ``DiffSeg.label_maps`` does (upsampled to the
+model's input size, PAMR with the cached input pixels, then NMS at the label
+frame); one chain of PAMR iterations serves every iteration count asked. Scores
+are the paper's protocol (``SegmentationMetrics``: per-image Hungarian
+matching, TP/FP/FN summed).
 """
 from __future__ import annotations
 
@@ -18,20 +22,26 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from diffseg_core import boundaries as pamr_module
 from diffseg_core.aggregate import aggregate_attention
 from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.metrics import SegmentationMetrics
 from diffseg_core.sweep import sweep_proposals
-from pipeline.tune.cache import load_maps
+from pipeline.tune.cache import load_maps, load_pixels
+
+
+#: PAMR's (iterations, dilations), or None: boundaries off.
+BoundarySpec = tuple[int, tuple[int, ...]] | None
 
 
 @dataclass(frozen=True)
 class Group:
-    """Settings sharing weights and anchor grid: (schedule, refine) pairs, in the order results come back."""
+    """Settings sharing weights and anchor grid: (schedule, refine, boundaries) triples, in the order
+    results come back."""
 
     weights: tuple[float, ...]  # finest first
     num_points: int
-    members: tuple[tuple[tuple[float, ...], bool], ...]
+    members: tuple[tuple[tuple[float, ...], bool, BoundarySpec], ...]
 
 
 def score_chunk(paths: Sequence[str], targets: Sequence[np.ndarray], folds: Sequence[int], group: Group,
@@ -49,28 +59,50 @@ def score_chunk(paths: Sequence[str], targets: Sequence[np.ndarray], folds: Sequ
     counts = np.zeros((len(group.members), num_folds, 3, num_classes), dtype=np.int64)
     images = np.zeros(num_folds, dtype=np.int64)
     labelled = np.zeros(num_folds, dtype=np.int64)
-    schedules = list(dict.fromkeys(s for s, _ in group.members))
-    flags = sorted({r for _, r in group.members})
+    schedules = list(dict.fromkeys(s for s, _, _ in group.members))
+    flags = sorted({r for _, r, _ in group.members})
+    specs: dict[tuple[tuple[float, ...], bool], list[BoundarySpec]] = {}
+    for schedule, refine, spec in group.members:
+        specs.setdefault((schedule, refine), []).append(spec)
     scored = 0
     with torch.inference_mode():
         for path, target, fold in zip(paths, targets, folds):
             aggregate = aggregate_attention(load_maps(path), list(group.weights))
-            seen: dict[bytes, np.ndarray] = {}
+            pixels = load_pixels(path) if any(spec for _, _, spec in group.members) else None
+            seen: dict[tuple[bytes, BoundarySpec], np.ndarray] = {}
             for schedule, refine, proposals in sweep_proposals(aggregate, group.num_points, schedules, flags):
-                member = index.get((schedule, refine))
-                if member is None:
+                wanted = specs.get((schedule, refine))
+                if not wanted:
                     continue
                 digest = hashlib.sha1(proposals.numpy().tobytes()).digest()
-                result = seen.get(digest)
-                if result is None:
-                    # exactly DiffSeg.label_maps (what `diffseg label` writes): ids without gaps; the
-                    # Hungarian matching breaks ties among empty columns differently without it
-                    labels = compact_labels(labels_from_proposals(proposals, target.shape), proposals.shape[0])
+                missing = [spec for spec in wanted if (digest, spec) not in seen]
+                for spec, labels in _label_maps(proposals, target.shape, pixels, missing):
                     one = SegmentationMetrics(num_classes).update(labels.numpy(), target)
-                    result = seen[digest] = np.stack([one["tp"], one["fp"], one["fn"]])
+                    seen[digest, spec] = np.stack([one["tp"], one["fp"], one["fn"]])
                     scored += 1
-                counts[member, fold] += result
+                for spec in wanted:
+                    counts[index[schedule, refine, spec], fold] += seen[digest, spec]
             images[fold] += 1
             labelled[fold] += int((target != -1).sum())
     return {"counts": counts, "images": images, "labelled": labelled, "scored": scored,
             "seconds": time.perf_counter() - start}
+
+
+def _label_maps(proposals: torch.Tensor, size: tuple[int, int], pixels: torch.Tensor | None,
+                specs: Sequence[BoundarySpec]) -> list[tuple[BoundarySpec, torch.Tensor]]:
+    """The label map of these (K, R, R) proposals at ``size`` for each boundary spec: exactly
+    DiffSeg.label_maps (ids without gaps; the Hungarian matching breaks ties among empty columns
+    differently without them), PAMR at the pixels' size when on."""
+    out = []
+    if None in specs:
+        out.append((None, compact_labels(labels_from_proposals(proposals, size), proposals.shape[0])))
+    by_dilations: dict[tuple[int, ...], list[int]] = {}
+    for spec in specs:
+        if spec is not None:
+            by_dilations.setdefault(spec[1], []).append(spec[0])
+    for dilations, counts in by_dilations.items():
+        assert pixels is not None
+        masks = pamr_module.proposal_distribution(proposals, tuple(pixels.shape[-2:]))
+        for n, refined in pamr_module.pamr_steps(pixels, masks, counts, dilations):
+            out.append(((n, dilations), compact_labels(labels_from_proposals(refined[0], size), proposals.shape[0])))
+    return out

@@ -37,9 +37,39 @@ def group_settings(settings: Sequence[Setting], resolutions: Sequence[int]) -> l
     out = []
     for (weights, num_points), members in groups.items():
         group = Group(tuple(weight_values(weights, resolutions)), num_points,
-                      tuple((settings[i].thresholds, settings[i].refine) for i in members))
+                      tuple((settings[i].thresholds, settings[i].refine, settings[i].boundary_spec) for i in members))
         out.append((group, members))
     return out
+
+
+class SearchSession:
+    """One Ray for every stage of a search: ``search(settings)`` scores them on the session's images."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[np.ndarray], folds: Sequence[int], num_folds: int,
+                 num_classes: int, resolutions: Sequence[int], *, chunk_size: int | None = None,
+                 progress: bool = True) -> None:
+        self.args = (paths, targets, folds, num_folds, num_classes, resolutions)
+        self.chunk_size, self.progress = chunk_size, progress
+        self.ray: Any = None
+        self.own_ray = False
+
+    def __enter__(self) -> "SearchSession":
+        from pipeline.job.plan import (  # label's: a local Ray, its token note dropped
+            _init_ray,
+        )
+
+        self.ray, self.own_ray = _init_ray(None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from pipeline.job.plan import _shutdown
+
+        _shutdown(self.ray, self.own_ray)
+
+    def search(self, settings: Sequence[Setting], desc: str = "score settings x images") -> SearchResult:
+        from tqdm.auto import tqdm
+
+        return _search(self.ray, tqdm, settings, *self.args, self.chunk_size, self.progress, desc)
 
 
 def run_search(
@@ -55,24 +85,14 @@ def run_search(
     progress: bool = True,
 ) -> SearchResult:
     """Score every setting on every image on Ray; see the module docstring."""
-    from tqdm.auto import tqdm
-
-    from pipeline.job.plan import (  # label's: a local Ray, its token note dropped
-        _init_ray,
-        _shutdown,
-    )
-
-    ray, own_ray = _init_ray(None)
-    try:
-        return _search(ray, tqdm, settings, paths, targets, folds, num_folds, num_classes, resolutions,
-                       chunk_size, progress)
-    finally:
-        _shutdown(ray, own_ray)
+    with SearchSession(paths, targets, folds, num_folds, num_classes, resolutions, chunk_size=chunk_size,
+                       progress=progress) as session:
+        return session.search(settings)
 
 
 def _search(ray: Any, tqdm: Any, settings: Sequence[Setting], paths: Sequence[str], targets: Sequence[np.ndarray],
             folds: Sequence[int], num_folds: int, num_classes: int, resolutions: Sequence[int],
-            chunk_size: int | None, progress: bool) -> SearchResult:
+            chunk_size: int | None, progress: bool, desc: str = "score settings x images") -> SearchResult:
     start = time.perf_counter()
     groups = group_settings(settings, resolutions)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -92,7 +112,7 @@ def _search(ray: Any, tqdm: Any, settings: Sequence[Setting], paths: Sequence[st
     labelled = np.zeros(num_folds, dtype=np.int64)
     scored = 0
     tasks = len(pending)
-    bar = tqdm(total=len(settings) * len(paths), desc="score settings x images", unit="", disable=not progress)
+    bar = tqdm(total=len(settings) * len(paths), desc=desc, unit="", disable=not progress)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
