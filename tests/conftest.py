@@ -7,6 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# Ray Data binds its log handler to sys.stderr as it is when ray.data is first imported. Imported
+# here, that is the session's stderr; first imported inside a test using capfd or capsys, it would
+# be that test's capture, closed when the test ends, and every later Ray Data log line in this
+# process would print "--- Logging error ---" with a traceback (which tests watching stderr for
+# tracebacks then see). A test artefact only: a user's process has one stderr throughout.
+import ray.data  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
