@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.job.labels import labels_to_host, pack_classes, pack_label_map
+from pipeline.job.provenance import COLUMNS as PROVENANCE, model_provenance
 from pipeline.job.tasks import error_values
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class LabelActor:
         self.diffseg = DiffSeg(**diffseg_kwargs)
         self.class_voting, self.class_threshold = class_voting, float(class_threshold)
         self._device_lock = threading.Lock()
+        self._provenance: str | None = None
 
     @classmethod
     def from_parts(cls, extractor: Any, diffseg: Any) -> "LabelActor":
@@ -110,7 +112,15 @@ class LabelActor:
         actor = cls.__new__(cls)
         actor.extractor, actor.diffseg, actor._device_lock = extractor, diffseg, threading.Lock()
         actor.class_voting, actor.class_threshold = "majority", 0.5
+        actor._provenance = None
         return actor
+
+    @property
+    def provenance(self) -> str:
+        """What this actor runs with, from its own extractor and DiffSeg (pipeline.job.provenance)."""
+        if self._provenance is None:
+            self._provenance = model_provenance(self.extractor, self.diffseg, self.class_voting, self.class_threshold)
+        return self._provenance
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -135,6 +145,7 @@ class LabelActor:
         if named:
             out["classes_packed"] = np.array(classes, dtype=object)
         out["error"] = np.array(errors, dtype=object)
+        out[PROVENANCE["model"]] = np.full(n, self.provenance, dtype=object)
         out["_t_model"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
         return out
 

@@ -54,6 +54,7 @@ from pipeline.data.schema import (
     staged_path,
 )
 from pipeline.data.storage import remove, write_bytes
+from pipeline.job.provenance import COLUMNS as PROVENANCE, STAGES, fold
 
 COMPRESSION = "zstd"
 
@@ -69,6 +70,7 @@ RECORD_SCHEMA = pa.schema([
     ("failure", pa.string()),  # why these rows were not written (storage), else null
     ("fatal", pa.bool_()),  # the failure is a full / read-only / forbidden output: stop the run
     ("node_id", pa.string()),
+    ("provenance", pa.string()),  # what the rows' workers ran with (pipeline/job/provenance.py), JSON
     *[(col, pa.float64()) for col in TIMING_COLUMNS],
     ("_t_write", pa.float64()),
 ])
@@ -151,6 +153,8 @@ def _write_shard_rows(fs, root: str, shard_id: int, rows: pa.Table, metadata: by
         "shard_rows": int(pc.max(rows.column(SHARD_ROWS)).as_py()),
         "file": None, "rows": rows.num_rows, "row_hashes": hashes, "errors": json.dumps(dict(errors)),
         "bytes": 0, "failure": None, "fatal": False, "node_id": _node_id(),
+        "provenance": fold(v for stage in STAGES if PROVENANCE[stage] in rows.column_names
+                           for v in pc.unique(rows.column(PROVENANCE[stage])).to_pylist()),
     }
     for col in TIMING_COLUMNS:
         record[col] = float(pc.sum(rows.column(col)).as_py() or 0.0) if col in rows.column_names else 0.0

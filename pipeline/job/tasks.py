@@ -26,6 +26,7 @@ from pipeline.data.schema import (
 )
 from pipeline.data.sources import RawImage, chunked
 from pipeline.job.labels import unpack_classes, unpack_label_map
+from pipeline.job.provenance import COLUMNS as PROVENANCE, decode_provenance, encode_provenance
 
 DECODE_CHUNK = 32
 
@@ -49,6 +50,8 @@ def read_decode(
     ``only`` (``--retry-errors``): the image ids to read from the shard, or None for all.
     """
     only_column = batch["only"] if "only" in batch else [None] * len(batch["shard_id"])
+    provenance = decode_provenance(image_size=image_size, max_pixels=max_pixels, paper_preprocess=paper_preprocess,
+                                   image_column=image_column)
     for shard_id, kind, paths, only in zip(batch["shard_id"], batch["kind"], batch["paths"], only_column):
         paths = [str(p) for p in paths]
         only = [str(i) for i in only] if isinstance(only, (list, tuple, np.ndarray)) else None  # None: NaN
@@ -61,6 +64,7 @@ def read_decode(
             out["_t_decode"] = np.full(len(chunk_rows), (time.perf_counter() - start) / len(chunk_rows))
             out[SHARD_ID] = np.full(len(chunk_rows), int(shard_id), dtype=np.int64)
             out[SHARD_ROWS] = np.full(len(chunk_rows), -1, dtype=np.int64)
+            out[PROVENANCE["decode"]] = np.full(len(chunk_rows), provenance, dtype=object)
             rows += len(chunk_rows)
             if held is not None:
                 yield held
@@ -174,6 +178,10 @@ def encode_rows(batch: dict[str, np.ndarray], *, rle: bool, class_names: list[st
     }
     if class_names is not None:
         columns[CLASS_MAP] = pa.array(class_maps, pa.binary())
+    for stage in ("decode", "model"):  # what the earlier stages ran with, on to the sink
+        column = PROVENANCE[stage]
+        columns[column] = pa.array(list(batch[column]) if column in batch else [None] * n, pa.string())
+    columns[PROVENANCE["encode"]] = pa.array([encode_provenance(rle=rle, class_names=class_names)] * n, pa.string())
     for col in ("_t_decode", "_t_model", "_t_merge"):
         columns[col] = pa.array(batch[col] if col in batch else np.zeros(n), pa.float64())
     columns["_t_encode"] = pa.array(np.full(n, per_row), pa.float64())
