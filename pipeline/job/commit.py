@@ -52,6 +52,7 @@ from pipeline.data.retry import (
 from pipeline.data.resume import publish
 from pipeline.data.schema import DONE_DIR, STAGED_DIR, TIMING_COLUMNS, TMP_DIR, marker_name
 from pipeline.data.storage import remove, write_json
+from pipeline.job.provenance import ProvenanceCheck, ProvenanceError
 from pipeline.job.sink import OutputLocation, finalize_shard
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class _OpenShard:
     garbage: set[str] = field(default_factory=set)  # duplicate spill files under another name
     errors: Counter = field(default_factory=Counter)
     node_rows: Counter = field(default_factory=Counter)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # what its workers ran with (provenance)
     failure: str | None = None
     submitted: bool = False
 
@@ -118,6 +120,7 @@ class Committer:
         metadata: dict[str, Any],
         policy: RetryPolicy | None = None,
         max_in_flight: int = MAX_FINALIZE_IN_FLIGHT,
+        provenance: ProvenanceCheck | None = None,
     ):
         self.fs = fs
         self.root = root.rstrip("/")
@@ -126,6 +129,7 @@ class Committer:
         self.metadata = json.dumps(metadata, sort_keys=True).encode()
         self.policy = policy or RetryPolicy()
         self.max_in_flight = max_in_flight
+        self.provenance = provenance  # None: records are not checked (benchmarks of the sink alone)
         self.expected: dict[int, _Expected] = {}
         self.open: dict[int, _OpenShard] = {}
         self.committed: list[int] = []
@@ -140,6 +144,8 @@ class Committer:
         self.records = 0
         self._in_flight: dict[Any, int] = {}  # finalize ObjectRef -> shard id
         self._first: tuple[float, int] | None = None
+        self._first_cpu = 0.0  # process CPU (every thread: Ray Data's executor too) at the first record
+        self._last_cpu = 0.0
         self._last_arrival = 0.0
         self._arrived = 0
 
@@ -158,6 +164,7 @@ class Committer:
                 rows = int(np.sum(records.column("rows").to_numpy()))
                 if self._first is None:
                     self._first = (now, rows)
+                    self._first_cpu = time.process_time()
                 self._last_arrival = now
                 self._arrived += rows
                 self.records += records.num_rows
@@ -170,6 +177,13 @@ class Committer:
     def _add_record(self, rec: dict[str, Any]) -> None:
         shard_id = int(rec["shard_id"])
         shard = self.open.setdefault(shard_id, _OpenShard())
+        if self.provenance is not None:  # before anything of the record counts: a mismatch stops the run
+            try:
+                reports = self.provenance.check(rec.get("provenance"), shard_id)
+            except ProvenanceError as exc:
+                raise CommitError(str(exc)) from None
+            for report in reports:
+                shard.reports.setdefault(json.dumps(report, sort_keys=True), report)
         for col in (*TIMING_COLUMNS, "_t_write"):
             value = rec.get(col) or 0.0
             if col == "_t_write":
@@ -258,6 +272,8 @@ class Committer:
             "files": list(result["files"]),
             "committed_at": time.time(),
         }
+        if shard.reports:  # what the workers that made these rows reported they ran with
+            marker["provenance"] = sorted(shard.reports.values(), key=lambda r: json.dumps(r, sort_keys=True))
         marker["generation"] = int(old.get("generation", 0)) + 1 if old else 0
         pause_point("before-marker", shard_id)
         try:
@@ -325,6 +341,7 @@ class Committer:
             for shard_id, shard in self.open.items():
                 if shard.failure and shard_id not in self.failed:
                     self.failed[shard_id] = shard.failure
+            self._last_cpu = time.process_time()
             if not self.open:
                 for folder in (TMP_DIR, STAGED_DIR):
                     try:
@@ -338,6 +355,13 @@ class Committer:
     def incomplete(self) -> dict[int, tuple[int, int]]:
         """Shards that did not get all their rows and did not fail: {shard_id: (rows seen, rows expected or -1)}."""
         return {sid: (len(s.seen), s.total) for sid, s in self.open.items() if sid not in self.failed}
+
+    def steady_driver_cpu(self) -> tuple[float, int] | None:
+        """(CPU seconds of this whole process, rows) from the first record to the end of the stream:
+        the driver's cost past start-up (Ray's and Ray Data's threads in this process included)."""
+        if self._first is None or not self._last_cpu:
+            return None
+        return self._last_cpu - self._first_cpu, self._arrived - self._first[1]
 
     def steady_rate(self) -> float:
         """Rows/s from the first record's arrival to the last's: throughput without start-up."""

@@ -24,6 +24,7 @@ import errno
 import gc
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -290,8 +291,11 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
                 "input": checked.input_root}
     if vocab is not None:
         metadata["vocabulary"] = manifest["vocabulary"]
+    from pipeline.job.provenance import ProvenanceCheck, expected
+
+    check = ProvenanceCheck(expected(opts, image_size=image_size, dtype=dtype, model_info=model_info))
     committer = Committer(out_fs, out_root, OutputLocation(output, opts.storage_options), opts.rows_per_file,
-                          metadata, policy)
+                          metadata, policy, provenance=check)
     interrupted: RunInterrupted | None = None
     try:  # from here on the plan is known: a stop says how many of its shards are committed
         if dropped:
@@ -575,6 +579,7 @@ def summarize(
     stage["write (worker s)"] = round(sink.write_seconds, 3)
     stage["commit (driver s)"] = round(sink.driver_seconds, 3)
     steady = sink.steady_rate()
+    driver_cpu = sink.steady_driver_cpu()
     return {
         "input": input,
         "output": output,
@@ -595,7 +600,18 @@ def summarize(
         "images_per_s": round(sink.rows / pipeline_s, 3) if sink.rows and pipeline_s > 0 else None,
         "steady_images_per_s": round(steady, 3) if steady > 0 else None,
         "stage_seconds": stage,
+        # the driver process's CPU past start-up (benchmarks/driver_bench.py): what bounds one job's scale
+        "driver": {"cpu_s_after_first_record": round(driver_cpu[0], 3) if driver_cpu else None,
+                   "rows_after_first_record": driver_cpu[1] if driver_cpu else 0,
+                   "peak_rss_mb": round(_peak_rss_mb(), 1)},
     }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / (1 << 20)
 
 
 # ---------------------------------------------------------------------------- helpers
