@@ -146,6 +146,7 @@ class Committer:
         self._first: tuple[float, int] | None = None
         self._first_cpu = 0.0  # process CPU (every thread: Ray Data's executor too) at the first record
         self._last_cpu = 0.0
+        self.pipeline_cpu = 0.0  # set by the driver loop: process CPU over the whole stream
         self._last_arrival = 0.0
         self._arrived = 0
 
