@@ -9,9 +9,10 @@ excluded by taking the slope between two sizes: (CPU at 10k - CPU at 1k) / 9k im
 RSS is the driver process's (``ru_maxrss``). The projection: images/s one driver core can
 orchestrate (10,000 / CPU s per 10k) and the GPUs that feeds at 200 images/s each.
 
-A baseline in the same run: Ray Data alone, the same number of rows through a stage of
-the same batch size that does nothing, in a fresh process too (what no code of ours can go
-under).
+A reference in the same run: Ray Data alone, the same number of rows in blocks of 32 (as the
+decode tasks make them) through a task map, an actor map of the same batch size and a task map
+of 64 rows, all doing nothing, in a fresh process too: Ray Data's own cost for a plan of that
+shape (it is not a floor: Ray Data's cost depends on the blocks and the wall time too).
 
     python benchmarks/driver_bench.py                         # 1,000 and 10,000 images, batch 8 and 32
     python benchmarks/driver_bench.py --images 1000 10000 50000
