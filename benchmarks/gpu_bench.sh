@@ -3,7 +3,9 @@
 #   1. benchmarks/actor_bench.py: the model actor's batch loop (no Ray) vs a naive diffusers loop,
 #      fp16 and bf16 UNet, batch 1..64, images/s and GPU utilisation;
 #   2. benchmarks/extract_bench.py: the extraction stages (VAE bf16 vs float32, UNet with the capture
-#      vs diffusers keeping every probability), fp16 and bf16.
+#      vs diffusers keeping every probability), fp16 and bf16;
+#   3. benchmarks/pamr_cost_bench.py: --boundaries pamr's refinement per 512 px image against the
+#      VAE + UNet on the same GPU (issue 22).
 # Full-size SD 1.x architecture with RANDOM weights (no download). Figures and logs go to
 # ${OUT:-bench-out}. Needs torch with CUDA, diffusers and scikit-image; wheels found in .whl/
 # (diffusers and importlib_metadata, for a machine without network) are installed first.
@@ -23,3 +25,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 timeout 360 python3 benchmarks/actor_bench.py --device cuda --json "$out/actor.json" 2>&1 | tee "$out/actor.log"
 timeout 200 python3 benchmarks/extract_bench.py --device cuda --dtypes fp16,bf16 --batch-sizes 1,8,32,64 \
     --iterations 3 --json "$out/extract.json" 2>&1 | tee "$out/extract.log"
+timeout 120 python3 benchmarks/pamr_cost_bench.py --device cuda 2>&1 | tee "$out/pamr.log"
