@@ -99,9 +99,6 @@ def pamr(
 ) -> torch.Tensor:
     """Refine (B, K, H, W) soft masks with the affinities of the (B, C, H, W) image: ``iterations``
     times ``M_i <- sum_j a(i, j) M_j``. Returns float (B, K, H, W) on the masks' device."""
-    problem = boundaries_problem("pamr", iterations, dilations)
-    if problem:
-        raise ValueError(problem)
     return next(pamr_steps(image, masks, [iterations], dilations))[1]
 
 

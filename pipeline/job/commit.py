@@ -144,9 +144,7 @@ class Committer:
         self.records = 0
         self._in_flight: dict[Any, int] = {}  # finalize ObjectRef -> shard id
         self._first: tuple[float, int] | None = None
-        self._first_cpu = 0.0  # process CPU (every thread: Ray Data's executor too) at the first record
-        self._last_cpu = 0.0
-        self.pipeline_cpu = 0.0  # set by the driver loop: process CPU over the whole stream
+        self.pipeline_cpu = 0.0  # set by the driver loop: this process's CPU (all threads) over the stream
         self._last_arrival = 0.0
         self._arrived = 0
 
@@ -165,7 +163,6 @@ class Committer:
                 rows = int(np.sum(records.column("rows").to_numpy()))
                 if self._first is None:
                     self._first = (now, rows)
-                    self._first_cpu = time.process_time()
                 self._last_arrival = now
                 self._arrived += rows
                 self.records += records.num_rows
@@ -342,7 +339,6 @@ class Committer:
             for shard_id, shard in self.open.items():
                 if shard.failure and shard_id not in self.failed:
                     self.failed[shard_id] = shard.failure
-            self._last_cpu = time.process_time()
             if not self.open:
                 for folder in (TMP_DIR, STAGED_DIR):
                     try:
@@ -356,13 +352,6 @@ class Committer:
     def incomplete(self) -> dict[int, tuple[int, int]]:
         """Shards that did not get all their rows and did not fail: {shard_id: (rows seen, rows expected or -1)}."""
         return {sid: (len(s.seen), s.total) for sid, s in self.open.items() if sid not in self.failed}
-
-    def steady_driver_cpu(self) -> tuple[float, int] | None:
-        """(CPU seconds of this whole process, rows) from the first record to the end of the stream:
-        the driver's cost past start-up (Ray's and Ray Data's threads in this process included)."""
-        if self._first is None or not self._last_cpu:
-            return None
-        return self._last_cpu - self._first_cpu, self._arrived - self._first[1]
 
     def steady_rate(self) -> float:
         """Rows/s from the first record's arrival to the last's: throughput without start-up."""

@@ -581,7 +581,6 @@ def summarize(
     stage["write (worker s)"] = round(sink.write_seconds, 3)
     stage["commit (driver s)"] = round(sink.driver_seconds, 3)
     steady = sink.steady_rate()
-    driver_cpu = sink.steady_driver_cpu()
     return {
         "input": input,
         "output": output,
@@ -602,11 +601,9 @@ def summarize(
         "images_per_s": round(sink.rows / pipeline_s, 3) if sink.rows and pipeline_s > 0 else None,
         "steady_images_per_s": round(steady, 3) if steady > 0 else None,
         "stage_seconds": stage,
-        # the driver process's CPU past start-up (benchmarks/driver_bench.py): what bounds one job's scale
-        "driver": {"cpu_s_pipeline": round(sink.pipeline_cpu, 3),  # the whole stream, actor start-up included
-                   "cpu_s_after_first_record": round(driver_cpu[0], 3) if driver_cpu else None,
-                   "rows_after_first_record": driver_cpu[1] if driver_cpu else 0,
-                   "peak_rss_mb": round(_peak_rss_mb(), 1)},
+        # the driver process's CPU over the stream, actor start-up included (benchmarks/driver_bench.py
+        # takes the slope between two sizes): what bounds one job's scale
+        "driver": {"cpu_s_pipeline": round(sink.pipeline_cpu, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)},
     }
 
 

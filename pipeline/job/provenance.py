@@ -98,17 +98,25 @@ def model_provenance(extractor: Any, diffseg: Any, class_voting: str, class_thre
 
 def method_fields(diffseg: Any) -> dict[str, Any]:
     """DiffSeg's parameters as the object holds them."""
-    on = diffseg.boundaries != "off"
+    return _method(diffseg.thresholds, diffseg.num_points, diffseg.refine, diffseg.weights, diffseg.boundaries,
+                   diffseg.pamr_iterations, diffseg.pamr_dilations, diffseg.min_region_area, diffseg.connected)
+
+
+def _method(thresholds: Sequence[float], num_points: int, refine: bool, weights: Sequence[float] | None,
+            boundaries: str | None, pamr_iterations: int, pamr_dilations: Sequence[int], min_region_area: int,
+            connected: bool) -> dict[str, Any]:
+    """The method fields of a report, in the one form both sides compare (PAMR's only when on)."""
+    on = (boundaries or "off") != "off"
     return {
-        "kl_threshold": [float(t) for t in diffseg.thresholds],
-        "num_points": int(diffseg.num_points),
-        "refine": bool(diffseg.refine),
-        "weights": [float(w) for w in diffseg.weights] if diffseg.weights is not None else None,
-        "boundaries": diffseg.boundaries,
-        "pamr_iterations": int(diffseg.pamr_iterations) if on else None,
-        "pamr_dilations": [int(d) for d in diffseg.pamr_dilations] if on else None,
-        "min_region_area": int(diffseg.min_region_area),
-        "connected": bool(diffseg.connected),
+        "kl_threshold": [float(t) for t in thresholds],
+        "num_points": int(num_points),
+        "refine": bool(refine),
+        "weights": [float(w) for w in weights] if weights is not None else None,
+        "boundaries": boundaries or "off",
+        "pamr_iterations": int(pamr_iterations) if on else None,
+        "pamr_dilations": [int(d) for d in pamr_dilations] if on else None,
+        "min_region_area": int(min_region_area),
+        "connected": bool(connected),
     }
 
 
@@ -123,20 +131,11 @@ def expected(opts: Any, *, image_size: int, dtype: str, model_info: dict[str, An
 
     # from the options themselves, never from what is handed to the workers (that path is what is checked)
     filled = opts.with_model_defaults()
-    on = (filled.boundaries or "off") != "off"
     kl = filled.kl_threshold
-    method = {
-        "kl_threshold": method_thresholds(list(kl) if isinstance(kl, (list, tuple)) else kl, filled.num_points,
-                                          None if isinstance(kl, (list, tuple)) else filled.iterations),
-        "num_points": int(filled.num_points),
-        "refine": bool(filled.refine),
-        "weights": [float(w) for w in filled.weights] if filled.weights is not None else None,
-        "boundaries": filled.boundaries or "off",
-        "pamr_iterations": int(filled.pamr_iterations) if on else None,
-        "pamr_dilations": [int(d) for d in filled.pamr_dilations] if on else None,
-        "min_region_area": int(filled.min_region_area),
-        "connected": bool(filled.connected),
-    }
+    thresholds = method_thresholds(list(kl) if isinstance(kl, (list, tuple)) else kl, filled.num_points,
+                                   None if isinstance(kl, (list, tuple)) else filled.iterations)
+    method = _method(thresholds, filled.num_points, filled.refine, filled.weights, filled.boundaries,
+                     filled.pamr_iterations, filled.pamr_dilations, filled.min_region_area, filled.connected)
     vocab = opts.resolved_vocabulary()  # read once, by the options the driver was given
     model: dict[str, Any] = {
         "model": model_info.get("model"),
