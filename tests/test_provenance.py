@@ -186,6 +186,14 @@ def test_every_marker_names_what_each_stage_ran_with(jobs):
             assert {r["version"] for r in marker["provenance"]} == {package_version()}
 
 
+def test_the_summary_reports_the_driver_cpu_and_memory(jobs):
+    """What benchmarks/driver_bench.py reads: the driver's CPU over the stream and its peak RSS."""
+    for job in jobs.values():
+        driver = job["summary"]["driver"]
+        assert set(driver) == {"cpu_s_pipeline", "peak_rss_mb"}
+        assert driver["cpu_s_pipeline"] > 0 and driver["peak_rss_mb"] > 50, driver
+
+
 def test_max_pixels_below_a_photo_makes_a_decompression_bomb_error_row(jobs):
     table = read_output(str(jobs["A"]["output"])).to_pylist()
     errors = {r["image_id"]: r["error"] for r in table}
