@@ -110,6 +110,27 @@ def test_a_successful_run_prints_no_error_line_and_each_warning_once(tmp_path):
     assert not re.search(r"(?<![\d.])0\.0\b", out.split("seconds:")[0])  # no "0.0 images/s" (but "10.0 s" is fine)
 
 
+def test_after_a_stop_rays_stdout_chatter_is_dropped_and_stdout_comes_back():
+    """Ray prints its raylet's and workers' stdout lines on sys.stdout ("(raylet) Task ... killed by
+    ray.kill" while it tears down after Ctrl-C): after silence_ray() they go where the filter drops them."""
+    code = r"""
+import sys, time
+from pipeline.job.stderr_filter import filtered_stderr, silence_ray
+with filtered_stderr():
+    print("before the stop")
+    silence_ray()
+    print("\x1b[33m(raylet)\x1b[0m Task MapWorker(MapBatches(LabelActor)).submit failed. The actor is dead")
+    print("a line of ours", file=sys.stderr)
+    time.sleep(0.3)
+print("after the block")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "before the stop\nafter the block\n"
+    assert "(raylet)" not in done.stderr and "a line of ours" in done.stderr
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 def test_the_stderr_filter_drops_only_the_known_false_alarm(terminal):
     code = r"""

@@ -38,11 +38,26 @@ RAY_CHATTER: tuple[Pattern[bytes], ...] = (
     re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]"),
 )
 _silenced = threading.Event()
+_filtering = threading.Event()  # a filtered_stderr block is routing fd 2 through the pump
+_real_stdout: list = []  # sys.stdout while a stop sends Python's stdout to stderr (see silence_ray)
 
 
 def silence_ray() -> None:
-    """From now on, inside filtered_stderr, drop Ray's own lines (the run is stopping)."""
+    """From now on, inside filtered_stderr, drop Ray's own lines (the run is stopping).
+
+    Ray prints what its workers and the raylet write to stdout on this process's ``sys.stdout``
+    ("(raylet) Task ... killed by ray.kill" while it tears down), past the filter on fd 2. A stop
+    prints nothing of ours on stdout, so until the block ends ``sys.stdout`` is stderr, where
+    the filter drops those lines like the rest of Ray's chatter.
+    """
     _silenced.set()
+    if _filtering.is_set() and not _real_stdout:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        _real_stdout.append(sys.stdout)
+        sys.stdout = sys.stderr
 
 
 def _dropped(line: bytes, patterns: tuple[Pattern[bytes], ...]) -> bool:
@@ -80,12 +95,16 @@ def filtered_stderr(patterns: tuple[Pattern[bytes], ...] = HARMLESS) -> Iterator
         reader, writer = os.pipe()
     os.dup2(writer, 2)
     os.close(writer)
+    _filtering.set()
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(reader, real, patterns, stop), daemon=True, name="stderr-filter")
     pump.start()
     try:
         yield
     finally:
+        _filtering.clear()
+        if _real_stdout:
+            sys.stdout = _real_stdout.pop()
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
