@@ -30,6 +30,9 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("--address", help=_ADDRESS_HELP)
     p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit code follows it")
     p.add_argument("--dry-run", action="store_true", help="print the resolved job (secrets masked), submit nothing")
+    p.add_argument("--parts", type=int, default=None, metavar="N",
+                   help="submit N jobs that write one output, part 1/N to N/N (one driver each: for clusters "
+                   "larger than one driver feeds); --wait then waits for all of them")
     p = sub.add_parser("status", help="status of a submitted job")
     p.add_argument("job_id")
     p.add_argument("--address", help=_ADDRESS_HELP)
@@ -103,6 +106,8 @@ def _submit(args: argparse.Namespace) -> int:
     from jobs.submit import submit
 
     spec = load_spec(args.spec)
+    if args.parts is not None:
+        return _submit_parts(args, spec)
     resolved = spec.printable()  # also expands ${VAR}s: an unset one is refused before any cluster call
     if args.dry_run:
         print(json.dumps(resolved, indent=2, default=str))
@@ -120,6 +125,40 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"follow it: diffseg logs {done.submission_id} --follow", file=sys.stderr)
         return 0
     return _follow(cluster, done.submission_id)
+
+
+def _submit_parts(args: argparse.Namespace, spec: Any) -> int:
+    """``submit --parts N``: one job per part (each resumable alone by submitting again)."""
+    from jobs.connect import connect
+    from jobs.spec import SpecError
+    from jobs.submit import submit
+
+    if not 2 <= args.parts <= 9999:
+        raise SpecError(f"--parts takes a number of jobs from 2 to 9999, not {args.parts}.")
+    if spec.options.get("part"):
+        raise SpecError(f"{spec.source} already sets io.part: {spec.options['part']}; submit it without --parts, "
+                        "or drop io.part.")
+    parts = [spec.with_part(f"{i}/{args.parts}") for i in range(1, args.parts + 1)]
+    resolved = [p.printable() for p in parts]  # every ${VAR} checked before the first submission
+    if args.dry_run:
+        print(json.dumps(resolved, indent=2, default=str))
+        return 0
+    cluster = connect(args.address)
+    ids = []
+    for part in parts:
+        done = submit(cluster, part)
+        ids.append(done.submission_id)
+        print(done.submission_id)
+        sys.stdout.flush()
+    args.submitted_id = ids[0]
+    if not args.wait:
+        print(f"follow one: diffseg logs {ids[0]} --follow; all of them: diffseg list", file=sys.stderr)
+        return 0
+    statuses = {}
+    for job_id in ids:  # the parts run at once: waiting on each in turn waits as long as on all
+        statuses[job_id] = wait_for_end(cluster, job_id)
+        print(f"{job_id}: {statuses[job_id]}", file=sys.stderr)
+    return 0 if all(s == "SUCCEEDED" for s in statuses.values()) else 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -17,8 +17,8 @@ Layout (every section but ``input``/``output`` is optional)::
              pamr_dilations, min_region_area, connected, paper_preprocess, vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
     resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
                 cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
-    io: {rle, rows_per_file, overwrite, retry_errors, image_column, max_pixels, storage_options,
-         storage_retry_s}
+    io: {rle, rows_per_file, overwrite, retry_errors, part, image_column, max_pixels, storage_options,
+         storage_retry_s}                 # part: "i/N", one of N jobs writing one output
     runtime_env: {working_dir, pip, py_modules, excludes, env_vars, ship_code}
 
 ``method.vocabulary`` names segments: a list of class names, a comma-separated
@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -120,6 +120,15 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         return v
 
     return check
+
+
+def _part(v: Any) -> str:
+    from pipeline.data.parts import Part
+
+    try:
+        return str(Part.parse(_str(v)))
+    except ValueError:
+        raise _Bad(f"i/N (this job's part i of N, e.g. \"1/4\"), not {_type_name(v)} {v!r}") from None
 
 
 def _kl_threshold(v: Any) -> float | list[float]:
@@ -227,6 +236,7 @@ _IO = {
     "rows_per_file": (_int(1), "rows_per_file"),
     "overwrite": (_bool, "overwrite"),
     "retry_errors": (_optional(_str_list), "retry_errors"),
+    "part": (_optional(_part), "part"),  # "i/N": this job is part i of N writing one output
     "image_column": (_optional(_str), "image_column"),
     "max_pixels": (_int(1), "max_pixels"),
     "storage_options": (_optional(_str_mapping), "storage_options"),
@@ -276,6 +286,14 @@ class JobSpec:
     def submission_prefix(self) -> str:
         """Every submission of this spec has an id ``<prefix>-<attempt>``."""
         return f"diffseg-{self.name}-{self.content_hash[:10]}"
+
+    def with_part(self, part: str) -> "JobSpec":
+        """This job as part ``part`` ("i/N") of N jobs writing its output (``diffseg submit --parts N``):
+        its own name, hence its own submission ids."""
+        index, count = (int(x) for x in _part(part).split("/"))
+        name = f"{self.name}-part-{index}-of-{count}"
+        raw = {**self.raw, "name": name, "io": {**(self.raw.get("io") or {}), "part": f"{index}/{count}"}}
+        return replace(self, name=name, options={**self.options, "part": f"{index}/{count}"}, raw=raw)
 
     def entrypoint_json(self) -> str:
         """The job part of the spec (no runtime_env: env var values may be secrets) as JSON."""

@@ -6,7 +6,8 @@ again (Ray never reuses an id). A resubmitted job resumes where the last one sto
 ``pipeline.label`` skips the shards the output already has.
 
 Before submitting we refuse when a live (pending or running) job of this spec, or any
-live diffseg job writing the same output, exists. Two people submitting at the same
+live diffseg job writing the same output, exists; the N parts of a ``--part i/N`` output
+(one job each) may run at once, two jobs of one part may not. Two people submitting at the same
 instant can both pass that check; for the same spec Ray's unique ids still stop the
 second (same attempt number), for different specs on one output they do not.
 """
@@ -24,6 +25,7 @@ META_SPEC = "diffseg_spec"
 META_HASH = "diffseg_spec_hash"
 META_OUTPUT = "diffseg_output"
 META_SOURCE = "diffseg_spec_file"
+META_PART = "diffseg_part"  # "i/N", or absent for a job that writes the whole output
 
 
 class SubmitRefused(RuntimeError):
@@ -63,6 +65,7 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
     prefix = spec.submission_prefix + "-"
     mine = [j for j in jobs if (j.submission_id or "").startswith(prefix)]
     output = normalize_output(spec.output)
+    part = spec.options.get("part") or ""
     for job in jobs:
         if not _is_live(job):
             continue
@@ -70,13 +73,19 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
             raise SubmitRefused(f"Job {job.submission_id} of this spec is still {_status(job)}; follow it with "
                                 f"`diffseg logs {job.submission_id} --follow` or stop it with "
                                 f"`diffseg stop {job.submission_id}`.")
-        if (job.metadata or {}).get(META_OUTPUT) == output:
-            raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes to {spec.output}; "
-                                "two jobs must not write one output at once.")
+        theirs = (job.metadata or {}).get(META_PART) or ""
+        if (job.metadata or {}).get(META_OUTPUT) == output and not _other_parts(part, theirs):
+            what = f"part {theirs} of {spec.output}" if theirs == part else spec.output
+            raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes {what}; "
+                                + ("two jobs must not write one part at once." if theirs == part else
+                                   "two jobs must not write one output at once, unless they are its parts "
+                                   "i/N of one N (--part)."))
     attempts = [int(j.submission_id[len(prefix):]) for j in mine if j.submission_id[len(prefix):].isdigit()]
     attempt = max(attempts, default=0) + 1
     submission_id = f"{prefix}{attempt}"
     metadata = {META_SPEC: spec.name, META_HASH: spec.content_hash, META_OUTPUT: output, META_SOURCE: spec.source}
+    if part:
+        metadata[META_PART] = part
     cluster.call(
         f"submit {spec.source}", "submit_job",
         entrypoint=entrypoint_command(spec),
@@ -88,6 +97,14 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
     previous = sorted(((j.submission_id, _status(j)) for j in mine),
                       key=lambda t: int(t[0][len(prefix):]) if t[0][len(prefix):].isdigit() else 0)
     return Submitted(submission_id, attempt, previous)
+
+
+def _other_parts(a: str, b: str) -> bool:
+    """Two jobs on one output may run at once when they are different parts i/N of the same N."""
+    if not a or not b:
+        return False
+    (i, n), (j, m) = a.split("/"), b.split("/")
+    return n == m and i != j
 
 
 __all__ = ["Submitted", "SubmitRefused", "submit", "normalize_output"]

@@ -138,6 +138,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
     o.add_argument("--retry-errors", nargs="+", metavar="KIND", default=None,
                    help="redo the committed error rows of these kinds in OUTPUT (e.g. 'read error'), "
                    "replacing them; every image stays exactly once")
+    o.add_argument("--part", default=None, metavar="I/N",
+                   help="label part I of N: N jobs (one per driver) write one OUTPUT, each its own share of the "
+                   "input files; run every part with the same options and N")
     o.add_argument("--storage-retry-s", type=float, default=_DEFAULTS.storage_retry_s,
                    help="seconds a storage read or write keeps retrying connection errors, timeouts and 5xx")
     o.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column (default: guessed)")
@@ -167,11 +170,14 @@ def format_summary(summary: dict) -> str:
     """The run summary for people: what is true, in words; a figure that was not measured is left out."""
     run, shards = summary["this_run"], summary["shards"]
     errors = summary["errors"]
-    head = (f"labelled {summary['labelled']} of {plural(summary['images'], 'image')} into {summary['output']}"
+    where = f"part {summary['part']} of {summary['output']}" if summary.get("part") else summary["output"]
+    head = (f"labelled {summary['labelled']} of {plural(summary['images'], 'image')} into {where}"
             f" ({plural(errors, 'error') if errors else 'no errors'})")
     if not summary["complete"]:
         head += " - INCOMPLETE, rerun the same command to finish"
     lines = [head]
+    if summary.get("part"):
+        lines.append(_parts_line(summary.get("parts") or {}))
     if summary.get("random_weights"):
         lines.append(f"model {summary['model']!r} has RANDOM weights: these labels only show the plumbing")
     elif summary.get("demo_model"):
@@ -198,6 +204,18 @@ def format_summary(summary: dict) -> str:
     workers = [f"{k.split(' (')[0]} {v:.2f}" for k, v in stages.items() if "(worker s)" in k]
     lines.append("seconds: " + ", ".join(driver) + (f"; in workers: {', '.join(workers)}" if workers else ""))
     return "\n".join(lines)
+
+
+def _parts_line(parts: dict) -> str:
+    """Where the output's parts stand, from the merged manifest: "parts complete: 1 of 4 (2/4 running, ...)"."""
+    count, status = parts.get("count", 0), parts.get("status", {})
+    done = sum(1 for s in status.values() if s == "complete")
+    others = [f"{k} {s}" for k, s in status.items() if s != "complete"]
+    missing = count - len(status)
+    if missing:
+        others.append(f"{plural(missing, 'part')} not started")
+    line = f"the output: {done} of {plural(count, 'part')} complete"
+    return line + (f" ({', '.join(others)})" if others else "")
 
 
 def _rate(value: float) -> str:

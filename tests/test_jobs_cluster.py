@@ -262,3 +262,37 @@ def test_running_job_is_stopped_and_resubmitting_resumes_it(with_token, tmp_path
     assert summary["shards"]["skipped_already_done"] >= committed
     assert summary["this_run"]["images"] <= len(ids) - 4 * committed
     assert sorted(read_output(str(out)).column("image_id").to_pylist()) == ids
+
+
+def test_submit_parts_runs_n_jobs_on_one_output_each_image_once(with_token, tmp_path, capsys):
+    """``submit --parts 2 --wait``: two jobs at once on the head, one output; then the same again
+    finds every part done. Each part's model actor takes half a CPU: both jobs fit on 2 CPUs."""
+    import pyarrow.parquet as pq
+
+    ids = sorted(make_photo_folder(tmp_path / "in", copies=2))
+    out = tmp_path / "out"
+    spec = tmp_path / "parts.yaml"
+    spec.write_text(f"name: parts\ninput: {tmp_path / 'in'}\noutput: {out}\n"
+                    "model: {name: tiny-random, image_size: 64}\nmethod: {num_points: 4}\n"
+                    "resources: {batch_size: 4, actors: 1, cpus_per_actor: 0.5}\nio: {rows_per_file: 2}\n"
+                    "runtime_env: {env_vars: {HF_HUB_OFFLINE: '1'}}\n")
+    code = cli.main(["submit", str(spec), "--parts", "2", "--address", with_token.address, "--wait"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    jobs = captured.out.split()
+    assert [j.rsplit("-", 2)[0] for j in jobs] == ["diffseg-parts-part-1-of-2", "diffseg-parts-part-2-of-2"]
+    assert all(f"{j}: SUCCEEDED" in captured.err for j in jobs)
+    assert sorted(pq.read_table(out, columns=["image_id"]).column(0).to_pylist()) == ids
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["parts"]["status"] == {"1/2": "complete",
+                                                                               "2/2": "complete"}
+    cluster = connect(with_token.address)
+    summaries = [job_summary(cluster.client.get_job_logs(j)) for j in jobs]
+    assert [s["part"] for s in summaries] == ["1/2", "2/2"]
+    assert sum(s["this_run"]["images"] for s in summaries) == len(ids)
+    # submitted again: each part resumes its output and finds nothing left
+    assert cli.main(["submit", str(spec), "--parts", "2", "--address", with_token.address, "--wait"]) == 0
+    again = capsys.readouterr().out.split()
+    assert [j.rsplit("-", 1)[1] for j in again] == ["2", "2"]  # second attempts of the same parts
+    assert all(job_summary(cluster.client.get_job_logs(j))["this_run"]["images"] == 0 for j in again)
+    assert sorted(pq.read_table(out, columns=["image_id"]).column(0).to_pylist()) == ids

@@ -255,3 +255,34 @@ def test_a_dry_run_piped_into_head_ends_quietly(tmp_path):
     done = subprocess.run(f"{sys.executable} -m jobs.cli submit {spec} --dry-run | true", shell=True,
                           capture_output=True, text=True, cwd=JOBS_DIR.parent, timeout=120)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_submit_parts_dry_run_resolves_one_job_per_part(tmp_path, capsys):
+    path = write(tmp_path, GOOD + "name: big\n")
+    assert cli.main(["submit", str(path), "--parts", "3", "--dry-run"]) == 0
+    jobs = json.loads(capsys.readouterr().out)
+    assert [j["name"] for j in jobs] == ["big-part-1-of-3", "big-part-2-of-3", "big-part-3-of-3"]
+    assert [j["options"]["part"] for j in jobs] == ["1/3", "2/3", "3/3"]
+    assert len({j["submission_id_prefix"] for j in jobs}) == 3
+    import shlex
+
+    for job in jobs:  # what the cluster's `python -m jobs.run` reads back: the part travels in the entrypoint
+        entry = json.loads(shlex.split(job["entrypoint"])[-1])
+        assert parse_spec(entry).options["part"] == job["options"]["part"]
+    assert cli.main(["submit", str(path), "--parts", "1", "--dry-run"]) == 2
+    assert "--parts takes a number of jobs from 2 to 9999" in capsys.readouterr().err
+    spec_part = write(tmp_path, GOOD + "io: {part: 1/2}\n", "p.yaml")
+    assert cli.main(["submit", str(spec_part), "--parts", "2", "--dry-run"]) == 2
+    assert "already sets io.part: 1/2" in capsys.readouterr().err
+    with pytest.raises(SpecError, match=r"io.part: must be i/N"):
+        parse_spec({"input": "/in", "output": "/out", "model": "tiny-random", "io": {"part": "3/2"}})
+
+
+@pytest.mark.parametrize("mine, theirs, allowed", [
+    ("1/2", "2/2", True), ("1/2", "1/2", False), ("1/2", "", False), ("", "1/2", False), ("", "", False),
+    ("1/2", "2/3", False),
+])
+def test_only_other_parts_of_the_same_n_share_an_output(mine, theirs, allowed):
+    from jobs.submit import _other_parts
+
+    assert _other_parts(mine, theirs) is allowed

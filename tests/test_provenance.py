@@ -76,6 +76,7 @@ EXEMPT = {
     "revision": "a hub revision (no hub offline); every record's model.revision is compared with the driver's",
     "allow_unsafe_weights": "a permission to load pickle weights; the weights themselves are checked as a digest",
     "retry_errors": "which committed rows to redo, not how to label them",
+    "part": "which input files this job plans (tests/test_parts.py), not how they are labelled",
     "overwrite": "what happens to an earlier output",
     "ray_address": "where Ray runs",
     "storage_options": "how storage is reached",

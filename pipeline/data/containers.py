@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.data.parts import Part
 from pipeline.data.resume import DamagedPlanError, PlannedPaths
 from pipeline.data.retry import is_transient
-from pipeline.data.schema import PLAN
 from pipeline.data.sources import (
     SkippedInputs,
     iter_inputs,
@@ -36,15 +36,18 @@ TAR_BYTES_PER_MEMBER = 512  # a member takes one header block at least: a smalle
 
 def plan_inputs(
     url: str, storage_options: dict[str, Any] | None, rows_per_file: int, out_fs: fsspec.AbstractFileSystem,
-    out_root: str, skipped: SkippedInputs | None = None,
+    out_root: str, skipped: SkippedInputs | None = None, part: Part = Part.whole(), input_root: str = "",
 ) -> Iterator[tuple[str, str]]:
-    """The input listing as the shard plan takes it: ``iter_inputs``, with every container
-    not yet in the output's saved plan and holding more than ``rows_per_file`` rows given
-    as one ``(ranged kind, uri)`` per range. Each call lists afresh (``skipped`` too)."""
+    """The input listing as the shard plan takes it: ``iter_inputs`` (only ``part``'s own files),
+    with every container not yet in the output's saved plan and holding more than
+    ``rows_per_file`` rows given as one ``(ranged kind, uri)`` per range. Each call lists afresh
+    (``skipped`` too)."""
     if skipped is not None:
         skipped.reset()
-    yield from split_containers(iter_inputs(url, storage_options, skipped), rows_per_file, storage_options,
-                                SavedPlan(out_fs, out_root))
+    inputs = iter_inputs(url, storage_options, skipped)
+    if part.partitioned:
+        inputs = ((kind, uri) for kind, uri in inputs if part.owns_input(uri, input_root))
+    yield from split_containers(inputs, rows_per_file, storage_options, SavedPlan(out_fs, out_root, part.plan_name))
 
 
 def split_containers(
@@ -95,8 +98,8 @@ class SavedPlan:
     """Whether the output's saved plan holds a URI (read on the first question only: a listing
     without containers never reads it)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str):
-        self.fs, self.path = fs, f"{root}/{PLAN}"
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, plan_name: str):
+        self.fs, self.path = fs, f"{root}/{plan_name}"
         self.planned: PlannedPaths | None = None
         self.loaded = False
 

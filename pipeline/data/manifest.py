@@ -97,10 +97,12 @@ def read_labels_manifest(labels: str, storage_options: dict[str, Any] | None = N
 
 
 def write_manifest(
-    fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any], policy: RetryPolicy | None = None
+    fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any], policy: RetryPolicy | None = None,
+    name: str = MANIFEST,
 ) -> None:
-    """Atomic (temp name + rename, or one PUT), so a kill or a full disk never leaves half a manifest."""
-    write_json(fs, f"{root}/{MANIFEST}", manifest, policy=policy, indent=2)
+    """Atomic (temp name + rename, or one PUT), so a kill or a full disk never leaves half a manifest.
+    ``name``: a part's own manifest (pipeline/data/parts.py)."""
+    write_json(fs, f"{root}/{name}", manifest, policy=policy, indent=2)
 
 
 def check_compatible(
@@ -155,3 +157,81 @@ def new_manifest(
         "runs": list((previous or {}).get("runs", [])),
         "counts": (previous or {}).get("counts", {}),
     }
+
+
+# ------------------------------------------------------------------ --part i/N: one manifest per part
+
+
+def read_part_manifests(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+    """Every part's own manifest at the output root, by its ``i/N``; a torn one is left out (its
+    part rewrites it when it next runs)."""
+    from pipeline.data.parts import part_of_file
+
+    found: dict[str, dict[str, Any]] = {}
+    if not fs.exists(root):
+        return found
+    for path in fs.ls(root, detail=False):
+        name = posixpath.basename(path)
+        part = part_of_file(name)
+        if part is None or not name.startswith("_manifest."):
+            continue
+        try:
+            manifest = read_json(fs, f"{root}/{name}")
+        except TornFileError:
+            continue
+        if isinstance(manifest, dict):
+            found[str(part)] = manifest
+    return found
+
+
+def merge_part_manifests(parts: dict[str, dict[str, Any]], count: int) -> dict[str, Any]:
+    """One manifest for an output written by ``count`` parts: their shared identity (input, model,
+    parameters), the counts summed, every part's runs, and a status that is "complete" only when
+    every part is; ``parts`` says where each part stands."""
+    ordered = [parts[k] for k in sorted(parts, key=lambda k: int(k.split("/")[0]))]
+    merged = {k: v for k, v in ordered[0].items() if k not in ("runs", "counts", "status")}
+    merged["parts"] = {"count": count, "status": {k: parts[k].get("status") for k in sorted(
+        parts, key=lambda k: int(k.split("/")[0]))}}
+    statuses = [m.get("status") for m in ordered]
+    if "running" in statuses:
+        status = "running"
+    elif len(ordered) == count and all(s == "complete" for s in statuses):
+        status = "complete"
+    elif "interrupted" in statuses:
+        status = "interrupted"
+    else:
+        status = "incomplete"  # a part not started yet, or one that stopped short
+    merged["status"] = status
+    merged["counts"] = _summed([m.get("counts") or {} for m in ordered])
+    merged["runs"] = sorted((dict(run, part=key) for key, m in parts.items() for run in m.get("runs", [])),
+                            key=lambda run: run.get("started_at", 0))
+    merged["created_at"] = min(m.get("created_at", time.time()) for m in ordered)
+    return merged
+
+
+def _summed(counts: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in counts:
+        for key, value in c.items():
+            if isinstance(value, dict):
+                out[key] = _summed([out.get(key) or {}, value])
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def write_merged_manifest(fs: fsspec.AbstractFileSystem, root: str, count: int,
+                          policy: RetryPolicy | None = None) -> dict[str, Any] | None:
+    """Rewrite ``_manifest.json`` from the part manifests until a read after the write finds
+    them unchanged (two parts that finish together each merge again after their own write,
+    so the last writer has seen every part's final state)."""
+    merged = None
+    for _ in range(4):
+        parts = read_part_manifests(fs, root)
+        if not parts:
+            return None
+        merged = merge_part_manifests(parts, count)
+        write_manifest(fs, root, merged, policy)
+        if read_part_manifests(fs, root) == parts:
+            break
+    return merged

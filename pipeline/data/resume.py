@@ -39,6 +39,7 @@ from typing import IO, Callable, Iterable, Iterator
 import fsspec
 import numpy as np
 
+from pipeline.data.parts import Part
 from pipeline.data.retry import RetryPolicy, call_with_retries
 from pipeline.data.schema import DONE_DIR, PLAN, STAGED_DIR, TMP_DIR, marker_name, shard_of_part, staged_path
 from pipeline.data.sources import read_literal
@@ -87,9 +88,11 @@ class PlanSummary:
     index: PlanIndex = field(repr=False)
 
 
-def shards_from_inputs(inputs: Iterable[tuple[str, str]], images_per_shard: int, first_id: int = 0) -> Iterator[Shard]:
+def shards_from_inputs(inputs: Iterable[tuple[str, str]], images_per_shard: int, first_id: int = 0,
+                       step: int = 1) -> Iterator[Shard]:
     """Cut a stream of ``(kind, uri)`` into shards, in order: image files ``images_per_shard``
-    at a time, each tar or Parquet file a shard of its own. Holds one shard's paths at most."""
+    at a time, each tar or Parquet file a shard of its own. Holds one shard's paths at most.
+    Ids run ``first_id, first_id + step, ...`` (a part of N takes every N-th id: pipeline/data/parts.py)."""
     next_id = first_id
     images: list[str] = []
     for kind, uri in inputs:
@@ -97,29 +100,33 @@ def shards_from_inputs(inputs: Iterable[tuple[str, str]], images_per_shard: int,
             images.append(uri)
             if len(images) == images_per_shard:
                 yield Shard(next_id, "images", tuple(images))
-                next_id, images = next_id + 1, []
+                next_id, images = next_id + step, []
         else:
             yield Shard(next_id, kind, (uri,))
-            next_id += 1
+            next_id += step
     if images:
         yield Shard(next_id, "images", tuple(images))
 
 
 def update_plan(
-    fs: fsspec.AbstractFileSystem, root: str, inputs: Iterable[tuple[str, str]], images_per_shard: int
+    fs: fsspec.AbstractFileSystem, root: str, inputs: Iterable[tuple[str, str]], images_per_shard: int,
+    part: Part = Part.whole(),
 ) -> PlanSummary:
-    """Make the plan, or append shards for inputs the saved plan does not hold; streaming both ways."""
-    path = f"{root}/{PLAN}"
+    """Make the plan (of ``part``), or append shards for inputs the saved plan does not hold;
+    streaming both ways."""
+    path = f"{root}/{part.plan_name}"
     if not fs.exists(path):
         with _replacing(fs, path) as out:
-            index = _write_shards(out, shards_from_inputs(inputs, images_per_shard), header=True)
+            index = _write_shards(out, shards_from_inputs(inputs, images_per_shard, part.first_shard_id(),
+                                                          part.count), header=True)
         return PlanSummary(len(index), len(index), index)
     planned = PlannedPaths.of_plan(fs, path)
     fresh = planned.not_in(inputs)
-    new = shards_from_inputs(fresh, images_per_shard, first_id=planned.next_id)
+    first = int(planned.index.shard_ids.max()) + part.count if planned.shards else part.first_shard_id()
+    new = shards_from_inputs(fresh, images_per_shard, first_id=first, step=part.count)
     if planned.legacy:  # one gzip member for every line: rewrite as one member per shard
         with _replacing(fs, path) as out:
-            index = _write_shards(out, _chain(iter_plan(fs, root), new), header=True)
+            index = _write_shards(out, _chain(iter_plan(fs, root, part.plan_name), new), header=True)
         return PlanSummary(len(index), len(index) - planned.shards, index)
     with tempfile.TemporaryFile() as spool:  # the new shards, as more members after the saved ones
         added = _write_shards(spool, new, header=False, start=fs.size(path))
@@ -136,9 +143,9 @@ def update_plan(
     return PlanSummary(planned.shards + len(added), len(added), index)
 
 
-def iter_plan(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[Shard]:
+def iter_plan(fs: fsspec.AbstractFileSystem, root: str, plan_name: str = PLAN) -> Iterator[Shard]:
     """The saved plan's shards, streamed (either format). Raises DamagedPlanError for a torn or foreign file."""
-    path = f"{root}/{PLAN}"
+    path = f"{root}/{plan_name}"
     try:
         with fs.open(path, "rb") as raw, gzip.open(raw, "rt") as f:
             for line in f:
@@ -165,7 +172,6 @@ class PlannedPaths:
         self.index = index
         self.legacy = legacy
         self.shards = len(index)
-        self.next_id = int(index.shard_ids.max()) + 1 if len(index) else 0
 
     @classmethod
     def of_plan(cls, fs: fsspec.AbstractFileSystem, path: str) -> "PlannedPaths":
@@ -284,7 +290,7 @@ class _replacing:
 
 def update_plan_rebuilding(
     fs: fsspec.AbstractFileSystem, root: str, inputs: Callable[[], Iterable[tuple[str, str]]], images_per_shard: int,
-    markers: dict[int, dict],
+    markers: dict[int, dict], part: Part = Part.whole(),
 ) -> tuple[PlanSummary, list[int]]:
     """update_plan, but a damaged plan is rebuilt from the listing (``inputs()`` gives it afresh).
 
@@ -293,13 +299,13 @@ def update_plan_rebuilding(
     (read from its files: only on this rare path), so no image is ever labelled twice.
     """
     try:
-        return update_plan(fs, root, inputs(), images_per_shard), []
+        return update_plan(fs, root, inputs(), images_per_shard, part), []
     except DamagedPlanError as exc:
         logger.warning("%s; rebuilding it from the input listing", str(exc).split(";")[0])
-    fs.rm_file(f"{root}/{PLAN}")
-    plan = update_plan(fs, root, inputs(), images_per_shard)
+    fs.rm_file(f"{root}/{part.plan_name}")
+    plan = update_plan(fs, root, inputs(), images_per_shard, part)
     kept: set[int] = set()
-    for shard in iter_plan(fs, root):
+    for shard in iter_plan(fs, root, part.plan_name):
         marker = markers.get(shard.shard_id)
         if marker is not None and marker.get("files") and _sources(fs, root, marker) == set(shard.paths):
             kept.add(shard.shard_id)
@@ -384,7 +390,7 @@ def _is_temp(base: str) -> bool:
 
 def clean_uncommitted(
     fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], torn: list[str] = (),
-    policy: RetryPolicy | None = None,
+    policy: RetryPolicy | None = None, part: Part = Part.whole(),
 ) -> list[str]:
     """Make the output hold exactly its committed shards, at the root; returns what was deleted.
 
@@ -392,23 +398,34 @@ def clean_uncommitted(
     and their temp files, spill parts, and root files of shards without a marker or not listed
     in their marker (an older generation); then move committed shards' staged files in (a move
     a kill cut short); then delete the staged files no marker lists (uncommitted).
+
+    Only ``part``'s shards are touched: another part may be writing its own at this moment.
     """
+    owns = part.owns_shard
+    torn = [p for p in torn if _owned(posixpath.basename(p), owns)]
     removed = list(torn)
     remove(fs, list(torn))
     done = f"{root}/{DONE_DIR}"
     if fs.exists(done):
-        temps = [p for p in fs.ls(done, detail=False) if _is_temp(posixpath.basename(p))]
+        temps = [p for p in fs.ls(done, detail=False)
+                 if _is_temp(posixpath.basename(p)) and _owned(posixpath.basename(p)[1:], owns)]
         remove(fs, temps)
         removed.extend(temps)
     tmp = f"{root}/{TMP_DIR}"
     if fs.exists(tmp):
-        removed.extend(fs.find(tmp))
-        fs.rm(tmp, recursive=True)
+        if not part.partitioned:
+            removed.extend(fs.find(tmp))
+            fs.rm(tmp, recursive=True)
+        else:
+            for folder in fs.ls(tmp, detail=False):
+                if _owned(posixpath.basename(folder), owns):
+                    removed.extend(fs.find(folder))
+                    fs.rm(folder, recursive=True)
     if fs.exists(root):
         stale = []
         for p in fs.ls(root, detail=False):
             shard_id = shard_of_part(p)
-            if shard_id is None:
+            if shard_id is None or not owns(shard_id):
                 continue
             marker = markers.get(shard_id)
             if marker is None or ("files" in marker and posixpath.basename(p) not in marker["files"]):
@@ -421,6 +438,10 @@ def clean_uncommitted(
         for p in fs.find(staged):
             parts = p[len(staged):].strip("/").split("/")
             shard_id = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+            if shard_id is not None and not owns(shard_id):
+                continue
+            if shard_id is None and part.partitioned:
+                continue  # not a shard's file: whose it is cannot be told, so it is left alone
             marker = markers.get(shard_id) if shard_id is not None else None
             if marker is not None and parts[1] in marker.get("files", []):
                 roll.setdefault(shard_id, []).append(parts[1])
@@ -431,11 +452,26 @@ def clean_uncommitted(
             logger.info("moving committed shard %d's staged files in (a move an earlier run did not finish)",
                         shard_id)
             publish(fs, root, shard_id, names, policy)
-        try:
-            fs.rm(staged, recursive=True)  # empty folders only by now
-        except (OSError, FileNotFoundError, NotImplementedError):
-            pass
+        if not part.partitioned:
+            try:
+                fs.rm(staged, recursive=True)  # empty folders only by now
+            except (OSError, FileNotFoundError, NotImplementedError):
+                pass
+        else:  # this part's empty folders; another part's (and the parent) may be in use
+            for folder in fs.ls(staged, detail=False):
+                if _owned(posixpath.basename(folder), owns):
+                    try:
+                        fs.rmdir(folder)
+                    except (OSError, NotImplementedError):
+                        pass
     return removed
+
+
+def _owned(name: str, owns: Callable[[int], bool]) -> bool:
+    """Whether a marker, temp marker or shard folder name (``000012.json``, ``000012``, ...)
+    belongs to a shard ``owns`` says yes to; a name that holds no shard id never does."""
+    head = name.split(".")[0]
+    return head.isdigit() and owns(int(head))
 
 
 def drop_markers(fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, dict], shard_ids: list[int]) -> None:
@@ -447,7 +483,8 @@ def drop_markers(fs: fsspec.AbstractFileSystem, root: str, markers: dict[int, di
         del markers[sid]
 
 
-def shards_by_id(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[int]) -> dict[int, Shard]:
+def shards_by_id(fs: fsspec.AbstractFileSystem, root: str, shard_ids: Iterable[int],
+                 plan_name: str = PLAN) -> dict[int, Shard]:
     """These shards of the saved plan (streamed: only they are kept)."""
     wanted = set(shard_ids)
-    return {s.shard_id: s for s in iter_plan(fs, root) if s.shard_id in wanted} if wanted else {}
+    return {s.shard_id: s for s in iter_plan(fs, root, plan_name) if s.shard_id in wanted} if wanted else {}

@@ -122,9 +122,11 @@ def acquire(
     *,
     stale_after_s: float = STALE_AFTER_S,
     heartbeat_s: float = HEARTBEAT_S,
+    name: str = LEASE,
 ) -> Lease:
-    """Take the output's lease or raise LeaseHeldError (one sentence naming the holder)."""
-    path = f"{root.rstrip('/')}/{LEASE}"
+    """Take the output's lease (``name``: one per part of a ``--part`` run) or raise
+    LeaseHeldError (one sentence naming the holder)."""
+    path = f"{root.rstrip('/')}/{name}"
     body = {
         "run_id": uuid.uuid4().hex,
         "host": socket.gethostname(),
@@ -153,6 +155,14 @@ def acquire(
         if _take_over(fs, path, body, current, current_etag):
             return Lease(fs, path, body, None, heartbeat_s)
     raise LeaseHeldError(f"{output}: could not take its lease {path} (other runs keep taking it); try again.")
+
+
+def holder(fs: fsspec.AbstractFileSystem, path: str, stale_after_s: float = STALE_AFTER_S) -> dict[str, Any] | None:
+    """The body of the live lease at ``path``, None when there is none or its run is dead."""
+    current, _ = _read(fs, path)
+    if current is None or _dead(current, stale_after_s) is not None:
+        return None
+    return current
 
 
 def _dead(lease: dict[str, Any], stale_after_s: float) -> str | None:
@@ -232,7 +242,7 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, body: dict[str, Any]) -> s
     if is_local(fs):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/.{LEASE}.{body['run_id'][:8]}.tmp"
+        tmp = f"{folder}/.{os.path.basename(path)}.{body['run_id'][:8]}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
         try:
@@ -261,7 +271,7 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, body: dict[str, Any]) -> s
 def _overwrite(fs: fsspec.AbstractFileSystem, path: str, body: dict[str, Any], etag: str | None) -> str | None:
     data = _encode(body)
     if is_local(fs):
-        tmp = f"{os.path.dirname(path)}/.{LEASE}.{body['run_id'][:8]}.beat"
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{body['run_id'][:8]}.beat"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -278,7 +288,7 @@ def _take_over(
 ) -> bool:
     """Replace a dead lease with ours; False when another run replaced it first."""
     if is_local(fs):
-        aside = f"{os.path.dirname(path)}/.{LEASE}.{body['run_id'][:8]}.dead"
+        aside = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{body['run_id'][:8]}.dead"
         try:
             os.rename(path, aside)  # only one taker can move the dead lease away
         except FileNotFoundError:

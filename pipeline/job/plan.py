@@ -33,7 +33,8 @@ from typing import Any
 from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, Vocabulary
 from pipeline.data.credentials import refuse_url_credentials
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
-from pipeline.data.manifest import new_manifest, write_manifest
+from pipeline.data.manifest import new_manifest, write_manifest, write_merged_manifest
+from pipeline.data.parts import Part, part_of_file
 from pipeline.data.resume import (
     clean_uncommitted,
     drop_markers,
@@ -42,6 +43,7 @@ from pipeline.data.resume import (
     update_plan_rebuilding,
 )
 from pipeline.data.retry import RetryPolicy, describe, is_transient, storage_refusal
+from pipeline.data.storage import TornFileError, read_json
 from pipeline.data.schema import (
     DONE_DIR,
     MANIFEST,
@@ -60,6 +62,7 @@ from pipeline.job.commit import CommitError, Committer
 from pipeline.job.dataset_card import write_dataset_card
 from pipeline.job.devices import DevicePlan, device_option_problem, plan_devices
 from pipeline.job.interrupt import RunInterrupted, stop_signals
+from pipeline.job.partition import check_layout
 from pipeline.job.preflight import Checked, default_dtype, preflight
 from pipeline.job.redo import retry_item, rows_to_retry
 from pipeline.job.sink import OutputLocation
@@ -116,6 +119,7 @@ class LabelOptions:
     actor_resources: dict[str, float] | None = None  # custom Ray resources each model actor needs
     storage_retry_s: float = 120.0  # how long a storage operation retries connection errors, timeouts, 5xx
     retry_errors: list[str] | None = None  # redo committed error rows of these kinds ("read error", ...)
+    part: str | None = None  # "i/N": this job labels part i of N that write one output (pipeline/data/parts.py)
     vocabulary: str | list[str] | None = None  # class names ("person,dog" or a list) or a preset: named segments
     vocabulary_file: str | None = None  # or a file of class names, one a line
     class_voting: str = "majority"  # "majority" (official) or "mean"
@@ -216,8 +220,10 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         t = time.perf_counter()
         checked = preflight(input, output, opts)
         times["checks"] = time.perf_counter() - t
-        try:  # one output, one writer: before Ray starts, so a second run is refused in a second
-            held = lease.acquire(checked.out_fs, checked.out_root, output)
+        part = Part.parse(opts.part)
+        try:  # one output (or part), one writer: before Ray starts, so a second run is refused in a second
+            held = lease.acquire(checked.out_fs, checked.out_root,
+                                 f"part {part} of {output}" if part.partitioned else output, name=part.lease_name)
         except lease.LeaseHeldError as exc:
             raise LabelError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a full, read-only or unreachable output
@@ -225,6 +231,12 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
                 raise LabelError(_storage_sentence(output, exc)) from None
             raise
         held.start_heartbeat()
+        try:  # after our lease: of two runs of different layouts started together, one sees the other
+            check_layout(checked.out_fs, checked.out_root, part, output, checked.previous, opts.overwrite)
+        except LabelError:
+            held.release()
+            checked.discard()
+            raise
         ray, own_ray = None, False
         try:
             t = time.perf_counter()
@@ -255,7 +267,7 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         finally:
             _shutdown(ray, own_ray)
             if stop.received is not None:  # a clean stop leaves only what it committed
-                _tidy_after_stop(checked.out_fs, checked.out_root)
+                _tidy_after_stop(checked.out_fs, checked.out_root, part)
             held.release()
 
 
@@ -264,24 +276,28 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
          started: float, held: Any = None) -> dict[str, Any]:
     """From a checked, compatible output to a committed one (the part that writes)."""
     out_fs, out_root, output = checked.out_fs, checked.out_root, checked.output
+    part = Part.parse(opts.part)
     if opts.overwrite:  # only now: a run that cannot even start must not delete labels
         _remove_previous_output(out_fs, out_root)
     policy = RetryPolicy(deadline_s=float(opts.storage_retry_s))
-    manifest = new_manifest(checked.input_root, output, model_info, parameters, checked.previous)
+    previous = _own_manifest(out_fs, out_root, part) if part.partitioned else checked.previous
+    manifest = new_manifest(checked.input_root, output, model_info, parameters, previous)
+    if part.partitioned:
+        manifest["part"] = str(part)
     vocab = opts.resolved_vocabulary()
     if vocab is not None:  # the names and their hash; the hash is a label parameter too
         manifest["vocabulary"] = vocab.to_json()
-    write_manifest(out_fs, out_root, manifest, policy)
-    write_dataset_card(out_fs, out_root, manifest)  # first: load_dataset(OUTPUT) works at every moment
+    _write_manifests(out_fs, out_root, manifest, part, policy)  # first: load_dataset(OUTPUT) works at every moment
 
     t = time.perf_counter()
-    markers, torn = read_markers(out_fs, out_root, policy)
+    markers, torn = _own_markers(out_fs, out_root, part, policy)
     skipped = SkippedInputs()  # FIFOs, sockets, devices with an input's name: never opened
     try:
         plan, dropped = update_plan_rebuilding(
             out_fs, out_root,
-            lambda: plan_inputs(checked.input, opts.storage_options, opts.rows_per_file, out_fs, out_root, skipped),
-            opts.rows_per_file, markers)
+            lambda: plan_inputs(checked.input, opts.storage_options, opts.rows_per_file, out_fs, out_root, skipped,
+                                part, checked.input_root),
+            opts.rows_per_file, markers, part)
     except (OSError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.errno in OUTPUT_FULL_ERRNOS:  # writing the plan, not listing
             raise LabelError(_storage_sentence(output, exc)) from None
@@ -303,17 +319,18 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
                            len(dropped))
             drop_markers(out_fs, out_root, markers, dropped)
             done = set(markers)
-        removed = clean_uncommitted(out_fs, out_root, markers, torn)
+        removed = clean_uncommitted(out_fs, out_root, markers, torn, part=part)
         retry_rows = rows_to_retry(out_fs, out_root, markers, opts.retry_errors) if opts.retry_errors else {}
         times["list+plan"] = time.perf_counter() - t
         if removed:
             logger.warning("removed %d uncommitted file(s) left by an earlier run", len(removed))
         t = time.perf_counter()
-        shards_ds, todo = shard_dataset(ray, out_fs, out_root, plan.index, opts.storage_options, done)
+        shards_ds, todo = shard_dataset(ray, out_fs, out_root, plan.index, opts.storage_options, done,
+                                        part.plan_name)
         for shard_id in todo:
             committer.expect(shard_id)
         if retry_rows:  # --retry-errors: the rows to redo, as work items of their own
-            plan_shards = shards_by_id(out_fs, out_root, retry_rows)
+            plan_shards = shards_by_id(out_fs, out_root, retry_rows, part.plan_name)
             items = [retry_item(plan_shards[sid], rows) for sid, rows in sorted(retry_rows.items())]
             for sid, rows in retry_rows.items():
                 committer.expect(sid, replace={"marker": markers[sid], "drop": [i for i, _ in rows]})
@@ -332,10 +349,12 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
 
     with stop.deferred():
         gc.collect()
-        final_markers, _ = read_markers(out_fs, out_root, policy)
+        final_markers, _ = _own_markers(out_fs, out_root, part, policy)
         markers = list(final_markers.values())
         summary = summarize(opts, checked.input, output, checked.input_root, manifest, markers, committer,
                             plan.shards, len(done), plan.new, times, started)
+        if part.partitioned:
+            summary["part"] = str(part)
         if skipped.count:
             summary["skipped_inputs"] = skipped.to_json()
             logger.warning("%s", skipped.sentence())
@@ -354,8 +373,9 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
             "images_per_s": summary["images_per_s"],
             "stage_seconds": summary["stage_seconds"],
         })
-        write_manifest(out_fs, out_root, manifest, policy)
-        write_dataset_card(out_fs, out_root, manifest)  # load_dataset(OUTPUT) reads the labels
+        merged = _write_manifests(out_fs, out_root, manifest, part, policy)  # load_dataset(OUTPUT) reads the labels
+        if part.partitioned:
+            summary["parts"] = merged.get("parts", {}) if merged else {}
     if interrupted is not None:
         interrupted.committed, interrupted.total = len(markers), plan.shards
         raise interrupted
@@ -400,7 +420,7 @@ def drive(dataset: Any, committer: Committer, held: Any = None) -> None:
 
 
 def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_options: dict[str, Any] | None,
-                  done: set[int]) -> tuple[Any, list[int]]:
+                  done: set[int], plan_name: str = PLAN) -> tuple[Any, list[int]]:
     """The plan's shards not yet done, as a Ray dataset of one-row blocks (shard_id, kind, paths).
 
     Read by Ray tasks from the plan file (pipeline/job/shard_source.py): the driver keeps the
@@ -411,7 +431,7 @@ def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_opti
     todo = index.without(done)
     if not len(todo):
         return None, []
-    source = PlanShards(out_fs.unstrip_protocol(f"{out_root}/{PLAN}"), todo, storage_options)
+    source = PlanShards(out_fs.unstrip_protocol(f"{out_root}/{plan_name}"), todo, storage_options)
     # A read is one small gzip member: a quarter CPU, so it fits beside model actors that take
     # all but 0.25 CPU of a small cluster (build_dataset leaves at least that much).
     return (ray.data.read_datasource(source, override_num_blocks=len(todo), num_cpus=READ_CPUS),
@@ -660,6 +680,13 @@ def validate_options(opts: LabelOptions) -> None:
         isinstance(opts.retry_errors, str) or not all(isinstance(k, str) and k.strip() for k in opts.retry_errors)
     ):
         raise LabelError(f"--retry-errors takes error kinds such as 'read error', not {opts.retry_errors!r}.")
+    try:
+        part = Part.parse(opts.part)
+    except ValueError as exc:
+        raise LabelError(f"{exc}.") from None
+    if part.partitioned and opts.overwrite:
+        raise LabelError("--overwrite cannot be used with --part: parts run at once, and one would delete the "
+                         "others' labels; delete the output's files first, or label into a new output.")
     problem = device_option_problem(opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
     if problem:
         raise LabelError(problem)
@@ -700,11 +727,39 @@ def _storage_sentence(output: str, exc: BaseException) -> str:
     return f"Cannot use the output {output!r}: {describe(exc)}."
 
 
-def _tidy_after_stop(fs: Any, root: str) -> None:
+def _own_markers(fs: Any, root: str, part: Part, policy: RetryPolicy | None = None) -> tuple[dict[int, dict],
+                                                                                              list[str]]:
+    """The markers (and torn markers) of ``part``'s shards: every shard's for a whole run."""
+    markers, torn = read_markers(fs, root, policy)
+    if part.partitioned:
+        markers = {sid: m for sid, m in markers.items() if part.owns_shard(sid)}
+    return markers, torn
+
+
+def _own_manifest(fs: Any, root: str, part: Part) -> dict[str, Any] | None:
+    """A part's own manifest (its runs so far), None on its first run; a torn one starts afresh."""
+    try:
+        found = read_json(fs, f"{root}/{part.manifest_name}")
+    except TornFileError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _write_manifests(fs: Any, root: str, manifest: dict[str, Any], part: Part,
+                     policy: RetryPolicy) -> dict[str, Any] | None:
+    """This run's manifest, then (a part) the output's ``_manifest.json`` merged from every part's,
+    then the dataset card. Returns what ``_manifest.json`` now says."""
+    write_manifest(fs, root, manifest, policy, name=part.manifest_name)
+    merged = write_merged_manifest(fs, root, part.count, policy) if part.partitioned else manifest
+    write_dataset_card(fs, root, merged or manifest)
+    return merged
+
+
+def _tidy_after_stop(fs: Any, root: str, part: Part = Part.whole()) -> None:
     """After Ctrl-C / SIGTERM (Ray stopped): move committed shards' staged files in, delete the rest."""
     try:
-        markers, torn = read_markers(fs, root)
-        clean_uncommitted(fs, root, markers, torn)
+        markers, torn = _own_markers(fs, root, part)
+        clean_uncommitted(fs, root, markers, torn, part=part)
     except Exception as exc:  # noqa: BLE001 - the next run cleans up the same way
         logger.warning("could not remove this run's uncommitted files: %s (the next run does)", describe(exc))
 
@@ -718,6 +773,8 @@ def _remove_previous_output(fs: Any, root: str) -> None:
     for p in fs.ls(root, detail=False):
         if shard_of_part(p) is not None:
             fs.rm(p)
+        elif part_of_file(p) is not None:
+            fs.rm(p)  # the plans, manifests and dead leases of an output labelled in parts (none runs: check_layout)
 
 
 def _init_ray(address: str | None) -> tuple[Any, bool]:
@@ -732,10 +789,13 @@ def _shutdown(ray: Any, own_ray: bool) -> None:
 
 
 def _default_actors(opts: LabelOptions, use_gpu: bool, gpus_per_actor: float, resources: dict[str, float]) -> int:
+    """One per GPU (or CPUs - 1); a part of N (``--part i/N``) on the cluster takes its 1/N share,
+    since the other parts' jobs run beside it."""
+    share = Part.parse(opts.part).count
     if use_gpu:
-        return max(1, int(math.floor(float(resources.get("GPU", 0)) / gpus_per_actor)))
+        return max(1, int(math.floor(float(resources.get("GPU", 0)) / share / gpus_per_actor)))
     cpus = float(resources.get("CPU", 1))
-    return max(1, int((cpus - 1.0) // opts.cpus_per_actor))
+    return max(1, int(((cpus - 1.0) / share) // opts.cpus_per_actor))
 
 
 def _decode_memory(image_size: int) -> int:
