@@ -14,8 +14,13 @@ decode tasks make them) through a task map, an actor map of the same batch size 
 of 64 rows, all doing nothing, in a fresh process too: Ray Data's own cost for a plan of that
 shape (it is not a floor: Ray Data's cost depends on the blocks and the wall time too).
 
+With ``--parts N`` each row is one part (``--part 1/N``) of the same folder: its driver's CPU per
+10,000 of its own images, and per 10,000 images of the whole output (N such drivers share it),
+hence the GPUs the N parts feed together.
+
     python benchmarks/driver_bench.py                         # 1,000 and 10,000 images, batch 8 and 32
     python benchmarks/driver_bench.py --images 1000 10000 50000
+    python benchmarks/driver_bench.py --parts 2 --batch 32 --no-baseline
 """
 from __future__ import annotations
 
@@ -48,11 +53,13 @@ def write_images(folder: Path, n: int) -> None:
         (folder / f"img{i:06d}.png").write_bytes(buf.getvalue())
 
 
-def run_label(images: Path, out: Path, batch: int, actors: int, image_size: int = 64) -> dict:
+def run_label(images: Path, out: Path, batch: int, actors: int, image_size: int = 64, parts: int = 1) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "pipeline", "label", str(images), str(out), "--model", "tiny-random",
            "--image-size", str(image_size), "--num-points", "4", "--batch-size", str(batch), "--actors", str(actors),
            "--rows-per-file", "1000", "--json", "--ray-address", "local"]
+    if parts > 1:
+        cmd += ["--part", f"1/{parts}"]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
@@ -99,12 +106,15 @@ def main() -> None:
                         help="model input size: larger is slower per image (more wall time, the same tasks)")
     parser.add_argument("--work", default=None, help="folder for the images and outputs (default: a temp dir)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the Ray Data alone rows")
+    parser.add_argument("--parts", type=int, default=1,
+                        help="measure part 1 of N (--part 1/N): one of N drivers sharing the output")
     args = parser.parse_args()
     sizes = sorted(set(args.images))
     work = Path(args.work or tempfile.mkdtemp(prefix="driver-bench-"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}; work: {work}")
     runs: dict[tuple[str, int, int], dict] = {}
+    label_name = "diffseg label" if args.parts == 1 else f"diffseg label --part 1/{args.parts}"
     print("| path | batch | images | driver CPU s over the stream | images/s (steady) | driver peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for n in sizes:
@@ -118,27 +128,37 @@ def main() -> None:
                       f"{alone['rss']:.0f} |", flush=True)
             out = work / f"out-{n}-{batch}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            s = run_label(work / f"images-{n}", out, batch, args.actors, args.image_size)
+            s = run_label(work / f"images-{n}", out, batch, args.actors, args.image_size, args.parts)
             d = s["driver"]
-            runs["label", batch, n] = {"cpu": d["cpu_s_pipeline"], "rss": d["peak_rss_mb"]}
-            print(f"| diffseg label | {batch} | {n:,} | {d['cpu_s_pipeline']:.2f} | "
+            own = s["this_run"]["images"]
+            runs["label", batch, n] = {"cpu": d["cpu_s_pipeline"], "rss": d["peak_rss_mb"], "own": own}
+            shown = f"{n:,}" if args.parts == 1 else f"{n:,} (part 1/{args.parts}: {own:,})"
+            print(f"| {label_name} | {batch} | {shown} | {d['cpu_s_pipeline']:.2f} | "
                   f"{s.get('steady_images_per_s') or 0:,.0f} | {d['peak_rss_mb']:.0f} |", flush=True)
             runs["label", batch, n]["wall"] = s["stage_seconds"].get("pipeline", 0.0)
     if len(sizes) > 1:
         print()
         print("Past start-up: the driver's CPU per 10,000 more images (the slope between the runs above), "
               f"one driver core's images/s and the GPUs it feeds at {GPU_RATE} images/s each:")
-        print("| path | batch | images | driver CPU s / 10k images | one core: images/s | GPUs |")
-        print("|---|---|---|---|---|---|")
+        whole = f" | driver CPU s / 10k images of the output | GPUs, {args.parts} parts" if args.parts > 1 else ""
+        print(f"| path | batch | images | driver CPU s / 10k images | one core: images/s | GPUs{whole} |")
+        print("|---|---|---|---|---|---|" + ("---|---|" if whole else ""))
         for (path, batch, n), run in sorted(runs.items()):
             if n == sizes[0]:
                 continue
             prev = runs[path, batch, sizes[sizes.index(n) - 1]]
-            slope = 10_000 * (run["cpu"] - prev["cpu"]) / (n - sizes[sizes.index(n) - 1])
+            images = run.get("own", n) - prev.get("own", sizes[sizes.index(n) - 1])  # the driver's own images
+            slope = 10_000 * (run["cpu"] - prev["cpu"]) / images
             rate = 10_000 / slope if slope > 0 else float("inf")
-            name = "diffseg label" if path == "label" else "Ray Data alone"
-            print(f"| {name} | {batch} | {sizes[sizes.index(n) - 1]:,} -> {n:,} | {slope:.2f} | {rate:,.0f} | "
-                  f"{rate / GPU_RATE:.0f} |")
+            name = label_name if path == "label" else "Ray Data alone"
+            line = (f"| {name} | {batch} | {sizes[sizes.index(n) - 1]:,} -> {n:,} | {slope:.2f} | {rate:,.0f} | "
+                    f"{rate / GPU_RATE:.0f} |")
+            if whole and path == "label":
+                per_output = 10_000 * (run["cpu"] - prev["cpu"]) / (n - sizes[sizes.index(n) - 1])
+                line += f" {per_output:.2f} | {args.parts * rate / GPU_RATE:.0f} |"
+            elif whole:
+                line += " - | - |"
+            print(line)
     print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
