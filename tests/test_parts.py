@@ -101,7 +101,7 @@ def _plant_in_flight(out: Path, shard: int) -> list[Path]:
 def test_a_parts_cleanup_leaves_another_parts_files_alone(tmp_path):
     fs = fsspec.filesystem("file")
     out = tmp_path / "out"
-    mine, theirs = Part(1, 2), Part(2, 2)
+    mine = Part(1, 2)  # part 2 of 2 writes shards 1, 3, 5, ... meanwhile
     theirs_live = _plant_in_flight(out, 3) + [out / "labels-000005-000.parquet"]  # 5: written, marker coming
     pq.write_table(_rows(["x"]), theirs_live[-1])
     mine_left = _plant_in_flight(out, 2) + [out / "labels-000004-000.parquet"]  # a kill's leftovers
@@ -137,7 +137,7 @@ def test_the_merged_manifest_is_complete_only_when_every_part_is(tmp_path):
     base = {"input": "/in", "model": {"model": "m"}, "parameters": {"timestep": 300}, "version": "1"}
     shards = {"total": 3, "done": 3, "skipped_already_done": 0, "written_this_run": 3, "new_in_plan": 3}
     counts = {"images": 5, "labelled": 4, "errors": 1, "errors_by_kind": {"read error": 1}, "shards": shards}
-    write_manifest(fs, str(tmp_path), {**base, "status": "complete", "counts": counts,
+    write_manifest(fs, str(tmp_path), {**base, "status": "complete", "counts": counts, "part": "1/3",
                                        "runs": [{"started_at": 2.0}]}, name=Part(1, 3).manifest_name)
     merged = write_merged_manifest(fs, str(tmp_path), 3)
     assert merged["status"] == "incomplete" and merged["parts"] == {"count": 3, "status": {"1/3": "complete"}}
@@ -150,6 +150,7 @@ def test_the_merged_manifest_is_complete_only_when_every_part_is(tmp_path):
     assert json.loads((tmp_path / MANIFEST).read_text()) == json.loads(json.dumps(merged))
     assert merged["counts"]["images"] == 10 and merged["counts"]["errors_by_kind"] == {"read error": 2}
     assert merged["counts"]["shards"]["done"] == 6 and merged["parameters"] == base["parameters"]
+    assert "part" not in merged  # each part's own manifest names its part; the merge names them all
     assert [r["part"] for r in merged["runs"]] == ["3/3", "1/3"]  # by start time
     done = merge_part_manifests({"1/2": {**base, "status": "complete"}, "2/2": {**base, "status": "complete"}}, 2)
     assert done["status"] == "complete"
@@ -260,3 +261,26 @@ def test_two_parts_at_once_on_one_output_then_a_rerun_of_each(ray_session, tmp_p
         assert again["complete"] and again["this_run"]["images"] == 0
     assert_views(_ids_by_reader(out, tmp_path / "hf3"), ours=ids, plain=ids)
     assert sorted(pq.read_table(out, columns=["image_id"]).column(0).to_pylist()) == ids
+
+
+@pytest.mark.slow
+def test_retry_errors_in_a_part_redoes_only_its_own_rows(ray_session, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_photo_folder(src)
+    broken = [f"zz-broken-{k}.png" for k in range(6)]
+    for name in broken:
+        (src / name).write_bytes(b"not an image")
+    ids = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
+    owner = {i: 1 if Part(1, 2).owns_input(f"{src}/{i}", str(src)) else 2 for i in ids}
+    assert {owner[b] for b in broken} == {1, 2}  # broken images in both parts
+    for p in ("1/2", "2/2"):
+        label(str(src), str(out), part=p, **OPTS)
+    for name in broken:  # the inputs are fixed: a retry now labels them
+        (src / name).write_bytes((src / next(i for i in ids if i.endswith(".png") and i not in broken)).read_bytes())
+    fixed = label(str(src), str(out), part="1/2", retry_errors=["not an image"], **OPTS)
+    mine = [b for b in broken if owner[b] == 1]
+    assert fixed["this_run"]["error_rows_retried"] == len(mine) and fixed["errors"] == 0
+    table = pq.read_table(out, columns=["image_id", "error"]).to_pylist()
+    assert sorted(r["image_id"] for r in table) == ids  # every image once, after the swap too
+    still = sorted(r["image_id"] for r in table if r["error"])
+    assert still == sorted(b for b in broken if owner[b] == 2)  # part 2's rows are part 2's to redo

@@ -189,7 +189,7 @@ def merge_part_manifests(parts: dict[str, dict[str, Any]], count: int) -> dict[s
     parameters), the counts summed, every part's runs, and a status that is "complete" only when
     every part is; ``parts`` says where each part stands."""
     ordered = [parts[k] for k in sorted(parts, key=lambda k: int(k.split("/")[0]))]
-    merged = {k: v for k, v in ordered[0].items() if k not in ("runs", "counts", "status")}
+    merged = {k: v for k, v in ordered[0].items() if k not in ("runs", "counts", "status", "part")}
     merged["parts"] = {"count": count, "status": {k: parts[k].get("status") for k in sorted(
         parts, key=lambda k: int(k.split("/")[0]))}}
     statuses = [m.get("status") for m in ordered]

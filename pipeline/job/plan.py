@@ -58,6 +58,7 @@ from pipeline.data.sources import SkippedInputs, output_in_input
 from pipeline.errors import LabelError
 from pipeline.ray_connect import init_ray
 from pipeline.job import lease
+from pipeline.job.block_stats import bound_block_stats
 from pipeline.job.commit import CommitError, Committer
 from pipeline.job.dataset_card import write_dataset_card
 from pipeline.job.devices import DevicePlan, device_option_problem, plan_devices
@@ -337,6 +338,7 @@ def _run(ray: Any, stop: Any, checked: Checked, opts: "LabelOptions", devices: D
             retry_ds = ray.data.from_items(items, override_num_blocks=len(items))
             shards_ds = retry_ds if shards_ds is None else shards_ds.union(retry_ds)
         if shards_ds is not None:
+            bound_block_stats()  # Ray Data's per-block stats would grow the driver by ~150 B per image
             dataset = build_dataset(
                 ray, shards_ds, checked.input_root, opts, image_size=image_size, dtype=dtype,
                 use_gpu=devices.use_gpu, gpus_per_actor=devices.gpus_per_actor, resources=ray.cluster_resources(),
