@@ -75,9 +75,9 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
                                 f"`diffseg stop {job.submission_id}`.")
         theirs = (job.metadata or {}).get(META_PART) or ""
         if (job.metadata or {}).get(META_OUTPUT) == output and not _other_parts(part, theirs):
-            what = f"part {theirs} of {spec.output}" if theirs == part else spec.output
+            what = f"part {theirs} of {spec.output}" if part and theirs == part else f"to {spec.output}"
             raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes {what}; "
-                                + ("two jobs must not write one part at once." if theirs == part else
+                                + ("two jobs must not write one part at once." if part and theirs == part else
                                    "two jobs must not write one output at once, unless they are its parts "
                                    "i/N of one N (--part)."))
     attempts = [int(j.submission_id[len(prefix):]) for j in mine if j.submission_id[len(prefix):].isdigit()]

@@ -276,12 +276,19 @@ def test_submit_parts_runs_n_jobs_on_one_output_each_image_once(with_token, tmp_
                     "model: {name: tiny-random, image_size: 64}\nmethod: {num_points: 4}\n"
                     "resources: {batch_size: 4, actors: 1, cpus_per_actor: 0.5}\nio: {rows_per_file: 2}\n"
                     "runtime_env: {env_vars: {HF_HUB_OFFLINE: '1'}}\n")
-    code = cli.main(["submit", str(spec), "--parts", "2", "--address", with_token.address, "--wait"])
+    code = cli.main(["submit", str(spec), "--parts", "2", "--address", with_token.address])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     jobs = captured.out.split()
     assert [j.rsplit("-", 2)[0] for j in jobs] == ["diffseg-parts-part-1-of-2", "diffseg-parts-part-2-of-2"]
-    assert all(f"{j}: SUCCEEDED" in captured.err for j in jobs)
+    # both at once; a third job writing one of their parts, or the whole output, is refused meanwhile
+    assert cli.main(["submit", str(spec), "--parts", "2", "--address", with_token.address]) == 2
+    assert f"Job {jobs[0]} of this spec is still" in capsys.readouterr().err
+    assert cli.main(["submit", str(spec), "--address", with_token.address]) == 2  # the whole output, no --part
+    assert f"already writes to {out}; two jobs must not write one output at once" in capsys.readouterr().err
+    for job in jobs:  # with a deadline (submit --wait, below, waits as long as the jobs take)
+        assert wait_status(with_token, job, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
+            connect(with_token.address).client.get_job_logs(job)[-3000:]
     assert sorted(pq.read_table(out, columns=["image_id"]).column(0).to_pylist()) == ids
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["parts"]["status"] == {"1/2": "complete",
