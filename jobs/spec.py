@@ -290,10 +290,12 @@ class JobSpec:
     def with_part(self, part: str) -> "JobSpec":
         """This job as part ``part`` ("i/N") of N jobs writing its output (``diffseg submit --parts N``):
         its own name, hence its own submission ids."""
-        index, count = (int(x) for x in _part(part).split("/"))
-        name = f"{self.name}-part-{index}-of-{count}"
-        raw = {**self.raw, "name": name, "io": {**(self.raw.get("io") or {}), "part": f"{index}/{count}"}}
-        return replace(self, name=name, options={**self.options, "part": f"{index}/{count}"}, raw=raw)
+        from pipeline.data.parts import Part
+
+        chosen = Part.parse(_part(part))
+        name = f"{self.name}-part-{chosen.index}-of-{chosen.count}"
+        raw = {**self.raw, "name": name, "io": {**(self.raw.get("io") or {}), "part": str(chosen)}}
+        return replace(self, name=name, options={**self.options, "part": str(chosen)}, raw=raw)
 
     def entrypoint_json(self) -> str:
         """The job part of the spec (no runtime_env: env var values may be secrets) as JSON."""

@@ -75,11 +75,11 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
                                 f"`diffseg stop {job.submission_id}`.")
         theirs = (job.metadata or {}).get(META_PART) or ""
         if (job.metadata or {}).get(META_OUTPUT) == output and not _other_parts(part, theirs):
-            what = f"part {theirs} of {spec.output}" if part and theirs == part else f"to {spec.output}"
-            raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes {what}; "
-                                + ("two jobs must not write one part at once." if part and theirs == part else
-                                   "two jobs must not write one output at once, unless they are its parts "
-                                   "i/N of one N (--part)."))
+            if part and theirs == part:
+                raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes part {part} of "
+                                    f"{spec.output}; two jobs must not write one part at once.")
+            raise SubmitRefused(f"Job {job.submission_id} ({_status(job)}) already writes to {spec.output}; two jobs "
+                                "must not write one output at once, unless they are its parts i/N of one N (--part).")
     attempts = [int(j.submission_id[len(prefix):]) for j in mine if j.submission_id[len(prefix):].isdigit()]
     attempt = max(attempts, default=0) + 1
     submission_id = f"{prefix}{attempt}"
@@ -101,10 +101,10 @@ def submit(cluster: Cluster, spec: JobSpec, environ: Mapping[str, str] | None = 
 
 def _other_parts(a: str, b: str) -> bool:
     """Two jobs on one output may run at once when they are different parts i/N of the same N."""
-    if not a or not b:
-        return False
-    (i, n), (j, m) = a.split("/"), b.split("/")
-    return n == m and i != j
+    from pipeline.data.parts import Part
+
+    mine, theirs = Part.parse(a or None), Part.parse(b or None)
+    return mine.partitioned and theirs.partitioned and mine.count == theirs.count and mine.index != theirs.index
 
 
 __all__ = ["Submitted", "SubmitRefused", "submit", "normalize_output"]

@@ -207,7 +207,8 @@ def format_summary(summary: dict) -> str:
 
 
 def _parts_line(parts: dict) -> str:
-    """Where the output's parts stand, from the merged manifest: "parts complete: 1 of 4 (2/4 running, ...)"."""
+    """Where the output's parts stand, from the merged manifest:
+    "the output: 1 of 4 parts complete (2/4 running, ...)"."""
     count, status = parts.get("count", 0), parts.get("status", {})
     done = sum(1 for s in status.values() if s == "complete")
     others = [f"{k} {s}" for k, s in status.items() if s != "complete"]

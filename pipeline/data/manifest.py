@@ -188,10 +188,12 @@ def merge_part_manifests(parts: dict[str, dict[str, Any]], count: int) -> dict[s
     """One manifest for an output written by ``count`` parts: their shared identity (input, model,
     parameters), the counts summed, every part's runs, and a status that is "complete" only when
     every part is; ``parts`` says where each part stands."""
-    ordered = [parts[k] for k in sorted(parts, key=lambda k: int(k.split("/")[0]))]
+    from pipeline.data.parts import Part
+
+    keys = sorted(parts, key=lambda k: Part.parse(k).index)
+    ordered = [parts[k] for k in keys]
     merged = {k: v for k, v in ordered[0].items() if k not in ("runs", "counts", "status", "part")}
-    merged["parts"] = {"count": count, "status": {k: parts[k].get("status") for k in sorted(
-        parts, key=lambda k: int(k.split("/")[0]))}}
+    merged["parts"] = {"count": count, "status": {k: parts[k].get("status") for k in keys}}
     statuses = [m.get("status") for m in ordered]
     if "running" in statuses:
         status = "running"

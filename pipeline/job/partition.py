@@ -21,8 +21,10 @@ def check_layout(fs: Any, root: str, part: Part, output: str, previous: dict[str
     """Raise LabelError (one sentence) when ``output`` belongs to runs of another layout (a whole
     run's ``--overwrite`` may start over an output of parts, once none of them runs)."""
     names = [posixpath.basename(p) for p in fs.ls(root, detail=False)] if fs.exists(root) else []
-    others = sorted({p.count for p in map(part_of_file, names) if p is not None} - {part.count})
-    recorded = ((previous or {}).get("parts") or {}).get("count", 1) if previous else None
+    recorded = ((previous or {}).get("parts") or {}).get("count")  # a merged manifest's N
+    counts = {p.count for p in map(part_of_file, names) if p is not None} | ({recorded} if recorded else set())
+    others = sorted(counts - {part.count})  # parts of another N (every part file has N > 1)
+    count = others[0] if others else None
     if part.partitioned:
         if PLAN in names:
             raise LabelError(
@@ -30,13 +32,11 @@ def check_layout(fs: Any, root: str, part: Part, output: str, previous: dict[str
                 f"output with --part {part}.")
         if LEASE in names and lease.holder(fs, f"{root}/{LEASE}") is not None:
             raise LabelError(f"{output} is being written by a run without --part; wait for it to finish.")
-        count = next((c for c in others if c > 1), recorded if recorded not in (None, 1, part.count) else None)
         if count:
             raise LabelError(
                 f"{output} is labelled in {count} parts, not {part.count}: run each part with --part i/{count} "
                 f"(i = 1..{count}).")
         return
-    count = next((c for c in others if c > 1), recorded if recorded not in (None, 1) else None)
     if count:
         live = [n for n in names if n.startswith("_lease.") and part_of_file(n) is not None
                 and lease.holder(fs, f"{root}/{n}") is not None]
