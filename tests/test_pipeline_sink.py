@@ -103,6 +103,35 @@ def test_workers_write_parts_and_the_driver_commits_each_shard_once(ray_session,
     assert committer.stage_seconds["_t_model"] == pytest.approx(0.5 * 9)  # 6 rows + 3 duplicates: work done
 
 
+def test_a_task_rerun_after_its_shard_committed_changes_nothing_and_leaves_no_spill(ray_session, tmp_path):
+    """A lost node's write task, rebuilt from lineage after its shard committed, writes its spill
+    part again: with its record (counted a duplicate, not a second commit) or without one."""
+    fs = fsspec.filesystem("file")
+    where = OutputLocation(str(tmp_path))
+    committer = Committer(fs, str(tmp_path), where, rows_per_file=4, metadata={}, policy=RetryPolicy(deadline_s=1))
+    for shard_id in (0, 1):
+        committer.expect(shard_id)
+
+    def write(table):
+        return write_rows(table, output=where, metadata=committer.metadata, policy=committer.policy)
+
+    first = write(_rows(0, ["a", "b"], 2))
+    committer.add(first)
+    committer.add(write(_rows(1, ["c"], 1)))
+    while committer._in_flight:
+        committer._poll(block=True)
+    assert sorted(committer.committed) == [0, 1] and not list((tmp_path / "_inprogress").glob("*/*"))
+    marker = (tmp_path / "_done" / "000000.json").read_text()
+    committer.add(write(_rows(0, ["a", "b"], 2)))  # re-run, and its record arrives again
+    write(_rows(1, ["c"], 1))  # re-run, its record never comes
+    assert len(list((tmp_path / "_inprogress").glob("*/*.arrow"))) == 2
+    committer.finish()
+    assert sorted(committer.committed) == [0, 1] and committer.duplicates == 2 and committer.rows == 3
+    assert (tmp_path / "_done" / "000000.json").read_text() == marker  # committed once
+    assert not (tmp_path / "_inprogress").exists()
+    assert sorted(read_output(str(tmp_path)).column("image_id").to_pylist()) == ["a", "b", "c"]
+
+
 def test_rows_that_storage_could_not_read_are_never_committed(ray_session, tmp_path):
     fs = fsspec.filesystem("file")
     where = OutputLocation(str(tmp_path))

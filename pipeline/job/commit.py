@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ class Committer:
         self.expected: dict[int, _Expected] = {}
         self.open: dict[int, _OpenShard] = {}
         self.committed: list[int] = []
+        self._committed_ids: set[int] = set()  # the same, for lookups per record
         self.failed: dict[int, str] = {}  # shard -> why it stays uncommitted (storage unreachable)
         self.rows = 0  # rows committed by this run
         self.replaced = 0  # committed error rows replaced (--retry-errors)
@@ -174,6 +176,10 @@ class Committer:
 
     def _add_record(self, rec: dict[str, Any]) -> None:
         shard_id = int(rec["shard_id"])
+        if shard_id in self._committed_ids:  # a task re-run after its shard committed (a lost node's lineage)
+            if not rec["failure"]:
+                self.duplicates += int(rec["rows"])
+            return
         shard = self.open.setdefault(shard_id, _OpenShard())
         if self.provenance is not None:  # before anything of the record counts: a mismatch stops the run
             try:
@@ -298,7 +304,7 @@ class Committer:
                                "them to the output root", shard_id, describe(exc))
         self.rows += len(shard.seen)
         self.errors.update(shard.errors)
-        self.committed.append(shard_id)
+        self._mark_committed(shard_id)
         if shard.garbage:
             try:
                 remove(self.fs, [f"{self.root}/{f}" for f in shard.garbage])
@@ -327,7 +333,7 @@ class Committer:
             for shard_id, expected in self.expected.items():
                 if shard_id in self.open or shard_id in self.failed or expected.replace:
                     continue
-                if shard_id in self.committed:
+                if shard_id in self._committed_ids:
                     continue
                 marker = {"shard_id": shard_id, "rows": 0, "errors": {}, "files": [], "committed_at": time.time()}
                 try:
@@ -335,10 +341,11 @@ class Committer:
                 except Exception as exc:  # noqa: BLE001
                     self._storage_failure(shard_id, exc, "writing its marker")
                     continue
-                self.committed.append(shard_id)
+                self._mark_committed(shard_id)
             for shard_id, shard in self.open.items():
                 if shard.failure and shard_id not in self.failed:
                     self.failed[shard_id] = shard.failure
+            self._remove_leftover_spill()
             if not self.open:
                 for folder in (TMP_DIR, STAGED_DIR):
                     try:
@@ -347,6 +354,28 @@ class Committer:
                         pass
         finally:
             self.driver_seconds += time.thread_time() - start
+
+    def _mark_committed(self, shard_id: int) -> None:
+        self.committed.append(shard_id)
+        self._committed_ids.add(shard_id)
+
+    def _remove_leftover_spill(self) -> None:
+        """Delete spill folders of shards this run committed: a task Ray re-ran after its shard
+        committed (a lost node's work rebuilt from lineage) writes its spill part again."""
+        try:
+            folders = self.fs.ls(f"{self.root}/{TMP_DIR}", detail=False)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001 - under _inprogress/: the next run removes them
+            logger.warning("could not list %s/%s: %s (the next run cleans it)", self.root, TMP_DIR, describe(exc))
+            return
+        for folder in folders:
+            name = posixpath.basename(folder.rstrip("/"))
+            if name.isdigit() and int(name) in self._committed_ids:
+                try:
+                    self.fs.rm(folder, recursive=True)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("could not delete %s: %s (the next run does)", folder, describe(exc))
 
     # ------------------------------------------------------------------ reports
     def incomplete(self) -> dict[int, tuple[int, int]]:
