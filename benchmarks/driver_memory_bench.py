@@ -5,9 +5,13 @@ Each variant is one ``label()`` in a fresh process with its own local Ray, on di
 through ``tiny-random`` at 64 px; a thread samples the driver's RSS and its count of Python
 objects (``gc.get_objects()``) every 10 s. Per variant: RSS and objects after the warm-up (the
 first sample past a third of the run) and at the end, and the growth per 10,000 images between.
+The ``trimmed`` variant is ``bounded`` with the allocators asked to return freed memory before
+each sample (glibc's ``malloc_trim(0)``, Arrow's pool ``release_unused()``): growth that goes
+away there is memory freed and kept by an allocator, not memory held.
 
     python benchmarks/driver_memory_bench.py                 # 50,000 images, batch 32
     python benchmarks/driver_memory_bench.py --images 20000 --batch 8
+    python benchmarks/driver_memory_bench.py --variants bounded,trimmed
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 CHILD = r'''
-import gc, json, os, sys, threading, time
+import ctypes, gc, json, os, sys, threading, time
+import pyarrow as pa
 from pipeline import label
 import pipeline.job.plan as plan
 if sys.argv[4] == "unbounded":
@@ -33,9 +38,14 @@ samples, stop = [], threading.Event()
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def trim():
+    if sys.argv[4] == "trimmed":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        pa.default_memory_pool().release_unused()
 def sample():
     t0 = time.time()
     while not stop.wait(10):
+        trim()
         samples.append((time.time() - t0, rss_mb(), len(gc.get_objects())))
 threading.Thread(target=sample, daemon=True).start()
 s = label(sys.argv[1], sys.argv[2], model="tiny-random", image_size=64, num_points=4, batch_size=int(sys.argv[3]),
@@ -61,6 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--variants", default="unbounded,bounded",
+                        help="comma-separated, from unbounded, bounded, trimmed (bounded, allocators trimmed)")
     parser.add_argument("--work", default=None, help="folder for the images and outputs (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="driver-memory-"))
@@ -72,7 +84,11 @@ def main() -> None:
           "warm-up -> end | objects / 10k images | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     growth = {}
-    for variant in ("unbounded", "bounded"):
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"unbounded", "bounded", "trimmed"}
+    if unknown:
+        parser.error(f"unknown variant(s) {sorted(unknown)}: use unbounded, bounded, trimmed")
+    for variant in variants:
         r = run(images, work / f"out-{variant}", args.batch, variant)
         samples = r["samples"]
         rate = r["images"] / r["seconds"]
@@ -82,8 +98,10 @@ def main() -> None:
         growth[variant] = ((end[1] - warm[1]) / span, (end[2] - warm[2]) / span)
         print(f"| {variant} | {warm[1]:.1f} -> {end[1]:.1f} | {growth[variant][0]:.2f} MB | {warm[2]:,} -> "
               f"{end[2]:,} | {growth[variant][1]:,.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
-    print(f"bounded / unbounded Python objects per 10k images: "
-          f"{growth['bounded'][1] / growth['unbounded'][1]:.2f}" if growth["unbounded"][1] > 0 else "")
+    if "unbounded" in growth and "bounded" in growth and growth["unbounded"][1] > 0:
+        print(f"bounded / unbounded Python objects per 10k images: {growth['bounded'][1] / growth['unbounded'][1]:.2f}")
+    if "trimmed" in growth and "bounded" in growth and growth["bounded"][0] > 0:
+        print(f"trimmed / bounded RSS growth per 10k images: {growth['trimmed'][0] / growth['bounded'][0]:.2f}")
     print(f"load average after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
