@@ -101,33 +101,46 @@ def _markers(out: Path) -> int:
 @pytest.mark.slow
 def test_kills_at_random_moments_lose_only_the_shards_in_flight(ray_session, tmp_path):
     """Each run commits shard by shard (no lumps of a fixed batch), so a kill loses at most the
-    shards in flight, and each rerun redoes exactly the shards without a marker."""
+    shards in flight, and each rerun redoes exactly the shards without a marker.
+
+    The moment is drawn in commits, not seconds: on a fast machine a whole run commits within
+    a second of its first marker, so a kill after a random sleep came after the end (and the
+    next run had nothing to do). Each run freezes its driver at its k-th commit (random k, just
+    before or just after the marker), its workers go on for a random while, then it is killed.
+    """
     import random
 
     src, out = tmp_path / "in", tmp_path / "out"
     ids = make_photo_folder(src, copies=10)  # 30 images, 15 shards of 2
     args = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4", "--rows-per-file", "2",
             "--batch-size", "2", "--actors", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     rng = random.Random(16)
     history = []
-    for _ in range(2):
+    for run in range(2):
         before = _markers(out)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "label", str(src), str(out), *args], cwd=REPO,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        left_after = 1 if run else 6  # leave shards for the next run and for the final rerun
+        moment = rng.choice(["before-marker", "after-marker"])
+        kth = rng.randint(2 if moment == "before-marker" else 1, 15 - before - left_after)
+        pause = tmp_path / f"paused-{run}.json"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+               "DIFFSEG_TEST_PAUSE_AT": f"{moment}:{kth}", "DIFFSEG_TEST_PAUSE_FILE": str(pause)}
+        stderr = tmp_path / f"stderr-{run}.txt"
+        with open(stderr, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "label", str(src), str(out), *args],
+                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while proc.poll() is None and _markers(out) == before and time.monotonic() < deadline:
+            while proc.poll() is None and not pause.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 2.0))  # a random moment after this run could first commit
+            assert pause.exists(), f"run {run} never reached {moment}:{kth}:\n{stderr.read_text()[-3000:]}"
+            time.sleep(rng.uniform(0.0, 1.0))  # the workers go on meanwhile: spill parts of shards in flight
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         history.append((before, _markers(out)))
+        # exactly the commits this run made before the kill, none lost and none half-counted
+        assert history[-1][1] == before + kth - (moment == "before-marker"), (moment, kth, history)
     print("committed shards before/after each killed run:", history)
-    assert all(after > before for before, after in history), history  # every run made progress
-    assert history[-1][1] < 15, "the last kill came after the end: nothing left to redo"
     committed = history[-1][1]
     summary = label(str(src), str(out), rows_per_file=2, batch_size=2, model="tiny-random", image_size=64,
                     num_points=4)
