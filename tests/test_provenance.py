@@ -191,8 +191,9 @@ def test_the_summary_reports_the_driver_cpu_and_memory(jobs):
     """What benchmarks/driver_bench.py reads: the driver's CPU over the stream and its peak RSS."""
     for job in jobs.values():
         driver = job["summary"]["driver"]
-        assert set(driver) == {"cpu_s_pipeline", "peak_rss_mb"}
+        assert set(driver) == {"cpu_s_pipeline", "peak_rss_mb", "memory_releases"}
         assert driver["cpu_s_pipeline"] > 0 and driver["peak_rss_mb"] > 50, driver
+        assert driver["memory_releases"] >= 0
 
 
 def test_max_pixels_below_a_photo_makes_a_decompression_bomb_error_row(jobs):

@@ -147,6 +147,7 @@ class Committer:
         self._in_flight: dict[Any, int] = {}  # finalize ObjectRef -> shard id
         self._first: tuple[float, int] | None = None
         self.pipeline_cpu = 0.0  # set by the driver loop: this process's CPU (all threads) over the stream
+        self.memory_releases = 0  # set by the driver loop: times it handed freed memory back (free_memory.py)
         self._last_arrival = 0.0
         self._arrived = 0
 

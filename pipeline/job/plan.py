@@ -404,10 +404,14 @@ def drive(dataset: Any, committer: Committer, held: Any = None) -> None:
     """
     import ray
 
+    from pipeline.job.free_memory import MemoryReleaser
+
     cpu = time.process_time()
+    releaser = MemoryReleaser()  # the allocators' freed pages back to the system every few seconds
     try:
         for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(records)
+            releaser.tick()
             if held is not None and held.lost:
                 raise LabelError(f"Another run took over the lease of {committer.output.url!r}; this run stopped.")
     except ray.exceptions.RayTaskError:
@@ -419,6 +423,7 @@ def drive(dataset: Any, committer: Committer, held: Any = None) -> None:
         ) from None
     committer.finish()
     committer.pipeline_cpu = time.process_time() - cpu
+    committer.memory_releases = releaser.releases
 
 
 def shard_dataset(ray: Any, out_fs: Any, out_root: str, index: Any, storage_options: dict[str, Any] | None,
@@ -625,7 +630,8 @@ def summarize(
         "stage_seconds": stage,
         # the driver process's CPU over the stream, actor start-up included (benchmarks/driver_bench.py
         # takes the slope between two sizes): what bounds one job's scale
-        "driver": {"cpu_s_pipeline": round(sink.pipeline_cpu, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)},
+        "driver": {"cpu_s_pipeline": round(sink.pipeline_cpu, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
+                   "memory_releases": sink.memory_releases},
     }
 
 
