@@ -33,8 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 CHILD = r'''
-import ctypes, gc, json, os, sys, threading, time
-import pyarrow as pa
+import gc, json, os, sys, threading, time
 from pipeline import label
 import pipeline.job.plan as plan
 import pipeline.job.free_memory as free_memory
@@ -48,8 +47,7 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 def trim():
     if sys.argv[4] == "trimmed":
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        pa.default_memory_pool().release_unused()
+        free_memory.release_freed_memory()
 def sample():
     t0 = time.time()
     while not stop.wait(10):

@@ -1,5 +1,5 @@
 """Real runs frozen at a named moment of a commit, and what every reader sees of their output:
-the helpers of tests/test_output_visibility.py and tests/test_parts.py."""
+the helpers of tests/test_output_visibility.py, tests/test_parts.py and tests/test_pipeline_resume.py."""
 from __future__ import annotations
 
 import json

@@ -110,10 +110,10 @@ def test_kills_at_random_moments_lose_only_the_shards_in_flight(ray_session, tmp
     """
     import random
 
+    from output_views import kill, start_paused
+
     src, out = tmp_path / "in", tmp_path / "out"
     ids = make_photo_folder(src, copies=10)  # 30 images, 15 shards of 2
-    args = ["--model", "tiny-random", "--image-size", "64", "--num-points", "4", "--rows-per-file", "2",
-            "--batch-size", "2", "--actors", "1"]
     rng = random.Random(16)
     history = []
     for run in range(2):
@@ -121,22 +121,12 @@ def test_kills_at_random_moments_lose_only_the_shards_in_flight(ray_session, tmp
         left_after = 1 if run else 6  # leave shards for the next run and for the final rerun
         moment = rng.choice(["before-marker", "after-marker"])
         kth = rng.randint(2 if moment == "before-marker" else 1, 15 - before - left_after)
-        pause = tmp_path / f"paused-{run}.json"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-               "DIFFSEG_TEST_PAUSE_AT": f"{moment}:{kth}", "DIFFSEG_TEST_PAUSE_FILE": str(pause)}
-        stderr = tmp_path / f"stderr-{run}.txt"
-        with open(stderr, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "label", str(src), str(out), *args],
-                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc, _ = start_paused(str(src), str(out), f"{moment}:{kth}", tmp_path / f"paused-{run}.json",
+                               extra=["--batch-size", "2", "--actors", "1"])
         try:
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and not pause.exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert pause.exists(), f"run {run} never reached {moment}:{kth}:\n{stderr.read_text()[-3000:]}"
             time.sleep(rng.uniform(0.0, 1.0))  # the workers go on meanwhile: spill parts of shards in flight
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill(proc)
         history.append((before, _markers(out)))
         # exactly the commits this run made before the kill, none lost and none half-counted
         assert history[-1][1] == before + kth - (moment == "before-marker"), (moment, kth, history)

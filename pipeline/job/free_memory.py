@@ -13,7 +13,6 @@ on their own terms.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import time
 from typing import Callable
@@ -23,9 +22,8 @@ RELEASE_EVERY_S = 10.0
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded in this process, its C library's among them
     except OSError:
         return None
     trim = getattr(libc, "malloc_trim", None)
