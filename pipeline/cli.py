@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.data.credentials import storage_options_json
+from pipeline.console import EVERY_ENV, PLAIN_EVERY_S, command_console, plain_every_s
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.job.devices import DEVICES
 from pipeline.job.params import METHOD_PARAMS, read_frame, read_params
@@ -149,6 +150,9 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\' '
                    "(never printed; no credentials inside URLs)")
     o.add_argument("--json", action="store_true", help="print the summary as JSON")
+    o.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own progress bars and INFO lines; without it: one progress bar on a "
+                   f"terminal, off one a progress line every {PLAIN_EVERY_S:g} s (${EVERY_ENV} sets how often)")
     from pipeline.after.cli import (
         add_subcommands,  # eval, export, show: each sets args.handler
     )
@@ -272,10 +276,16 @@ def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
     from pipeline.job.plan import label
     from pipeline.job.stderr_filter import filtered_stderr
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "input", "output", "json", "params")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "input", "output", "json", "params", "verbose")}
+    try:
+        every_s = plain_every_s()
+    except ValueError as exc:
+        print(f"diffseg label: error: {exc}", file=sys.stderr)
+        return 2
     try:
         options = _method_options(options, args.params)
-        with _notes_on_stderr(), filtered_stderr():
+        with _notes_on_stderr(), filtered_stderr(), command_console(args.verbose, every_s):
             summary = label(args.input, args.output, **options)
     except LabelError as exc:
         print(f"diffseg label: error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pipeline.console import ray_logging_level
 from pipeline.errors import LabelError
 
 CONNECT_TIMEOUT_S = 5.0
@@ -127,6 +128,9 @@ def init_ray(ray_address: str | None, **init_kwargs: Any) -> tuple[Any, bool]:
         check_reachable(where.address)
         for key in ("num_cpus", "num_gpus", "object_store_memory", "resources"):
             init_kwargs.pop(key, None)  # Ray refuses these when joining a cluster
+    level = ray_logging_level()  # a quiet command: no INFO lines from the driver's Ray (pipeline/console.py)
+    if level is not None:
+        init_kwargs.setdefault("logging_level", level)
     # A local Ray turns token authentication on by default and warns, every run, that it did
     # (opting out is the only other choice it offers): keep the security, drop the note.
     auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")

@@ -150,6 +150,9 @@ class Committer:
         self.memory_releases = 0  # set by the driver loop: times it handed freed memory back (free_memory.py)
         self._last_arrival = 0.0
         self._arrived = 0
+        self.rows_in = 0  # rows the writers reported so far, each once (a progress display's count)
+        self._sized_rows = 0  # the rows of the shards whose size is known so far, and how many they are
+        self._sized_shards = 0
 
     # ------------------------------------------------------------------ intake
     def expect(self, shard_id: int, replace: dict[str, Any] | None = None) -> None:
@@ -211,7 +214,12 @@ class Committer:
                 shard.garbage.add(rec["file"])
             return
         shard.seen.update(fresh)
-        shard.total = max(shard.total, int(rec["shard_rows"]))
+        self.rows_in += len(fresh)
+        total = max(shard.total, int(rec["shard_rows"]))
+        if total != shard.total:
+            self._sized_rows += total - max(shard.total, 0)
+            self._sized_shards += shard.total < 0
+        shard.total = total
         shard.parts[rec["file"]] = int(rec["rows"])
         shard.errors.update(json.loads(rec["errors"] or "{}"))
         if rec.get("node_id"):
@@ -382,6 +390,21 @@ class Committer:
     def incomplete(self) -> dict[int, tuple[int, int]]:
         """Shards that did not get all their rows and did not fail: {shard_id: (rows seen, rows expected or -1)}."""
         return {sid: (len(s.seen), s.total) for sid, s in self.open.items() if sid not in self.failed}
+
+    def expected_rows(self) -> tuple[int | None, bool]:
+        """The rows this run expects, and whether that is exact, for a progress display.
+
+        A shard's size is known once its first record is in (a tar or Parquet shard's with its
+        last): until every shard's is, the others are taken to be of the known ones' mean size
+        (image folders cut shards of ``rows_per_file`` but the last). None before any is known.
+        Only counters are read: safe from another thread.
+        """
+        sized, rows, shards = self._sized_shards, self._sized_rows, len(self.expected)
+        if not sized:
+            return None, False
+        if sized >= shards:
+            return rows, True
+        return round(rows + (shards - sized) * rows / sized), False
 
     def steady_rate(self) -> float:
         """Rows/s from the first record's arrival to the last's: throughput without start-up."""

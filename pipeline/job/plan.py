@@ -405,11 +405,12 @@ def drive(dataset: Any, committer: Committer, held: Any = None) -> None:
     import ray
 
     from pipeline.job.free_memory import MemoryReleaser
+    from pipeline.job.progress import show_progress
 
     cpu = time.process_time()
     releaser = MemoryReleaser()  # the allocators' freed pages back to the system every few seconds
     try:
-        for records in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for records in show_progress(dataset, committer, batch_size=None, batch_format="pyarrow"):
             committer.add(records)
             releaser.tick()
             if held is not None and held.lost:
