@@ -4,7 +4,8 @@ This is what a submitted job runs (the submitter passes the resolved spec as JSO
 its spec file is not on the cluster). It also works by hand on a head node with a spec
 file. It validates the spec, expands ``${VAR}`` in storage_options from the job's
 environment, calls ``pipeline.label`` (which joins the cluster: inside a Ray job,
-``RAY_ADDRESS`` is set) and prints the summary, readable and as one line of JSON.
+``RAY_ADDRESS`` is set; Ray kept quiet, a progress line every 30 s or ``$DIFFSEG_PROGRESS_EVERY_S``
+instead: pipeline/console.py) and prints the summary, readable and as one line of JSON.
 
 Exit codes: 0 done, 1 finished but incomplete, 2 refused (bad spec, or the pipeline's
 one-sentence systemic error; the job then ends FAILED with that sentence in its logs),
@@ -39,14 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m jobs.run SPEC_FILE_OR_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.console import command_console, plain_every_s
     from pipeline.job.plan import LabelError, label
 
     try:
         spec = read_spec_argument(argv[0])
+        every_s = plain_every_s()  # $DIFFSEG_PROGRESS_EVERY_S, e.g. from the spec's runtime_env
         options = dict(spec.options)
         if options.get("storage_options"):
             options["storage_options"] = expand_env_refs(options["storage_options"], os.environ)
-    except SpecError as exc:
+    except ValueError as exc:  # a SpecError, or a bad $DIFFSEG_PROGRESS_EVERY_S
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
         return 2
     if spec.runtime_env:
@@ -58,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.job.stderr_filter import filtered_stderr
 
     try:
-        with filtered_stderr():  # Ray's known false alarm stays out of the job's logs
+        # Ray's known false alarm stays out of the job's logs; Ray's progress blocks too: a line every
+        # every_s seconds instead (the job's logs are no terminal)
+        with filtered_stderr(), command_console(verbose=False, every_s=every_s):
             summary = label(spec.input, spec.output, **options)
     except LabelError as exc:
         print(f"diffseg job: error: {exc}", file=sys.stderr, flush=True)
