@@ -150,3 +150,38 @@ def test_a_job_logs_a_progress_line_every_interval_and_no_ray_progress(tmp_path)
     assert re.search(r"^diffseg: progress at \d\d:\d\d: ", done.stderr, re.M), done.stderr
     assert not RAY_PROGRESS.search(done.stderr + done.stdout), done.stderr
     assert "labelled 4 of 4 images" in done.stdout
+
+
+def _record(shard_id: int, shard_rows: int, ids: list[str]) -> dict:
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.data.schema import TIMING_COLUMNS
+
+    hashes = np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+                      dtype="<u8")
+    return {"shard_id": shard_id, "shard_rows": shard_rows, "file": f"_inprogress/{shard_id}/{ids[0]}.arrow",
+            "rows": len(ids), "row_hashes": hashes.tobytes(), "errors": "{}", "bytes": 0, "failure": None,
+            "fatal": False, "node_id": None, "provenance": None, **{c: 0.0 for c in TIMING_COLUMNS}, "_t_write": 0.0}
+
+
+def test_the_committer_counts_rows_in_and_estimates_the_total_until_every_shard_is_sized(tmp_path):
+    import fsspec
+    import pyarrow as pa
+
+    from pipeline.job.commit import Committer
+    from pipeline.job.sink import RECORD_SCHEMA, OutputLocation
+
+    committer = Committer(fsspec.filesystem("file"), str(tmp_path), OutputLocation(str(tmp_path)), 10, {})
+    for shard_id in range(4):
+        committer.expect(shard_id)
+    assert committer.expected_rows() == (None, False) and committer.rows_in == 0
+    committer.add(pa.Table.from_pylist([_record(0, 10, ["a", "b"])], schema=RECORD_SCHEMA))
+    assert committer.rows_in == 2 and committer.expected_rows() == (40, False)  # 3 more shards of 10, as far as known
+    committer.add(pa.Table.from_pylist([_record(1, -1, ["c"]), _record(0, 10, ["a"])], schema=RECORD_SCHEMA))
+    assert committer.rows_in == 3  # a row seen again (a retried task) is not counted twice
+    assert committer.expected_rows() == (40, False)  # shard 1 (a tar, say) is not sized before its last chunk
+    committer.add(pa.Table.from_pylist([_record(1, 4, ["d"]), _record(2, 6, ["e"]), _record(3, 3, ["f"])],
+                                       schema=RECORD_SCHEMA))
+    assert committer.rows_in == 6 and committer.expected_rows() == (23, True)
