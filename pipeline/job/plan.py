@@ -463,7 +463,7 @@ def build_dataset(
     output rows -> spill parts written by the workers -> part records (all the driver reads)."""
     from pipeline.job.actors import GPU_ACTOR_CPUS, LabelActor, pool_strategy
     from pipeline.job.sink import write_rows
-    from pipeline.job.tasks import encode_rows, read_decode
+    from pipeline.job.tasks import DECODE_CHUNK, encode_rows, read_decode
 
     cpus = float(resources.get("CPU", 1))
     actors = opts.actors or _default_actors(opts, use_gpu, gpus_per_actor, resources)
@@ -493,6 +493,7 @@ def build_dataset(
             "max_pixels": opts.max_pixels,
             "paper_preprocess": bool(opts.paper_preprocess),
             "retry": committer.policy,
+            "chunk": DECODE_CHUNK,  # read here, when the plan is built: tests set a small one
         },
     )
     # A model actor that dies (its process killed, its node lost) is restarted and its

@@ -7,7 +7,7 @@ asked:
 
 - ``decode`` (read_decode): the size it resized to, its pixel limit, the paper's crop, the
   Parquet image column, and the package version on its node;
-- ``model`` (LabelActor): the model, revision and weights (a digest of their sha256s), the
+- ``model`` (LabelActor): the model, revision and weights (``model_weights``: a digest of their sha256s), the
   dtypes, size and timestep of its AttentionExtractor, and every parameter of its DiffSeg, as
   the actor resolved them (model-card defaults included), the vocabulary and class voting;
 - ``encode`` (encode_rows): RLE and the class names it named segments with.
@@ -84,7 +84,7 @@ def model_provenance(extractor: Any, diffseg: Any, class_voting: str, class_thre
     return _encode("model", {
         "model": info.get("model"),
         "revision": info.get("revision"),
-        "weights": digest(info.get("weights_sha256")),
+        "model_weights": digest(info.get("weights_sha256")),  # not "weights": DiffSeg's weights have that name
         "dtype": str(extractor.dtype).removeprefix("torch."),
         "vae_dtype": str(extractor.vae_dtype).removeprefix("torch."),
         "image_size": int(extractor.image_size),
@@ -140,7 +140,7 @@ def expected(opts: Any, *, image_size: int, dtype: str, model_info: dict[str, An
     model: dict[str, Any] = {
         "model": model_info.get("model"),
         "revision": model_info.get("revision"),
-        "weights": digest(model_info.get("weights_sha256")),
+        "model_weights": digest(model_info.get("weights_sha256")),
         "dtype": _dtype_name(dtype),
         "image_size": int(image_size),
         "timestep": int(filled.timestep),
@@ -212,7 +212,7 @@ def _mismatch(report: dict[str, Any], key: str, got: Any, want: Any, shard_id: i
     if key == "version":
         fix = (f"install diffseg-labeler {want} on every node (or fix the job's runtime_env), then rerun the same "
                "command to resume")
-    elif key in ("model", "revision", "weights"):
+    elif key in ("model", "revision", "model_weights"):
         fix = "give every node the same model files, then rerun the same command to resume"
     else:
         fix = "the workers were not given this run's settings, a bug in diffseg-labeler: please report this line"
