@@ -75,7 +75,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if first not in JOB_COMMANDS and not (not argv or argv[0] in ("-h", "--help")):
         from pipeline.cli import main as pipeline_main
 
-        return pipeline_main(argv)
+        return pipeline_main(argv, extra=add_job_commands)  # a usage error then lists every command
     args = build_parser().parse_args(argv)
     if args.command not in JOB_COMMANDS:  # pragma: no cover - argparse handled help/usage already
         from pipeline.cli import main as pipeline_main

@@ -9,6 +9,8 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+from pipeline.arg_parser import CommandParser
+from pipeline.arg_types import comma_floats, comma_ints, described
 from pipeline.data.credentials import storage_options_json
 from pipeline.console import EVERY_ENV, PLAIN_EVERY_S, command_console, plain_every_s
 from pipeline.help_format import DefaultsHelpFormatter
@@ -22,24 +24,25 @@ _DEFAULTS_OF = {"revision": None, "image_size": _DEFAULTS.image_size, "timestep"
                 "paper_preprocess": False}
 
 
-def _kl_threshold(text: str) -> float | list[float]:
-    values = [float(v) for v in text.split(",")]
+def _one_or_per_iteration(text: str) -> float | list[float]:
+    values = comma_floats(text)
     return values[0] if len(values) == 1 else values
 
 
-def _weights(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
-
-
-def _dilations(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+_kl_threshold = described(_one_or_per_iteration, "a number, or one per iteration separated by commas (1.1 or "
+                          "1.1,1.0,0.9)", "1.1", "1.0,1.1,1.2")
+_weights = described(comma_floats, "numbers separated by commas, one per attention resolution, finest first "
+                     "(8,4,2,1)", "8,4,2,1", "1")
+_dilations = described(comma_ints, "whole numbers separated by commas (1,2,4,8,12,24)", "1,2,4,8,12,24", "2")
+_resources = described(json.loads, "a JSON object of Ray resources and amounts ('{\"labeler\": 1}')",
+                       '{"labeler": 1}')
 
 
 def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
     """The ``diffseg`` parser; ``extra(subparsers)`` may add commands (jobs.cli adds the job commands)."""
     from pipeline.data.manifest import package_version
 
-    parser = argparse.ArgumentParser(prog="diffseg", description="DiffSeg pseudo-labels at scale.")
+    parser = CommandParser(prog="diffseg", description="DiffSeg pseudo-labels at scale.")
     parser.add_argument("--version", action="version", version=f"diffseg-labeler {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -128,7 +131,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    help="CPU actors: torch threads each (default: CPUs / actors)")
     r.add_argument("--max-actors", type=int, default=None,
                    help="autoscaling clusters: let the model actor pool grow from --actors up to this many")
-    r.add_argument("--actor-resources", type=json.loads, default=None,
+    r.add_argument("--actor-resources", type=_resources, default=None,
                    help='custom Ray resources each model actor needs, as JSON, e.g. \'{"labeler": 1}\'')
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     o = p.add_argument_group("input/output")
@@ -263,9 +266,10 @@ def _tuned_frame(rest: dict[str, Any], params: str) -> dict[str, Any]:
     return rest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extra: Callable[[Any], None] | None = None) -> int:
+    """Run one command; ``extra`` as for ``build_parser`` (so that a usage error lists every command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra).parse_args(argv)
     if args.command == "label":
         return _label_command(args, argv)
     return args.handler(args)

@@ -175,6 +175,18 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert ci == test_block
 
 
+def test_the_quick_start_installs_the_test_extras_only_for_the_tests():
+    """Labeling installs the package (`.`); the test command adds its `[test]` extras."""
+    blocks = [shell_lines(body) for lang, body in code_blocks(_section(README.read_text(), "Quick start"))
+              if lang == "bash"]
+    installs = [[argv for line in block for argv in split_commands(line) if argv[:2] == ["pip", "install"]]
+                for block in blocks]
+    first = installs[0]
+    assert ["pip", "install", "-e", "."] in first and not any("[test]" in " ".join(a) for a in first), first
+    test_block = next(i for i, block in enumerate(blocks) if "pytest" in block)
+    assert ["pip", "install", "-e", ".[test]"] in installs[test_block]
+
+
 @pytest.mark.parametrize("where, argv", _documented_diffseg_commands(), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_documented_diffseg_command_parses(where, argv):
     from jobs.cli import build_parser

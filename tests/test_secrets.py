@@ -64,7 +64,7 @@ def test_a_malformed_storage_options_value_is_never_printed_back(command, bad, c
     assert exit_.value.code == 2
     out, err = capfd.readouterr()
     assert secret not in out + err
-    assert "--storage-options" in err and ("not valid JSON" in err or "must be a JSON object" in err)
+    assert "--storage-options takes a JSON object" in err and ("not valid JSON" in err or "is a JSON " in err)
 
 
 def test_secret_names_and_url_credentials_are_recognised():

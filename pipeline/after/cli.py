@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.after.datasets_gt import add_ground_truth_arguments
 from pipeline.after.export import DATUMARO_IMAGES, LAYOUTS, MAPS
+from pipeline.arg_parser import CommandParser
 from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 
@@ -171,7 +172,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m pipeline.after.cli``) until pipeline.cli wires the subcommands in."""
-    parser = argparse.ArgumentParser(prog="diffseg")
+    parser = CommandParser(prog="diffseg")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -18,6 +18,8 @@ import re
 from typing import Any, Iterator
 from urllib.parse import parse_qsl, urlsplit
 
+from pipeline.arg_types import described
+
 MASK = "****"
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
@@ -104,8 +106,8 @@ def refuse_url_credentials(input: str, output: str, storage_options: dict[str, A
                          "variables or config instead (the URL would be written to the manifest and logs).")
 
 
-def storage_options_json(text: str) -> dict[str, Any]:
-    """argparse type for ``--storage-options``: a JSON object. Errors never repeat the text."""
+def _storage_options(text: str) -> dict[str, Any]:
+    """``--storage-options``: a JSON object. Errors never repeat the text."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -113,8 +115,14 @@ def storage_options_json(text: str) -> dict[str, Any]:
             f"not valid JSON ({exc.msg} at character {exc.pos} of {len(text)}); the value is not shown, "
             "it may hold credentials") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), not a JSON {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"the value is a JSON {type(value).__name__}; it is not shown, it may hold "
+                                         "credentials")
     return value
+
+
+storage_options_json = described(_storage_options, "a JSON object of fsspec options ('{\"anon\": true}')",
+                                 '{"anon": true}', '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}',
+                                 secret=True)
 
 
 def shown_env_value(name: str, written: str) -> str:

@@ -7,24 +7,21 @@ import sys
 from typing import Any
 
 from pipeline.after.datasets_gt import add_ground_truth_arguments
+from pipeline.arg_types import comma_floats, comma_ints, described
 from pipeline.data.credentials import storage_options_json
 from pipeline.help_format import DefaultsHelpFormatter
 
 
-def _floats(text: str) -> list[float]:
+def _floats_or_range(text: str) -> list[float]:
     """"0.9,1.0,1.1" or a range "0.6:1.4:0.1" (inclusive)."""
     from pipeline.tune.grid import frange
 
     if ":" in text:
         parts = [float(v) for v in text.split(":")]
         if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"a range is START:STOP:STEP, got {text!r}")
+            raise ValueError(text)  # refused with what --tau takes (pipeline.arg_parser)
         return frange(*parts)
-    return [float(v) for v in text.split(",")]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+    return comma_floats(text)
 
 
 def _modes(text: str) -> list[str]:
@@ -32,7 +29,7 @@ def _modes(text: str) -> list[str]:
 
     modes = [v.strip().lower() for v in text.split(",")]
     if not modes or any(m not in BOUNDARY_MODES for m in modes):
-        raise argparse.ArgumentTypeError(f"--boundaries takes off, pamr or off,pamr; got {text!r}")
+        raise ValueError(text)
     return modes
 
 
@@ -41,7 +38,20 @@ def _switches(text: str) -> list[bool]:
     try:
         return [values[v.strip().lower()] for v in text.split(",")]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"--refine takes off, on or off,on; got {text!r}") from None
+        raise ValueError(text) from None
+
+
+def _schedule(text: str) -> tuple[float, ...]:
+    return tuple(_floats_or_range(text))
+
+
+_FLOATS = "numbers separated by commas (0.9,1.1) or a range START:STOP:STEP (0.6:1.4:0.1)"
+_floats = described(_floats_or_range, _FLOATS, "0.9,1.1", "0.6:1.4:0.1", "1.1")
+_steps = described(_floats_or_range, _FLOATS.replace("0.9,1.1", "0,-0.1"), "0,-0.1", "-0.1")
+_ints = described(comma_ints, "whole numbers separated by commas (2,3)", "2,3", "10")
+_mode_list = described(_modes, "off, pamr or off,pamr", "off", "pamr", "off,pamr", "PAMR")
+_switch_list = described(_switches, "off, on or off,on", "off", "on", "off,on", "true")
+_schedules = described(_schedule, "one tau per iteration separated by commas (1.1,1.0,0.9)", "1.1,1.0,0.9")
 
 
 def add_tune(subparsers: Any) -> None:
@@ -76,17 +86,17 @@ def add_tune(subparsers: Any) -> None:
     s = t.add_argument_group("grid (each list is searched in full)")
     s.add_argument("--tau", type=_floats, default=g.taus, help="KL thresholds: a list 0.9,1.1 or a range START:STOP:STEP")
     s.add_argument("--iterations", type=_ints, default=g.iterations, help="merging iteration counts")
-    s.add_argument("--tau-steps", type=_floats, default=g.tau_steps,
+    s.add_argument("--tau-steps", type=_steps, default=g.tau_steps,
                    help="per-iteration change of tau: 0 = one tau for all iterations; -0.1 makes 1.1,1.0,0.9 of 1.1")
-    s.add_argument("--schedules", nargs="+", type=lambda v: tuple(_floats(v)), default=[],
+    s.add_argument("--schedules", nargs="+", type=_schedules, default=[],
                    help="extra per-iteration schedules, each one tau per iteration: 1.1,1.0,0.9 1.2,1.1")
     s.add_argument("--num-points", type=_ints, default=None,
                    help=f"anchor grid sides (default: {','.join(map(str, DEFAULT_NUM_POINTS))}, those that fit the model)")
     s.add_argument("--weights", nargs="+", default=g.weights,
                    help=f"aggregation weights: presets ({', '.join(WEIGHT_PRESETS)}) or numbers finest first (8,4,2,1)")
-    s.add_argument("--refine", type=_switches, default=g.refine,
+    s.add_argument("--refine", type=_switch_list, default=g.refine,
                    help="off, on, or off,on (k-means refinement costs ~40x a plain setting on CPU)")
-    s.add_argument("--boundaries", type=_modes, default=g.boundaries,
+    s.add_argument("--boundaries", type=_mode_list, default=g.boundaries,
                    help="off, pamr, or off,pamr: PAMR is scored on the best --boundary-candidates plain settings "
                    "of each fold (seconds an image at 512 px on a CPU, so not on every setting)")
     s.add_argument("--pamr-iterations", type=_ints, default=g.pamr_iterations,
