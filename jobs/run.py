@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m jobs.run SPEC_FILE_OR_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.job.plan import LabelError, label
+    from pipeline.errors import LabelError
+    from pipeline.job.run import label
 
     try:
         spec = read_spec_argument(argv[0])
