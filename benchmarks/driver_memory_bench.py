@@ -35,10 +35,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 CHILD = r'''
 import gc, json, os, sys, threading, time
 from pipeline import label
-import pipeline.job.plan as plan
+import pipeline.job.run as job_run
 import pipeline.job.free_memory as free_memory
 if sys.argv[4] == "unbounded":
-    plan.bound_block_stats = lambda: None  # Ray Data as shipped: one BlockStats per block, kept to the end
+    job_run.bound_block_stats = lambda: None  # Ray Data as shipped: one BlockStats per block, kept to the end
 if sys.argv[4] != "released":
     free_memory.RELEASE_EVERY_S = float("inf")  # the driver loop never hands freed memory back
 samples, stop = [], threading.Event()

@@ -70,7 +70,7 @@ def run_variant(variant: str, images: int, workdir: str) -> dict:
         import ray
 
         from pipeline.data.resume import PlannedPaths
-        from pipeline.job.plan import shard_dataset
+        from pipeline.job.dataflow import shard_dataset
 
         index = PlannedPaths.of_plan(fs, f"{workdir}/_plan.jsonl.gz").index  # what update_plan hands over
         base = _rss_mb()

@@ -123,7 +123,7 @@ def commit_path(
 
     from pipeline.data.retry import RetryPolicy
     from pipeline.job.commit import Committer
-    from pipeline.job.plan import ENCODE_BATCH_ROWS, drive
+    from pipeline.job.dataflow import ENCODE_BATCH_ROWS, drive
     from pipeline.job.sink import OutputLocation, write_rows
 
     folder.mkdir(parents=True)
@@ -156,7 +156,7 @@ def worker_alone(blocks, rows_per_shard: int, folder: Path) -> float:
     import pyarrow as pa
 
     from pipeline.data.retry import RetryPolicy
-    from pipeline.job.plan import ENCODE_BATCH_ROWS
+    from pipeline.job.dataflow import ENCODE_BATCH_ROWS
     from pipeline.job.sink import OutputLocation, finalize_shard, write_rows
 
     batch = min(rows_per_shard, ENCODE_BATCH_ROWS)
@@ -183,7 +183,7 @@ def orchestration_only(ray, blocks, rows_per_shard: int) -> tuple[float, float]:
     """(seconds, driver CPU seconds) of the same dataset with a stage that writes nothing."""
     from ray.data import TaskPoolStrategy
 
-    from pipeline.job.plan import ENCODE_BATCH_ROWS
+    from pipeline.job.dataflow import ENCODE_BATCH_ROWS
 
     ds = ray.data.from_arrow(blocks).map_batches(
         _rows_seen, batch_size=min(rows_per_shard, ENCODE_BATCH_ROWS), batch_format="pyarrow", num_cpus=1,
@@ -202,7 +202,7 @@ def driver_path(ray, blocks, rows_per_shard: int, folder: Path) -> tuple[float, 
     from ray.data import TaskPoolStrategy
 
     from pipeline.data.schema import OUTPUT_SCHEMA
-    from pipeline.job.plan import ENCODE_BATCH_ROWS
+    from pipeline.job.dataflow import ENCODE_BATCH_ROWS
 
     folder.mkdir(parents=True)
     ds = ray.data.from_arrow(blocks).map_batches(

@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.console import command_console, plain_every_s
-    from pipeline.job.plan import LabelError, label
+    from pipeline.errors import LabelError
+    from pipeline.job.run import label
 
     try:
         spec = read_spec_argument(argv[0])

@@ -346,7 +346,7 @@ def method_sources(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     model card (read here when the model is tiny-demo or a folder on this machine), or the paper's
     defaults (for a folder only the cluster has, its card's defaults apply there instead)."""
     from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults
-    from pipeline.job.plan import DEFAULT_MODEL
+    from pipeline.job.options import DEFAULT_MODEL
 
     model = str(options.get("model") or DEFAULT_MODEL)
     card = model_method_defaults(model)
@@ -486,7 +486,8 @@ def _validate(data: dict[str, Any], source: str, base_dir: Path | None, default_
 
 def _check_label_options(options: dict[str, Any], source: str) -> None:
     """What pipeline.label itself would refuse (e.g. DiffSeg's bounds), refused before submission."""
-    from pipeline.job.plan import LabelError, LabelOptions, validate_options
+    from pipeline.errors import LabelError
+    from pipeline.job.options import LabelOptions, validate_options
 
     try:
         validate_options(LabelOptions(**options))

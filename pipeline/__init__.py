@@ -4,9 +4,9 @@ Entry points: ``pipeline.label(input, output, **options) -> summary`` and the
 ``diffseg`` command (pipeline/cli.py: ``label`` here, the others in their rooms).
 
 - ``pipeline.job``: the labeling job itself, from an input URL to committed Parquet
-  shards (``plan.label`` reads top to bottom: preflight, devices, the shard plan, the
-  Ray Data stages in ``tasks`` and ``actors``, the workers' ``sink``, the driver's
-  ``commit``).
+  shards (``run.label`` reads top to bottom: ``options``, ``preflight``, devices, the
+  shard plan (``work``), the Ray Data graph (``dataflow``: the stages in ``tasks`` and
+  ``actors``, the workers' ``sink``, the driver's ``commit``), ``bookkeeping``).
 - ``pipeline.after``: what users run on finished labels: ``eval`` (with
   ``baselines`` and the ground-truth readers in ``datasets_gt``), ``export``,
   ``show`` (``gallery``), and the training ``reader``.
@@ -28,8 +28,16 @@ __all__ = ["label", "LabelError", "LabelOptions"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import pipeline` must not import Ray
-    if name in __all__:
-        from pipeline.job import plan
+    if name == "label":
+        from pipeline.job.run import label
 
-        return getattr(plan, name)
+        return label
+    if name == "LabelError":
+        from pipeline.errors import LabelError
+
+        return LabelError
+    if name == "LabelOptions":
+        from pipeline.job.options import LabelOptions
+
+        return LabelOptions
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

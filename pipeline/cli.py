@@ -16,7 +16,8 @@ from pipeline.console import EVERY_ENV, PLAIN_EVERY_S, command_console, plain_ev
 from pipeline.help_format import DefaultsHelpFormatter
 from pipeline.job.devices import DEVICES
 from pipeline.job.params import METHOD_PARAMS, read_frame, read_params
-from pipeline.job.plan import DEFAULT_MODEL, LabelError, LabelOptions
+from pipeline.errors import LabelError
+from pipeline.job.options import DEFAULT_MODEL, LabelOptions
 
 _DEFAULTS = LabelOptions()
 # a frame option at its default counts as not given (best.json's value is taken)
@@ -73,7 +74,7 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    "(no noise is added)")
     d = p.add_argument_group("DiffSeg")
     # These default to None so that a --params file, then the model's card, can fill what the command
-    # line leaves out (pipeline.job.plan.LabelOptions.with_model_defaults).
+    # line leaves out (pipeline.job.options.LabelOptions.with_model_defaults).
     d.add_argument("--kl-threshold", type=_kl_threshold, default=None,
                    help="merge threshold tau on the symmetric KL (default: the model's; 1.1 suits COCO-like "
                    "photos with SD, 0.9 street scenes); comma-separated for one per iteration")
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None, extra: Callable[[Any], None] | None 
 
 def _label_command(args: argparse.Namespace, argv: list[str]) -> int:
     from pipeline.job.interrupt import RunInterrupted
-    from pipeline.job.plan import label
+    from pipeline.job.run import label
     from pipeline.job.stderr_filter import filtered_stderr
 
     options = {k: v for k, v in vars(args).items()

@@ -151,6 +151,12 @@ def init_ray(ray_address: str | None, **init_kwargs: Any) -> tuple[Any, bool]:
     return ray, True
 
 
+def shutdown_ray(ray: Any, own_ray: bool) -> None:
+    """Stop a local Ray that ``init_ray`` started (its actors and tasks with it); leave a joined one alone."""
+    if ray is not None and own_ray:
+        ray.shutdown()
+
+
 def _ray_start_sentence(where: RayAddress, exc: BaseException) -> str:
     text = _one_line(exc)
     if "timed out during startup" in text:

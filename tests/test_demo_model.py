@@ -181,7 +181,7 @@ def test_model_card_defaults_fill_only_what_the_caller_left_out(tmp_path, tiny_m
 
     from diffseg_core import DiffSeg
     from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults
-    from pipeline.job.plan import LabelOptions
+    from pipeline.job.options import LabelOptions
 
     folder = tmp_path / "with-card"
     shutil.copytree(tiny_model_path, folder)
@@ -219,7 +219,8 @@ def test_a_bad_model_card_is_one_clear_error(tmp_path, tiny_model_path):
     import shutil
 
     from diffseg_core.model_loading import ModelLoadError
-    from pipeline.job.plan import LabelError, LabelOptions
+    from pipeline.errors import LabelError
+    from pipeline.job.options import LabelOptions
 
     folder = tmp_path / "bad-card"
     shutil.copytree(tiny_model_path, folder)

@@ -52,7 +52,7 @@ def _eval(capsys, labels, gt, *extra: str) -> dict:
 def scored(ray_session, tmp_path_factory):
     """Label every variant with tiny-demo (one run; paper preprocessing in a second) and the
     plain scenes with tiny-random; return the folders."""
-    from pipeline.job.plan import label
+    from pipeline.job.run import label
 
     root = tmp_path_factory.mktemp("scenes")
     ids = write_scene_sets(root, held_out_seeds(N_SCENES), SIZE)

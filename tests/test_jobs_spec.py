@@ -11,7 +11,7 @@ from jobs import cli
 from jobs.connect import ClusterError, find_token, resolve_address
 from jobs.spec import SECTIONS, SpecError, load_spec, parse_spec
 from jobs.submit import normalize_output
-from pipeline.job.plan import LabelOptions
+from pipeline.job.options import LabelOptions
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "jobs"
 EXAMPLES = sorted(p for p in JOBS_DIR.glob("*.yaml") if not p.name.startswith("kuberay"))

@@ -250,7 +250,8 @@ def test_gpu_vae_default_is_bf16_where_the_gpu_has_it(monkeypatch):
 
 def test_vae_dtype_is_a_label_parameter_only_when_chosen():
     from pipeline.data.manifest import IncompatibleOutputError, check_compatible
-    from pipeline.job.plan import LabelError, LabelOptions, validate_options
+    from pipeline.errors import LabelError
+    from pipeline.job.options import LabelOptions, validate_options
 
     auto = LabelOptions().label_parameters(512, "fp16")
     assert "vae_dtype" not in auto  # outputs made before the option resume

@@ -63,7 +63,7 @@ def test_gpus_that_an_autoscaler_can_add_are_waited_for_with_a_bound(ray_session
 
 
 def test_contradicting_device_options_are_refused(tmp_path):
-    from pipeline.job.plan import LabelOptions, validate_options
+    from pipeline.job.options import LabelOptions, validate_options
 
     for options, message in [({"device": "tpu"}, "--device must be one of auto, gpu, cpu, not 'tpu'."),
                              ({"device": "gpu", "gpus_per_actor": 0}, "--device gpu and --gpus-per-actor 0 "

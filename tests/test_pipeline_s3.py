@@ -45,7 +45,7 @@ def test_s3_images_and_parquet_in_s3_labels_out(ray_session, s3, tmp_path):
 
 
 def test_s3_names_that_look_like_globs_are_read_literally(ray_session, s3):
-    from pipeline.job.plan import LabelError
+    from pipeline.errors import LabelError
 
     fs, options = s3
     names = ["bracket[1].png", "star*.png", "q?.png", "plain.png"]

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from pipeline import label
-from pipeline.job.plan import LabelOptions
+from pipeline.job.options import LabelOptions
 from pipeline.job.provenance import VERSION_ENV, digest
 from pipeline_helpers import read_output
 

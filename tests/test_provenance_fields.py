@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from pipeline.job.plan import LabelOptions
+from pipeline.job.options import LabelOptions
 from pipeline.job.provenance import decode_provenance, digest, encode_provenance, expected, fold
 
 SIZE = 64

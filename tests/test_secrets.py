@@ -193,7 +193,7 @@ def test_a_label_run_records_unsafe_weights_and_never_its_storage_options(pickle
                                                                           capfd):
     """One real run for both: --allow-unsafe-weights reaches the actors and the manifest, and the
     --storage-options values (a local folder takes and ignores them) reach no output and no log."""
-    from pipeline.job.plan import LabelOptions
+    from pipeline.job.options import LabelOptions
 
     secret = _secret()
     make_photo_folder(tmp_path / "in")

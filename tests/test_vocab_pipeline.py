@@ -178,7 +178,7 @@ def test_every_segment_has_a_class_from_the_vocabulary_or_null(labelled):
 
 def test_manifest_records_the_vocabulary_and_a_rerun_with_another_is_refused(labelled, capsys):
     from pipeline import label
-    from pipeline.job.plan import LabelError
+    from pipeline.errors import LabelError
 
     root, _, _, _ = labelled
     manifest = json.loads((root / "out" / "_manifest.json").read_text())

@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from pipeline.job.plan import LabelError
+from pipeline.errors import LabelError
 
 METHOD_PARAMS = ("kl_threshold", "iterations", "num_points", "refine", "weights", "boundaries", "pamr_iterations",
                  "pamr_dilations")

@@ -12,7 +12,7 @@ In order, cheapest and most likely to fail first; nothing is written until the l
 
 The options themselves were judged by ``validate_options`` before this. What needs
 the cluster (GPUs or CPUs, hence the default dtype; single-file checkpoints, whose
-configs only a load reveals) is settled after ``ray.init``; see plan.label.
+configs only a load reveals) is settled after ``ray.init``; see pipeline/job/run.py.
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from pipeline.data.manifest import (
     recover_manifest,
 )
 from pipeline.data.sources import NoInputError, first_input, input_root, open_fs
-from pipeline.errors import LabelError
+from pipeline.errors import LabelError, one_line
+from pipeline.job.options import LabelOptions
 from pipeline.job.vocab import check_against_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import fsspec
 
     from diffseg_core.model_check import ModelCheck
-    from pipeline.job.plan import LabelOptions
 
 __all__ = ["Checked", "preflight", "known_device", "default_dtype"]
 
@@ -42,7 +42,7 @@ def default_dtype(use_gpu: bool) -> str:
     return "fp16" if use_gpu else "fp32"
 
 
-def known_device(opts: "LabelOptions") -> str | None:
+def known_device(opts: LabelOptions) -> str | None:
     """"gpu" or "cpu" when the options alone decide it, None when the cluster does (--device auto)."""
     if opts.device in ("gpu", "cpu"):
         return opts.device
@@ -66,7 +66,7 @@ class Checked:
     previous: dict[str, Any] | None  # the output's manifest, None for a new output or --overwrite
     created_output: bool  # this run made the output folder (removed again if the run cannot start)
 
-    def model_info(self, opts: "LabelOptions", dtype: str, use_gpu: bool) -> dict[str, Any]:
+    def model_info(self, opts: LabelOptions, dtype: str, use_gpu: bool) -> dict[str, Any]:
         return self.model.model_info(dtype=dtype, timestep=opts.timestep, image_size=self.image_size,
                                      weights_sha256=self.weights_sha256, device="cuda" if use_gpu else "cpu")
 
@@ -88,7 +88,7 @@ class Checked:
             pass
 
 
-def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
+def preflight(input: str, output: str, opts: LabelOptions) -> Checked:
     """Run the checks of the module docstring; raise LabelError (one sentence) at the first that fails."""
     from diffseg_core.model_check import ModelLoadError, check_model
     from diffseg_core.parameters import anchor_grid_problem, weights_problem
@@ -98,18 +98,18 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
         out_fs, out_root = open_fs(output, opts.storage_options)
         root = input_root(input, opts.storage_options)
     except (OSError, ValueError, ImportError) as exc:
-        raise LabelError(f"Cannot open {input!r} or {output!r}: {_one_line(exc)}") from None
+        raise LabelError(f"Cannot open {input!r} or {output!r}: {one_line(exc)}") from None
     out_root = out_root.rstrip("/") or out_root
 
     try:
         model = check_model(opts.model, revision=opts.revision,
                             allow_unsafe_weights=bool(opts.allow_unsafe_weights))
     except ModelLoadError as exc:
-        raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(exc.what)}") from None
+        raise LabelError(f"Cannot load model {opts.model!r}: {one_line(exc.what)}") from None
     try:
         image_size = model.image_size(opts.image_size) if model.complete else int(opts.image_size or 0)
     except (ModelLoadError, ValueError) as exc:
-        raise LabelError(f"--image-size for model {opts.model!r}: {_one_line(exc)}.") from None
+        raise LabelError(f"--image-size for model {opts.model!r}: {one_line(exc)}.") from None
     if model.complete:
         problem = anchor_grid_problem(opts.num_points, model.attention_resolutions(image_size), opts.model,
                                       image_size)
@@ -123,14 +123,14 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
         try:
             check_against_model(vocab, model)
         except ModelLoadError as exc:
-            raise LabelError(f"Cannot load model {opts.model!r}: {_one_line(exc.what)}") from None
+            raise LabelError(f"Cannot load model {opts.model!r}: {one_line(exc.what)}") from None
         except ValueError as exc:
-            raise LabelError(f"Vocabulary for model {opts.model!r}: {_one_line(exc)}.") from None
+            raise LabelError(f"Vocabulary for model {opts.model!r}: {one_line(exc)}.") from None
 
     try:
         previous = None if opts.overwrite else recover_manifest(out_fs, out_root)  # a torn one is rebuilt
     except (OSError, ValueError) as exc:
-        raise LabelError(f"Cannot read the manifest of {output!r}: {_one_line(exc)}") from None
+        raise LabelError(f"Cannot read the manifest of {output!r}: {one_line(exc)}") from None
     checked = Checked(input, output, root, out_fs, out_root, model, image_size, None, previous, False)
     device = known_device(opts)
     dtype = opts.dtype or (default_dtype(device == "gpu") if device else None)
@@ -142,7 +142,7 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
         try:
             checked.weights_sha256 = sha256_files(list(model.weight_files))
         except OSError as exc:
-            raise LabelError(f"Cannot read the weights of model {opts.model!r}: {_one_line(exc)}") from None
+            raise LabelError(f"Cannot read the weights of model {opts.model!r}: {one_line(exc)}") from None
     if model.complete:
         info = checked.model_info(opts, dtype or "fp32", device == "gpu")
         checked.check_against_previous(info, opts.label_parameters(image_size, dtype), unknown)
@@ -152,7 +152,7 @@ def preflight(input: str, output: str, opts: "LabelOptions") -> Checked:
     except NoInputError as exc:
         raise LabelError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise LabelError(f"Cannot list input {input!r}: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise LabelError(f"Cannot list input {input!r}: {type(exc).__name__}: {one_line(exc)}") from None
 
     checked.created_output = _check_writable(out_fs, out_root, output)
     return checked
@@ -173,10 +173,6 @@ def _check_writable(fs: Any, root: str, output: str) -> bool:
             f.write(b"ok")
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001
-        raise LabelError(f"Output {output!r} is not writable: {_one_line(exc)}") from None
+        raise LabelError(f"Output {output!r} is not writable: {one_line(exc)}") from None
     return created
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) < 400 else text[:400] + "..."

@@ -122,7 +122,7 @@ def add_tune(subparsers: Any) -> None:
 def run_tune(args: argparse.Namespace) -> int:
     from diffseg_core.model_check import ModelLoadError
     from pipeline.after.datasets_gt import GroundTruthError
-    from pipeline.job.plan import LabelError
+    from pipeline.errors import LabelError
     from pipeline.tune.grid import Grid, GridError
     from pipeline.tune.prepare import SampleError
     from pipeline.tune.report import format_report

@@ -132,7 +132,7 @@ DEFAULT_NUM_POINTS = (8, 16)
 def default_setting(model: str | None = None) -> Setting:
     """What ``diffseg label --model MODEL`` does without flags: LabelOptions' defaults, which are the
     model's (its ``diffseg.json`` card, as tiny-demo's) or else the paper's."""
-    from pipeline.job.plan import LabelOptions
+    from pipeline.job.options import LabelOptions
 
     d = LabelOptions(**({"model": model} if model else {})).with_model_defaults()
     kl = d.kl_threshold

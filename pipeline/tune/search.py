@@ -54,17 +54,15 @@ class SearchSession:
         self.own_ray = False
 
     def __enter__(self) -> "SearchSession":
-        from pipeline.job.plan import (  # label's: a local Ray, its token note dropped
-            _init_ray,
-        )
+        from pipeline.ray_connect import init_ray
 
-        self.ray, self.own_ray = _init_ray(None)
+        self.ray, self.own_ray = init_ray(None, log_to_driver=True)  # label's: a local Ray, its token note dropped
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from pipeline.job.plan import _shutdown
+        from pipeline.ray_connect import shutdown_ray
 
-        _shutdown(self.ray, self.own_ray)
+        shutdown_ray(self.ray, self.own_ray)
 
     def search(self, settings: Sequence[Setting], desc: str = "score settings x images") -> SearchResult:
         from tqdm.auto import tqdm
