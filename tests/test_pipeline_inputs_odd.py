@@ -17,13 +17,8 @@ from PIL import Image
 from pipeline import LabelError, label
 from pipeline.cli import format_summary, main
 from pipeline.data.containers import split_containers
-from pipeline.data.sources import (
-    SkippedInputs,
-    bounded,
-    iter_inputs,
-    output_in_input,
-    read_source,
-)
+from pipeline.data.readers import bounded, read_source
+from pipeline.data.sources import SkippedInputs, iter_inputs, output_in_input
 from pipeline_helpers import FAST, read_output
 
 TINY = {**FAST, "batch_size": 5}
