@@ -91,6 +91,20 @@ class NotRegularFileError(OSError):
     """An input path that is a FIFO, socket or device: refused before any read (a FIFO's blocks)."""
 
 
+class DanglingLinkError(FileNotFoundError):
+    """An input path that is a symbolic link to nothing (an unfinished download, a moved blob)."""
+
+
+def dangling_link(path: str) -> DanglingLinkError:
+    """The error of a link whose target is missing: what the link says and the missing path (the row's
+    id and source name the link itself; the sentence stays short enough for an error row)."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return DanglingLinkError(f"dangling symbolic link -> {target}: {os.path.realpath(path)} does not exist")
+
+
 def _or_error(fn: Callable[..., T], *args: Any) -> T | BaseException:
     try:
         return fn(*args)
@@ -122,8 +136,14 @@ def bounded(fn: Callable[..., T], *args: Any, seconds: float | None = None, what
 
 
 def _open_local(path: str) -> IO[bytes]:
-    """Open a local file for reading, refusing what is not a regular file without blocking on it."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    """Open a local file for reading, refusing what is not a regular file without blocking on it.
+    A link is opened as what it points to; a dangling one is a DanglingLinkError naming its target."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise dangling_link(path) from None
+        raise
     try:
         what = file_type(os.fstat(fd).st_mode)
         if what is not None:

@@ -10,7 +10,12 @@ bucket of millions of objects that is the difference between seconds and hours. 
 the listed files is pipeline/data/readers.py.
 
 Only regular files are inputs: a FIFO, socket or device named like one is left out of
-the listing (``SkippedInputs``, said in the run's summary).
+the listing (``SkippedInputs``, said in the run's summary). Locally a symbolic link is what
+it points to, under its own name: the link's name gives the kind and the image id (a Hugging
+Face snapshot's ``images/x.png -> ../../../blobs/<sha>`` is ``images/x.png``), a link to a
+folder is walked (each real folder once: a loop ends), a link to a FIFO, socket or device is
+skipped like one, and a dangling link is listed: its read makes the row that names the
+missing target.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
+from fsspec.asyn import sync
 from fsspec.utils import glob_translate
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -83,11 +89,12 @@ def iter_inputs(
     prefix is listed page by page in key order: nothing per file is kept, so a listing of
     millions of files costs no more memory than one directory (or one page) of it.
     Only regular files are inputs: a FIFO, socket or device with an input's name (opening
-    a FIFO blocks until someone writes to it) is left out and counted in ``skipped``.
+    a FIFO blocks until someone writes to it) is left out and counted in ``skipped``; so is a
+    local link to one. A local link to a file is listed under its own name (see _walk_local).
     """
     fs, path, root, pattern, depth = _input_spec(url, storage_options)
     if pattern is None:
-        if input_kind(path) is not None and fs.isfile(path):
+        if _is_file_input(fs, path):
             what = _not_regular(fs, path)
             if what is None:
                 yield input_kind(path), fs.unstrip_protocol(path)
@@ -160,13 +167,30 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _not_regular(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    """For a local path, what it is when it is not a regular file; None otherwise (object stores hold files)."""
+    """For a local path, what it (or the file a link points to) is when it is not a regular file;
+    None otherwise (object stores hold files)."""
     if not is_local(fs):
         return None
+    return _local_type(path)
+
+
+def _local_type(path: str) -> str | None:
+    """What a local path (a link: its target) is when it is not a regular file or a folder ("FIFO", ...)."""
     try:
         return file_type(os.stat(path).st_mode)
     except OSError:
-        return None  # gone or unreadable: the read says so in its row
+        return None  # gone, dangling or unreadable: an input all the same, whose read says so in its row
+
+
+def _is_file_input(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` names one input file rather than a folder to walk. Locally: anything with an
+    input's name that is there and is no folder, a link followed (a link to a file, a FIFO, a dangling
+    link: the listing and the read say what it is); fsspec's ``isfile`` says False for every link."""
+    if input_kind(path) is None:
+        return False
+    if is_local(fs):
+        return os.path.lexists(path) and not os.path.isdir(path)
+    return fs.isfile(path)
 
 
 def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
@@ -176,19 +200,21 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> List
     read a few thousand files; the labeling job streams `iter_inputs` instead.
     """
     by_kind: dict[str, list[str]] = {"image": [], "parquet": [], "tar": []}
-    for kind, uri in iter_inputs(url, storage_options):
+    skipped = SkippedInputs()
+    for kind, uri in iter_inputs(url, storage_options, skipped):
         by_kind[kind].append(uri)
     listing = Listing(input_root(url, storage_options), *(sorted(by_kind[k]) for k in ("image", "parquet", "tar")))
     if listing.count == 0:
-        raise no_input_error(url)
+        raise no_input_error(url, skipped)
     return listing
 
 
 def first_input(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
     """The first input file under ``url``, found without listing the rest; NoInputError if none."""
-    for item in iter_inputs(url, storage_options):
+    skipped = SkippedInputs()
+    for item in iter_inputs(url, storage_options, skipped):
         return item
-    raise no_input_error(url)
+    raise no_input_error(url, skipped)
 
 
 def output_in_input(input: str, output: str, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -204,7 +230,7 @@ def output_in_input(input: str, output: str, storage_options: dict[str, Any] | N
         out_fs, out_path = fsspec.core.url_to_fs(output, **(storage_options or {}))
     except Exception:  # noqa: BLE001 - preflight reports an unusable URL
         return None
-    if pattern is None and input_kind(path) is not None and fs.isfile(path):
+    if pattern is None and _is_file_input(fs, path):
         return None
     if set(_protocols(fs)) != set(_protocols(out_fs)):
         return None
@@ -215,7 +241,7 @@ def output_in_input(input: str, output: str, storage_options: dict[str, Any] | N
     if out != base and not out.startswith(base.rstrip("/") + "/"):
         return None
     inside = out[len(base):].strip("/")
-    if any(part.startswith((".", "_")) for part in inside.split("/") if part):
+    if any(_hidden_name(part) for part in inside.split("/") if part):
         return None  # the listing prunes such folders
     if pattern is not None and not pattern.match(f"{listed}/labels-000000-000.parquet"):
         return None
@@ -225,11 +251,15 @@ def output_in_input(input: str, output: str, storage_options: dict[str, Any] | N
             "the input listing skips).")
 
 
-def no_input_error(url: str) -> NoInputError:
-    return NoInputError(
-        f"No input matched {url!r}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-        "Parquet files or .tar shards."
-    )
+def no_input_error(url: str, skipped: SkippedInputs | None = None) -> NoInputError:
+    """The one sentence for a listing that found no input; it says what was skipped, if anything was."""
+    extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+    if skipped is not None and skipped.count:
+        return NoInputError(
+            f"No input matched {url!r}: {skipped.sentence()}; only regular files (or links to them) are read, "
+            f"and none is an image file ({extensions}), a Parquet file or a .tar shard."
+        )
+    return NoInputError(f"No input matched {url!r}: expected image files ({extensions}), Parquet files or .tar shards.")
 
 
 def _input_spec(url: str, storage_options: dict[str, Any] | None):
@@ -241,7 +271,7 @@ def _input_spec(url: str, storage_options: dict[str, Any] | None):
     path = path.rstrip("/") or path
     # A name that exists as written is taken literally (a folder "shots[1]"), never as a pattern.
     if not any(c in path for c in _GLOB_CHARS) or fs.exists(path):
-        if input_kind(path) is not None and fs.isfile(path):
+        if _is_file_input(fs, path):
             return fs, path, fs.unstrip_protocol(posixpath.dirname(path)), None, None
         return fs, path, fs.unstrip_protocol(path), None, None
     root = _glob_root(path)
@@ -251,32 +281,69 @@ def _input_spec(url: str, storage_options: dict[str, Any] | None):
 
 def _walk_files(fs: fsspec.AbstractFileSystem, root: str, maxdepth: int | None) -> Iterator[tuple[str, str | None]]:
     """(path, None) for each file under root, (path, "FIFO"/"socket"/"device") for what is not a
-    regular file; streamed: S3 page by page in key order, elsewhere a sorted walk."""
+    regular file; streamed: S3 page by page in key order, local folders by _walk_local, elsewhere
+    fsspec's sorted walk."""
     if maxdepth is None and "s3" in _protocols(fs) and hasattr(fs, "_iterdir"):
         for key in _s3_keys(fs, root):
             yield key, None
         return
+    if is_local(fs):
+        yield from _walk_local(root, maxdepth)
+        return
     if not fs.isdir(root):
         return
-    local = is_local(fs)
-    for dirpath, dirs, files in fs.walk(root, maxdepth=maxdepth, topdown=True, detail=local):
-        _prune(dirs, sorted(d for d in dirs if not d.startswith((".", "_"))))  # local: dicts of info
+    for dirpath, dirs, files in fs.walk(root, maxdepth=maxdepth, topdown=True):
+        dirs[:] = sorted(d for d in dirs if not _hidden_name(d))  # in place: the walk goes on with these
         for name in sorted(files):
-            path = f"{dirpath.rstrip('/')}/{name}" if name else dirpath
-            what = None
-            if local and files[name].get("type") != "file":
-                what = file_type(files[name].get("mode", 0)) or "special file"
-            yield path, what
+            yield (f"{dirpath.rstrip('/')}/{name}" if name else dirpath), None
 
 
-def _prune(dirs: list[str] | dict[str, Any], keep: list[str]) -> None:
-    """Walk only ``keep``, in this order (in place: fsspec's walk reads the same list or dict)."""
-    if isinstance(dirs, dict):
-        kept = {d: dirs[d] for d in keep}
-        dirs.clear()
-        dirs.update(kept)
-    else:
-        dirs[:] = keep
+def _walk_local(root: str, maxdepth: int | None) -> Iterator[tuple[str, str | None]]:
+    """The walk of a local folder, symbolic links followed, in fsspec's order (each folder's files
+    sorted, then its sub-folders, depth first; ``.``/``_`` folders pruned; ``maxdepth`` 1 = the root's
+    files only). A link is what it points to, named by itself: a link to a folder is walked, a link to a
+    FIFO, socket or device gives its type, and a dangling link (or a loop of links) is a file (its read
+    names what is missing). Each real folder (device, inode) is walked once, by the first path that
+    reaches it, so a link back up ends; the set of those grows by one per folder, never per file."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: str, depth: int) -> Iterator[tuple[str, str | None]]:
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # gone or unreadable: skipped, as fsspec's walk skips it
+            return
+        folders = []
+        for entry in entries:
+            path = f"{folder.rstrip('/')}/{entry.name}"
+            if _entry_is(entry.is_dir):  # a link followed
+                if not _hidden_name(entry.name):
+                    folders.append(path)
+            elif _entry_is(entry.is_file):  # a regular file, or a link to one
+                yield path, None
+            else:
+                yield path, _local_type(path)
+        if maxdepth is None or depth < maxdepth:
+            for sub in folders:
+                yield from walk(sub, depth + 1)
+
+    yield from walk(root, 1)
+
+
+def _entry_is(test: Any) -> bool:
+    """``DirEntry.is_dir``/``is_file`` (links followed), False where the entry cannot be stat'ed."""
+    try:
+        return bool(test())
+    except OSError:
+        return False
+
+
+def _hidden_name(name: str) -> bool:
+    return name.startswith((".", "_"))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -285,8 +352,6 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 def _s3_keys(fs: Any, root: str, page: int = 1000) -> Iterator[str]:
     """Object keys under an S3 prefix, one ListObjectsV2 page at a time (no delimiter: recursive)."""
-    from fsspec.asyn import sync
-
     bucket, key, _ = fs.split_path(root)
     listing = fs._iterdir(bucket, delimiter="", prefix=f"{key.rstrip('/')}/" if key else "")
 
@@ -327,4 +392,4 @@ def _glob_root(pattern: str) -> str:
 def _is_hidden(path: str, root: str) -> bool:
     """Skip dot-files/dirs and underscore dirs (e.g. ``_SUCCESS``, ``.ipynb_checkpoints``) below root."""
     rel = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+    return any(_hidden_name(part) for part in rel.split("/"))
