@@ -141,6 +141,14 @@ def write_parquet_shard(path: Path, images: list[bytes], struct_column: bool, ro
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
+def random_png(seed: int, size: int = 32) -> bytes:
+    """A small PNG of random pixels, the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def read_output(path: str, filesystem=None) -> pa.Table:
     """The committed output dataset (pyarrow skips the _-prefixed bookkeeping files)."""
     return pads.dataset(path, format="parquet", filesystem=filesystem).to_table()

@@ -100,7 +100,8 @@ def test_every_input_object_gets_one_row_with_a_distinct_stable_id(labelled):
 
 
 def test_a_folder_or_file_named_like_a_glob_is_taken_literally(odd_inputs, tmp_path):
-    from pipeline.data.sources import list_inputs, read_image_files, relative_id
+    from pipeline.data.readers import read_image_files
+    from pipeline.data.sources import list_inputs, relative_id
 
     root, expected = odd_inputs
     listing = list_inputs(str(root))  # "in[1]" exists: a folder, not a pattern
@@ -119,7 +120,7 @@ def test_a_folder_or_file_named_like_a_glob_is_taken_literally(odd_inputs, tmp_p
 
 
 def test_repeated_tar_members_and_parquet_keys_get_numbered_ids():
-    from pipeline.data.sources import UniqueKeys
+    from pipeline.data.readers import UniqueKeys
 
     keys = UniqueKeys()
     assert [keys.claim(k) for k in ["a", "a", "a#2", "a", "b", "a#2"]] == ["a", "a#2", "a#2#2", "a#3", "b", "a#2#3"]

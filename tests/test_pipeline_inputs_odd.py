@@ -8,32 +8,21 @@ import tarfile
 import threading
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from pipeline import LabelError, label
 from pipeline.cli import format_summary, main
 from pipeline.data.containers import split_containers
-from pipeline.data.sources import (
-    SkippedInputs,
-    bounded,
-    iter_inputs,
-    output_in_input,
-    read_source,
-)
-from pipeline_helpers import FAST, read_output
+from pipeline.data.readers import bounded, read_source
+from pipeline.data.sources import SkippedInputs, iter_inputs, output_in_input
+from pipeline_helpers import FAST, random_png, read_output
 
 TINY = {**FAST, "batch_size": 5}
 
 
-def _png(i: int, size: int = 32) -> bytes:
-    rng = np.random.default_rng(i)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+_png = random_png
 
 
 def _tar(path: Path, names: list[str]) -> None:

@@ -10,14 +10,8 @@ from pipeline_helpers import (
     write_tar_shard,
 )
 
-from pipeline.data.sources import (
-    NoInputError,
-    list_inputs,
-    read_parquet,
-    read_source,
-    read_tar,
-    relative_id,
-)
+from pipeline.data.readers import read_parquet, read_source, read_tar
+from pipeline.data.sources import NoInputError, list_inputs, relative_id
 
 
 def test_folder_is_listed_recursively_sorted_and_hidden_files_skipped(tmp_path):

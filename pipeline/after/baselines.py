@@ -31,7 +31,7 @@ from pipeline.after.datasets_gt import (
 )
 from pipeline.after.image_index import ImageIndex, center_crop_resize, decode_rgb
 from pipeline.data.label_files import iter_label_batches, label_map
-from pipeline.data.sources import chunked
+from pipeline.data.readers import chunked
 
 METHODS = ("K-Means-C", "K-Means-S")
 K_CONSTANT = 6  # the paper's K-Means-C

@@ -1,6 +1,6 @@
 """Find and read the source image of a label row by its ``image_id``.
 
-The ids are the pipeline's own (pipeline.data.sources): the path relative to the
+The ids are the pipeline's own (pipeline.data.sources, readers): the path relative to the
 input root for image files, ``<shard>/<key>`` for tar and Parquet shards. We
 list the input once with the same helper and read with the same readers, so an
 id made by ``diffseg label`` always resolves here, wherever the input now lives.
@@ -15,12 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.data.decode import to_rgb
-from pipeline.data.sources import (
-    list_inputs,
-    read_image_files,
-    read_source,
-    relative_id,
-)
+from pipeline.data.readers import read_image_files, read_source
+from pipeline.data.sources import list_inputs, relative_id
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A container whose rows exceed ``rows_per_file`` is planned as several shards, each a
 range of its rows: kind ``"tar[0:1000]"``, ``"tar[1000:2000]"``, ... (see
-``sources.ranged_kind``), all with the file's URI as their one path. A kill then loses at
+``readers.ranged_kind``), all with the file's URI as their one path. A kill then loses at
 most one shard's rows of it, as for a folder of image files. Rows are counted once, when
 the file is first planned: a Parquet file's footer, a tar's headers (read seekably, its
 members' bytes skipped). A file the saved plan already holds is never counted again, so
@@ -22,14 +22,8 @@ import pyarrow.parquet as pq
 from pipeline.data.parts import Part
 from pipeline.data.resume import DamagedPlanError, PlannedPaths
 from pipeline.data.retry import is_transient
-from pipeline.data.sources import (
-    SkippedInputs,
-    iter_inputs,
-    open_fs,
-    open_input,
-    ranged_kind,
-    tar_image_members,
-)
+from pipeline.data.readers import open_input, ranged_kind, tar_image_members
+from pipeline.data.sources import SkippedInputs, iter_inputs, open_fs
 
 TAR_BYTES_PER_MEMBER = 512  # a member takes one header block at least: a smaller tar cannot need splitting
 

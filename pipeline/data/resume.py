@@ -42,7 +42,7 @@ import numpy as np
 from pipeline.data.parts import Part
 from pipeline.data.retry import RetryPolicy, call_with_retries
 from pipeline.data.schema import DONE_DIR, PLAN, STAGED_DIR, TMP_DIR, marker_name, shard_of_part, staged_path
-from pipeline.data.sources import read_literal
+from pipeline.data.readers import read_literal
 from pipeline.data.storage import remove
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from pipeline.data.readers import RawImage, read_one, read_source, shard_error_id
+from pipeline.data.sources import open_fs
+
 T = TypeVar("T")
 
 # The error kind of a row whose bytes could not be read because storage was unreachable.
@@ -167,7 +170,7 @@ def resilient_read(
     policy: RetryPolicy | None = None,
     only: Iterable[str] | None = None,
 ) -> Iterator[Any]:
-    """``sources.read_source``, with the world's faults retried and never turned into a bad-image row.
+    """``readers.read_source``, with the world's faults retried and never turned into a bad-image row.
 
     Image files: a row whose read failed is read again on its own; a transient fault is
     retried until the deadline, then the row (and every later row of the shard, unread)
@@ -176,8 +179,6 @@ def resilient_read(
     deadline passes, one ``storage unavailable`` row ends the shard. ``only``: yield just
     these image ids (``diffseg label --retry-errors``).
     """
-    from pipeline.data.sources import RawImage
-
     policy = policy or RetryPolicy()
     wanted = set(only) if only is not None else None
     if kind == "images":
@@ -190,8 +191,6 @@ def resilient_read(
 
 
 def _read_images(paths: list[str], root: str, storage_options: dict[str, Any] | None, policy: RetryPolicy):
-    from pipeline.data.sources import RawImage, open_fs, read_one, read_source
-
     fs = None
     unavailable: str | None = None  # once the deadline is spent, the shard is redone anyway: stop reading
     done = 0
@@ -218,8 +217,6 @@ def _read_container(
     kind: str, paths: list[str], root: str, storage_options: dict[str, Any] | None, image_column: str | None,
     policy: RetryPolicy,
 ):
-    from pipeline.data.sources import RawImage, read_source, shard_error_id
-
     waits = policy.waits()
     yielded = 0
     while True:

@@ -24,7 +24,7 @@ from pipeline.data.schema import (
     SHARD_ROWS,
     UNKNOWN_CLASS,
 )
-from pipeline.data.sources import RawImage, chunked
+from pipeline.data.readers import RawImage, chunked, shard_error_id
 from pipeline.job.labels import unpack_classes, unpack_label_map
 from pipeline.job.provenance import COLUMNS as PROVENANCE, decode_provenance, encode_provenance
 
@@ -83,8 +83,6 @@ def _safe_read(
     try:
         yield from resilient_read(kind, paths, root, storage_options, image_column, retry, only)
     except Exception as exc:  # noqa: BLE001 - corrupt tar / Parquet: say so in a row, go on
-        from pipeline.data.sources import shard_error_id
-
         yield RawImage(shard_error_id(kind, paths[0], root), paths[0], None,
                        f"shard error: {type(exc).__name__}: {exc}")
 
