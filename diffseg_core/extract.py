@@ -38,6 +38,7 @@ from diffseg_core.attention_capture import (
     head_sum_softmax,
     install_capture,
 )
+from diffseg_core.class_probe import ClassProbe, install_probe
 from diffseg_core.model_check import attention_resolutions, card_provenance
 from diffseg_core.model_loading import LoadedModel, ModelLoadError, load_model, sdxl_time_ids, sha256_files
 from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
@@ -247,8 +248,6 @@ class AttentionExtractor:
         self._probe = None
         self.probe_layer_names: list[str] = []
         if self.vocabulary is not None:
-            from diffseg_core.class_probe import ClassProbe, install_probe
-
             self._probe = ClassProbe(self.vocabulary.embeddings, chunk_bytes=chunk_bytes)
             self.probe_layer_names = install_probe(self.unet, self._state, self._probe)
         self.compiled = bool(compile)

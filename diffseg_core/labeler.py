@@ -8,7 +8,8 @@ image's own size before the per-pixel argmax, so label boundaries are as
 smooth at 3000 px as at 512 px (never a nearest-neighbour resize of a 512 map).
 
 Imports point one way: `DiffSeg.from_pretrained` (segmentor) builds the method and
-hands it to `Labeler.from_pretrained`; this module never imports the segmentor.
+hands it to `Labeler.from_pretrained`; this module never imports the segmentor (it types
+the method with `diffseg_core.segmentation_method.SegmentationMethod`, which DiffSeg satisfies).
 
 With a vocabulary, segments also get class names from the same UNet pass:
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,9 +29,7 @@ import torch
 from diffseg_core.class_vote import DEFAULT_CLASS_THRESHOLD, check_voting, combine_class_attention, vote_classes
 from diffseg_core.extract import AttentionExtractor
 from diffseg_core.parameters import anchor_grid_problem
-
-if TYPE_CHECKING:
-    from diffseg_core.segmentor import DiffSeg
+from diffseg_core.segmentation_method import SegmentationMethod
 
 __all__ = ["LabeledImage", "Labeler", "anchor_grid_problem", "image_sizes"]
 
@@ -68,7 +67,7 @@ class Labeler:
     def __init__(
         self,
         extractor: AttentionExtractor,
-        diffseg: DiffSeg,
+        diffseg: SegmentationMethod,
         *,
         class_voting: str = "majority",
         class_threshold: float = DEFAULT_CLASS_THRESHOLD,
@@ -89,7 +88,7 @@ class Labeler:
     def from_pretrained(
         cls,
         model: str | os.PathLike,
-        diffseg: DiffSeg,
+        diffseg: SegmentationMethod,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,

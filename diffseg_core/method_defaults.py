@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from diffseg_core.model_check import MODEL_CARD, ModelLoadError, read_model_card
+from diffseg_core.parameters import boundaries_problem, weights_problem
+from diffseg_core.tiny_model import TINY_DEMO, tiny_demo_path
+
 __all__ = ["PAPER_DEFAULTS", "model_method_defaults", "with_method_defaults"]
 
 #: ``weights`` None: proportional to each attention resolution (the paper's aggregation).
@@ -23,9 +27,6 @@ PAPER_DEFAULTS: dict[str, Any] = {"kl_threshold": 1.1, "num_points": 16, "iterat
 def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
     """The paper's defaults, overridden by the model card's ``defaults`` (read from disk only:
     no model is loaded or built, and hub ids get the paper's)."""
-    from diffseg_core.model_check import MODEL_CARD, ModelLoadError, read_model_card
-    from diffseg_core.tiny_model import TINY_DEMO, tiny_demo_path
-
     name = os.fspath(model)
     folder = tiny_demo_path() if name == TINY_DEMO else Path(name).expanduser()
     card = read_model_card(folder, name) if folder.is_dir() else {}
@@ -34,12 +35,8 @@ def model_method_defaults(model: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise ModelLoadError(name, f"its {MODEL_CARD} 'defaults' has keys DiffSeg does not take: {', '.join(unknown)}; "
                                    f"allowed: {', '.join(PAPER_DEFAULTS)}.")
-    from diffseg_core.parameters import weights_problem
-
     problem = weights_problem(given.get("weights"))
     if not problem and any(k in given for k in ("boundaries", "pamr_iterations", "pamr_dilations")):
-        from diffseg_core.parameters import boundaries_problem
-
         merged = {**PAPER_DEFAULTS, **given}
         problem = boundaries_problem(merged["boundaries"], merged["pamr_iterations"], merged["pamr_dilations"])
     if problem:

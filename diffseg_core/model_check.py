@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from diffseg_core.model_error import ModelLoadError
+from diffseg_core.tiny_model import TINY_DEMO, TINY_RANDOM, resolve_model
+
 __all__ = [
     "ModelLoadError",
     "ModelCheck",
@@ -42,7 +45,6 @@ UNSAFE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 UNSAFE_WEIGHTS_HOW = ("pass allow_unsafe_weights=True (`diffseg label --allow-unsafe-weights`, or "
                       "`allow_unsafe_weights: true` under `model:` in a job spec)")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TINY_DEMO = "tiny-demo"  # the shipped demo model, where this install has one
 MODEL_CARD = "diffseg.json"  # optional, beside a diffusers folder's model_index.json: what the model is, its defaults
 HUB_TIMEOUT_S = 5.0  # one request, no retries: an unreachable hub costs at most this
 
@@ -64,18 +66,6 @@ _DTYPE_NAMES = {
     "fp16": "float16", "float16": "float16", "half": "float16",
     "bf16": "bfloat16", "bfloat16": "bfloat16",
 }
-
-
-class ModelLoadError(OSError):
-    """A model could not be found or read; the message names the model and what is missing."""
-
-    def __init__(self, model: str, what: str):
-        self.model = model
-        self.what = what
-        super().__init__(f"Cannot load Stable Diffusion model {model!r}: {what}")
-
-    def __reduce__(self):  # pickles (e.g. across Ray) with both of its arguments
-        return type(self), (self.model, self.what)
 
 
 def dtype_name(dtype: str) -> str:
@@ -203,8 +193,6 @@ def check_model(model: str | os.PathLike, *, revision: str | None = None,
     ``model``: a built-in name (``tiny-random``), a local diffusers folder, a single
     ``.safetensors`` file or a hub id. Raises `ModelLoadError` (one sentence).
     """
-    from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
-
     name = os.fspath(model)
     random_weights = name == TINY_RANDOM
     path = Path(resolve_model(name)).expanduser()
@@ -459,8 +447,6 @@ def _no_hub(name: str, why: str) -> ModelLoadError:
 
 def _offline_models() -> str:
     """The built-in models that need no download, as the fix to offer: tiny-demo where this install has it."""
-    from diffseg_core.tiny_model import TINY_RANDOM, resolve_model
-
     random = f"--model {TINY_RANDOM} (random weights, a smoke test)"
     try:
         demo = Path(resolve_model(TINY_DEMO)).is_dir()

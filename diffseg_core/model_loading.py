@@ -15,14 +15,13 @@ import gc
 import importlib.util
 import logging
 import os
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from diffseg_core.load_logging import quiet_loading  # noqa: F401 - re-exported (the actors, the driver)
 from diffseg_core.model_check import (  # torch-free checks, shared with the driver's model check
     UNSAFE_WEIGHTS_HOW,
     ModelLoadError,
@@ -34,53 +33,12 @@ from diffseg_core.model_check import (  # torch-free checks, shared with the dri
     read_model_index,
     text_parts,
 )
+from diffseg_core.vocabulary import encode_vocabulary
 from diffseg_core.weight_hashes import sha256_files  # noqa: F401 - re-exported (extract.py)
 
 __all__ = ["ModelLoadError", "LoadedModel", "load_model", "quiet_loading", "read_model_card"]
 
 logger = logging.getLogger(__name__)
-
-
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved: tuple[int, list[tuple[Any, bool]]] | None = None
-
-
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Load without progress bars and without diffseg's own notes (e.g. "RANDOM weights").
-
-    For model actors: the driver has already said what the model is, once; N actors
-    repeating it (with a progress bar each) is noise in the run's output.  Safe to nest
-    and to enter from several threads at once (an actor with concurrent calls, workers
-    building tiny-random together): the first to enter saves the levels, the last to
-    leave restores them, so no interleaving leaves the loggers silenced.
-    """
-    global _quiet_depth, _quiet_saved
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    ours = logging.getLogger("diffseg_core")
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-            _quiet_saved = (ours.level, bars)
-            ours.setLevel(logging.ERROR)
-            for module, _ in bars:
-                module.disable_progress_bar()
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0 and _quiet_saved is not None:
-                level, bars = _quiet_saved
-                _quiet_saved = None
-                ours.setLevel(level)
-                for module, was_on in bars:
-                    if was_on:
-                        module.enable_progress_bar()
 
 
 @dataclass
@@ -252,8 +210,6 @@ def _finish(unet, vae, text_parts: list[tuple[Any, Any]], vocabulary: Any = None
         hidden = hidden.clone()
         encoded = None
         if vocabulary is not None:
-            from diffseg_core.vocabulary import encode_vocabulary
-
             encoded = encode_vocabulary(
                 vocabulary, tokenizers, lambda rows: encode_token_ids(text_parts, rows, is_sdxl)[0]
             )

@@ -27,6 +27,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from diffseg_core.load_logging import quiet_loading
+from diffseg_core.model_error import ModelLoadError
 from diffseg_core.weight_hashes import diffseg_cache_dir
 
 __all__ = [
@@ -70,8 +72,6 @@ def resolve_model(name: str) -> str:
     if str(name) == TINY_DEMO:
         target = tiny_demo_path()
         if not (target / "model_index.json").is_file():
-            from diffseg_core.model_check import ModelLoadError
-
             raise ModelLoadError(TINY_DEMO, f"its weights are missing from this installation ({target}); "
                                  "rebuild them with: python -m diffseg_core.demo_model.train")
         return str(target)
@@ -81,8 +81,6 @@ def resolve_model(name: str) -> str:
     if not (target / "model_index.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        from diffseg_core.model_loading import quiet_loading
-
         try:
             with quiet_loading():
                 build_tiny_model(tmp, variant="sd1", seed=0)

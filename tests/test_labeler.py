@@ -143,3 +143,14 @@ def test_imports_point_one_way_between_the_segmentor_and_the_labeler():
             "print('diffseg_core.segmentor' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_diffseg_has_every_member_the_labeler_types_its_method_with():
+    """The labeler types its method with a protocol instead of importing the segmentor; DiffSeg
+    (with each option on) must keep every member of it."""
+    from diffseg_core.segmentation_method import SegmentationMethod
+
+    members = sorted(n for n in vars(SegmentationMethod) if not n.startswith("_"))
+    assert {"proposals", "label_maps", "num_points", "weights", "cleans"} <= set(members)
+    for method in (DiffSeg(), DiffSeg(boundaries="pamr", min_region_area=4, connected=True, refine=True)):
+        assert [n for n in members if not hasattr(method, n)] == []

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from diffseg_core.demo_model.scenes import TRAIN_SEEDS, make_scene
+from diffseg_core.model_check import MODEL_CARD
+from diffseg_core.tiny_model import TINY_DEMO, save_sd1_pipeline, tiny_demo_path, tiny_text_encoder
 
 __all__ = ["TrainConfig", "train", "main"]
 
@@ -213,9 +215,6 @@ def train(out: str | os.PathLike, config: TrainConfig = TrainConfig(), log: Call
 def _train(out: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
     from diffusers import DDPMScheduler
 
-    from diffseg_core.model_check import MODEL_CARD
-    from diffseg_core.tiny_model import TINY_DEMO, save_sd1_pipeline, tiny_text_encoder
-
     clock = _Clock(log)
     record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "torch": torch.__version__}
     seeds = [TRAIN_SEEDS[(cfg.seed * 7919 + i) % len(TRAIN_SEEDS)] for i in range(max(cfg.vae_scenes, cfg.scenes))]
@@ -336,8 +335,6 @@ def _train_unet(unet, latents: torch.Tensor, condition: torch.Tensor, ddpm, rng:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffseg_core.tiny_model import tiny_demo_path
-
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(tiny_demo_path()), help="output folder (default: the shipped model)")
