@@ -80,7 +80,7 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
         with label_errors(output):
             held = _hold_output(checked, part)  # 3
             try:
-                with _discard_on_failure(checked):
+                with _discard_on_failure(checked, held):
                     check_layout(checked.out_fs, checked.out_root, part, output, checked.previous, opts.overwrite)
                     session = _start_ray(opts, stop, times)  # 4
                     settled = _settle_model(session, checked, opts)
@@ -143,11 +143,13 @@ def _hold_output(checked: Checked, part: Part) -> lease.Lease:
 
 
 @contextmanager
-def _discard_on_failure(checked: Checked) -> Iterator[None]:
-    """The run could not start: remove the output folder if this run made it and it is still empty."""
+def _discard_on_failure(checked: Checked, held: lease.Lease) -> Iterator[None]:
+    """The run could not start: remove the output folder if this run made it and it is still empty
+    (the lease goes first: it is the file that keeps the folder from being empty)."""
     try:
         yield
     except BaseException:
+        held.release()
         checked.discard()
         raise
 
