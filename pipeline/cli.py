@@ -194,6 +194,8 @@ def format_summary(summary: dict) -> str:
     run, shards = summary["this_run"], summary["shards"]
     errors = summary["errors"]
     where = f"part {summary['part']} of {summary['output']}" if summary.get("part") else summary["output"]
+    if summary.get("nothing_to_do"):
+        return "\n".join([_nothing_to_do_line(summary, where), *_model_note(summary)])
     head = (f"labelled {summary['labelled']} of {plural(summary['images'], 'image')} into {where}"
             f" ({plural(errors, 'error') if errors else 'no errors'})")
     if not summary["complete"]:
@@ -201,11 +203,7 @@ def format_summary(summary: dict) -> str:
     lines = [head]
     if summary.get("part"):
         lines.append(_parts_line(summary.get("parts") or {}))
-    if summary.get("random_weights"):
-        lines.append(f"model {summary['model']!r} has RANDOM weights: these labels only show the plumbing")
-    elif summary.get("demo_model"):
-        lines.append(f"model {summary['model']!r} is a small demo model trained for minutes on synthetic scenes, "
-                     "not Stable Diffusion: its segments are coarse")
+    lines += _model_note(summary)
     this = f"this run: {plural(run['images'], 'image')}"
     if run["images"]:
         this += f" in {summary['stage_seconds'].get('pipeline', 0):.1f} s"
@@ -227,6 +225,27 @@ def format_summary(summary: dict) -> str:
     workers = [f"{k.split(' (')[0]} {v:.2f}" for k, v in stages.items() if "(worker s)" in k]
     lines.append("seconds: " + ", ".join(driver) + (f"; in workers: {', '.join(workers)}" if workers else ""))
     return "\n".join(lines)
+
+
+def _model_note(summary: dict) -> list[str]:
+    """The line that says the labels come from a random-weights or demo model (none for a real one)."""
+    if summary.get("random_weights"):
+        return [f"model {summary['model']!r} has RANDOM weights: these labels only show the plumbing"]
+    if summary.get("demo_model"):
+        return [f"model {summary['model']!r} is a small demo model trained for minutes on synthetic scenes, "
+                "not Stable Diffusion: its segments are coarse"]
+    return []
+
+
+def _nothing_to_do_line(summary: dict, where: str) -> str:
+    """A rerun whose output already holds every input and has no error row to retry (Ray never started)."""
+    images, errors = summary["images"], summary["errors"]
+    line = f"diffseg: nothing to do: all {plural(images, 'image')} under {summary['input']} are already "
+    if not errors:
+        return line + f"labelled in {where} (use --overwrite to label again)"
+    kinds = " ".join(shlex.quote(k) for k in summary["errors_by_kind"])
+    return line + (f"done in {where}, {errors} of them as error rows (use --overwrite to label again, "
+                   f"--retry-errors {kinds} to retry the {plural(errors, 'error row')})")
 
 
 def _parts_line(parts: dict) -> str:

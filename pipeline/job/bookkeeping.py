@@ -48,14 +48,16 @@ def open_manifest(checked: Checked, opts: LabelOptions, part: Part, model_info: 
 
 def close_run(checked: Checked, opts: LabelOptions, part: Part, policy: RetryPolicy, manifest: dict[str, Any],
               work: Work, committer: Committer, times: dict[str, float], started: float,
-              devices: DevicePlan, interrupted: bool = False) -> dict[str, Any]:
+              devices: DevicePlan, interrupted: bool = False, nothing_to_do: bool = False) -> dict[str, Any]:
     """The run summary (see ``summarize``), and the manifest closed with it: its status ("complete",
-    "incomplete" or "interrupted"), the output's counts and this run's entry."""
+    "incomplete" or "interrupted"), the output's counts and this run's entry; ``nothing_to_do``: a
+    rerun that found every shard committed and nothing to retry before Ray started (said in both)."""
     out_fs, out_root = checked.out_fs, checked.out_root
     final_markers, _ = own_markers(out_fs, out_root, part, policy)
     markers = list(final_markers.values())
     summary = summarize(opts, checked.input, checked.output, checked.input_root, manifest, markers, committer,
                         work.plan.shards, len(work.done), work.plan.new, times, started)
+    summary["nothing_to_do"] = nothing_to_do
     if part.partitioned:
         summary["part"] = str(part)
     if work.skipped.count:
@@ -76,6 +78,8 @@ def close_run(checked: Checked, opts: LabelOptions, part: Part, policy: RetryPol
         "images_per_s": summary["images_per_s"],
         "stage_seconds": summary["stage_seconds"],
     }
+    if nothing_to_do:
+        run["nothing_to_do"] = True
     manifest["runs"].append(run)
     merged = write_manifests(out_fs, out_root, manifest, part, policy)  # load_dataset(OUTPUT) reads the labels
     if part.partitioned:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import LabelError
+from pipeline.ray_connect import RayConnectError, resolve_address
 
-__all__ = ["DEVICES", "DevicePlan", "device_option_problem", "plan_devices", "autoscaler_max_gpus"]
+__all__ = ["DEVICES", "DevicePlan", "device_option_problem", "plan_devices", "plan_devices_before_ray",
+           "autoscaler_max_gpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ _POLL_S = 2.0
 class DevicePlan:
     use_gpu: bool
     gpus_per_actor: float  # 0 for CPU actors
-    gpus: float  # GPUs in the cluster when the run started
+    gpus: float | None  # GPUs in the cluster when the run started; None: decided before Ray, not counted
 
 
 def device_option_problem(device: str, gpus_per_actor: float | None, gpu_wait_s: float) -> str | None:
@@ -81,6 +83,46 @@ def plan_devices(ray: Any, device: str, gpus_per_actor: float | None, gpu_wait_s
             "that can add GPU nodes: join a cluster with GPUs (--ray-address), or pass --device cpu to label on CPUs."
         )
     return DevicePlan(True, per_actor, _wait_for_gpus(ray, per_actor, gpu_wait_s, coming, asked))
+
+
+def plan_devices_before_ray(ray_address: str | None, device: str, gpus_per_actor: float | None,
+                            gpu_wait_s: float) -> DevicePlan | None:
+    """What ``plan_devices`` decides, where that is known without starting Ray; None where only the
+    cluster can say (``--device auto`` on a cluster to join, or GPUs Ray's own count cannot read here).
+
+    Known: from a Ray this process already runs (asked, at no cost), from the options alone, or, for
+    ``--device auto`` on a local Ray, from this machine's GPUs counted as a local Ray counts them (its
+    autoscaler adds none). Used by a rerun to settle its dtype, hence its manifest check, before Ray
+    starts; a plan that needs GPUs is judged against the cluster only once Ray runs (pipeline/job/run.py).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return plan_devices(ray, device, gpus_per_actor, gpu_wait_s)
+    if device == "cpu" or gpus_per_actor == 0:
+        return DevicePlan(False, 0.0, None)
+    if device == "gpu" or gpus_per_actor:
+        return DevicePlan(True, float(gpus_per_actor) if gpus_per_actor else 1.0, None)
+    try:
+        if resolve_address(ray_address).joins:
+            return None
+    except RayConnectError:
+        return None  # ray.init says so, in its own sentence
+    gpus = local_ray_gpus()
+    if gpus is None:
+        return None
+    return DevicePlan(True, 1.0, gpus) if gpus >= 1.0 else DevicePlan(False, 0.0, gpus)
+
+
+def local_ray_gpus() -> float | None:
+    """The GPUs a local Ray started here would have (its own resource count: CUDA_VISIBLE_DEVICES and
+    RAY_OVERRIDE_RESOURCES included), without starting it; None when that cannot be read (private API)."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        return float(ResourceAndLabelSpec().resolve(is_head=True).num_gpus or 0)
+    except Exception:  # noqa: BLE001 - private API: absent or changed means "ask the started Ray"
+        return None
 
 
 def _wait_for_gpus(ray: Any, per_actor: float, wait_s: float, coming: float, asked: str) -> float:

@@ -8,6 +8,9 @@ Cheapest and most likely to fail first:
      headers (no weights), the output's manifest, the input's first file, a writable output;
      so a wrong path fails in a second;
   3. the output's lease (one writer per output, or per part) and its layout (pipeline/job/partition.py);
+  3a. a rerun (no --overwrite) whose manifest check needs no cluster: that check, the listing and
+     the shard plan (step 6) before Ray; with every shard committed and nothing to retry, the run
+     is closed ("nothing to do") and Ray never starts;
   4. ``ray.init``; GPUs or CPUs (pipeline/job/devices.py), hence the default dtype; the model's
      provenance (pipeline/job/model_info.py) and the manifest check of what depends on it;
   5. --overwrite deletes the old labels; the manifest written ("running") (pipeline/job/bookkeeping.py);
@@ -44,7 +47,7 @@ from pipeline.job.bookkeeping import close_run, open_manifest, remove_previous_o
     write_manifests
 from pipeline.job.commit import Committer
 from pipeline.job.dataflow import build_dataset, drive, shard_dataset
-from pipeline.job.devices import DevicePlan, plan_devices
+from pipeline.job.devices import DevicePlan, plan_devices, plan_devices_before_ray
 from pipeline.job.failures import check_all_committed, label_errors
 from pipeline.job.interrupt import RunInterrupted, StopSignals, stop_signals
 from pipeline.job.model_info import model_info
@@ -82,10 +85,15 @@ def label(input: str, output: str, **options: Any) -> dict[str, Any]:
             try:
                 with _discard_on_failure(checked, held):
                     check_layout(checked.out_fs, checked.out_root, part, output, checked.previous, opts.overwrite)
+                    early = _plan_before_ray(checked, opts, part)  # 3a
+                    if early is not None and early.work.nothing_to_do():
+                        with stop.deferred():
+                            return _close_nothing_to_do(checked, opts, part, early, times, started)
                     session = _start_ray(opts, stop, times)  # 4
                     settled = _settle_model(session, checked, opts)
                 try:
-                    return _label(session, stop, checked, opts, part, settled, times, started, held)  # 5-8
+                    return _label(session, stop, checked, opts, part, settled, times, started, held,  # 5-8
+                                  early.work if early is not None else None)
                 finally:
                     session.close()
                     if stop.received is not None:  # a clean stop leaves only what it committed
@@ -178,17 +186,64 @@ def _settle_model(session: _RaySession, checked: Checked, opts: LabelOptions) ->
     return _Settled(devices, dtype, info, image_size, parameters)
 
 
+@dataclass
+class _Early:
+    """A rerun listed and planned before Ray: what the manifest check settled without it, and the work."""
+
+    settled: _Settled
+    work: Work
+
+
+def _plan_before_ray(checked: Checked, opts: LabelOptions, part: Part) -> _Early | None:
+    """Step 3a: a rerun (no --overwrite) whose whole manifest check needs no Ray is checked, listed and
+    planned now, so one with nothing to do never starts Ray; its plan is the one step 6 uses (the input
+    is listed once). None (Ray first, as for a new output) where the check needs the cluster: a dtype
+    only the cluster's GPUs decide, or a single-file checkpoint whose provenance only a load reveals.
+    """
+    if opts.overwrite or checked.previous is None or not checked.model.complete:
+        return None
+    devices = plan_devices_before_ray(opts.ray_address, opts.device, opts.gpus_per_actor, opts.gpu_wait_s)
+    if devices is None:
+        return None
+    dtype = opts.dtype or default_dtype(devices.use_gpu)
+    info = checked.model_info(opts, dtype, devices.use_gpu)
+    parameters = opts.label_parameters(checked.image_size, dtype)
+    checked.check_against_previous(info, parameters)  # the same check, and sentence, as after ray.init
+    work = plan_work(checked, opts, part, _policy(opts))
+    work.settle(checked.out_fs, checked.out_root, part, opts.retry_errors)
+    return _Early(_Settled(devices, dtype, info, checked.image_size, parameters), work)
+
+
+def _close_nothing_to_do(checked: Checked, opts: LabelOptions, part: Part, early: _Early, times: dict[str, float],
+                         started: float) -> dict[str, Any]:
+    """Every planned shard is committed and no error row is to redo: the run is closed as a complete
+    rerun is (manifest entry, summary), with ``nothing_to_do`` in both, and Ray never starts."""
+    policy = _policy(opts)
+    manifest = open_manifest(checked, opts, part, early.settled.model_info, early.settled.parameters)
+    committer = _committer(checked, opts, manifest, early.settled, policy)
+    times["list+plan"] = early.work.seconds
+    return close_run(checked, opts, part, policy, manifest, early.work, committer, times, started,
+                     early.settled.devices, nothing_to_do=True)
+
+
+def _policy(opts: LabelOptions) -> RetryPolicy:
+    return RetryPolicy(deadline_s=float(opts.storage_retry_s))
+
+
 def _label(session: _RaySession, stop: StopSignals, checked: Checked, opts: LabelOptions, part: Part,
-           settled: _Settled, times: dict[str, float], started: float, held: lease.Lease) -> dict[str, Any]:
-    """Steps 5-8: from a checked, compatible output to a committed one (the part that writes)."""
+           settled: _Settled, times: dict[str, float], started: float, held: lease.Lease,
+           work: Work | None = None) -> dict[str, Any]:
+    """Steps 5-8: from a checked, compatible output to a committed one (the part that writes);
+    ``work``: the plan step 3a made already (a rerun), else listed and planned here."""
     out_fs, out_root = checked.out_fs, checked.out_root
     if opts.overwrite:  # only now: a run that cannot even start must not delete labels
         remove_previous_output(out_fs, out_root)
-    policy = RetryPolicy(deadline_s=float(opts.storage_retry_s))
+    policy = _policy(opts)
     manifest = open_manifest(checked, opts, part, settled.model_info, settled.parameters)
     write_manifests(out_fs, out_root, manifest, part, policy)  # first: load_dataset(OUTPUT) works at every moment
 
-    work = plan_work(checked, opts, part, policy)  # 6
+    if work is None:
+        work = plan_work(checked, opts, part, policy)  # 6
     committer = _committer(checked, opts, manifest, settled, policy)
     interrupted: RunInterrupted | None = None
     t = time.perf_counter()
