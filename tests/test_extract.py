@@ -94,6 +94,13 @@ def test_resolutions_scale_with_image_size(model_paths):
     }
 
 
+#: Chunk sizes that split every layer's attention unevenly (a batch of 2, fp32): sd1 (2 heads) one
+#: head and 10 queries a chunk at 16 x 16 (256 = 25 x 10 + 6) and 40 at 8 x 8 (64 = 40 + 24);
+#: sdxl (4 heads) 12 queries at 8 x 8 (64 = 5 x 12 + 4) and 3 heads of 4 at 4 x 4. (3 queries a
+#: chunk at 16 x 16 made the same kinds of split, in three times as many chunks.)
+SPLITTING_CHUNK_BYTES = {"sd1": 2 * 4 * 256 * 10, "sdxl": 2 * 4 * 256 * 3}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_early_stop_and_chunking_do_not_change_the_maps(variant, extractors):
     ex = extractors[variant]
@@ -103,7 +110,7 @@ def test_early_stop_and_chunking_do_not_change_the_maps(variant, extractors):
     try:
         ex.early_stop = False
         full = ex(pixels)
-        ex._state.chunk_bytes = 2 * 4 * 256 * 3  # at most one head and 3 queries per chunk
+        ex._state.chunk_bytes = SPLITTING_CHUNK_BYTES[variant]
         chunked = ex(pixels)
     finally:
         ex.early_stop = True
