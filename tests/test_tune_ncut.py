@@ -78,7 +78,9 @@ def test_tune_chooses_ncut_on_textured_scenes_and_label_cuts_with_it(textured, t
     out = tmp_path / "labels"
     code = main(["label", str(textured["root"] / "images"), str(out), "--params", str(best_json),
                  "--batch-size", "4"])
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"method: grouping ncut (threshold {_tau(params['ncut_threshold'])}, " in printed.out  # the run's summary
     parameters = json.loads((out / "_manifest.json").read_text())["parameters"]
     assert parameters["grouping"] == "ncut" and parameters["ncut_threshold"] == params["ncut_threshold"]
     assert parameters["ncut_affinity"] == params["ncut_affinity"]
@@ -104,6 +106,10 @@ def test_tune_scores_the_cut_exactly_as_diffseg_labels_with_it(textured):
             expected[i] += np.stack([one["tp"], one["fp"], one["fn"]])
     got = score_chunk(paths, targets, [0] * len(paths), Group(tuple(CARD_WEIGHTS), 0, tuple(members), "ncut"), 6, 1)
     np.testing.assert_array_equal(got["counts"][:, 0], expected)
+
+
+def _tau(v: float | str) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 def _image_id(path: str) -> str:
