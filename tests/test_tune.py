@@ -313,10 +313,15 @@ def test_tiny_demo_tuned_setting_scores_at_least_the_default_on_held_out_scenes(
     best = tuned["best"]
     # the default grid scores PAMR too, and tiny-demo's card turns it on: the held-out run scores the
     # tuned setting exactly (both plain candidates' PAMR variants, so the tuned one is among them)
-    only_best = Grid(taus=[best["kl_threshold"][0]], iterations=[1], tau_steps=[0.0],
-                     schedules=[tuple(best["kl_threshold"])], num_points=[best["num_points"]],
+    # (the grouping searched too: a cut chosen is scored again as it was, at the default's weights)
+    cut = best["grouping"] == "ncut"
+    only_best = Grid(taus=[best["kl_threshold"][0]] if not cut else [1.0], iterations=[1], tau_steps=[0.0],
+                     schedules=[tuple(best["kl_threshold"])] if not cut else [],
+                     num_points=[best["num_points"]] if not cut else None,
                      weights=[best["weights"]], refine=[best["refine"]], boundaries=[best["boundaries"]],
-                     pamr_iterations=[best["pamr_iterations"] or 10], boundary_candidates=2)
+                     pamr_iterations=[best["pamr_iterations"] or 10], boundary_candidates=2,
+                     groupings=[best["grouping"]], ncut_thresholds=[best["ncut_threshold"] or "auto"],
+                     ncut_affinities=[best["ncut_affinity"] or "attention"])
     held = tune(str(tmp_path / "held" / "images"), str(tmp_path / "held" / "gt"), "masks", num_classes=5,
                 model="tiny-demo", out=str(tmp_path / "out-held"), folds=2, grid=only_best, progress=False)
     rows = {r["setting"]: r for r in held["ranking"]}
