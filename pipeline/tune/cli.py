@@ -24,31 +24,17 @@ def _floats_or_range(text: str) -> list[float]:
     return comma_floats(text)
 
 
-def _modes(text: str) -> list[str]:
-    from diffseg_core.parameters import BOUNDARY_MODES
+def _choices(allowed: str) -> Any:
+    """A comma list of values from ``diffseg_core.parameters.<allowed>`` (read when parsed, not at import)."""
+    def parse(text: str) -> list[str]:
+        from diffseg_core import parameters
 
-    modes = [v.strip().lower() for v in text.split(",")]
-    if not modes or any(m not in BOUNDARY_MODES for m in modes):
-        raise ValueError(text)
-    return modes
+        values = [v.strip().lower() for v in text.split(",")]
+        if any(v not in getattr(parameters, allowed) for v in values):
+            raise ValueError(text)
+        return values
 
-
-def _groupings(text: str) -> list[str]:
-    from diffseg_core.parameters import GROUPINGS
-
-    values = [v.strip().lower() for v in text.split(",")]
-    if any(v not in GROUPINGS for v in values):
-        raise ValueError(text)
-    return values
-
-
-def _affinities(text: str) -> list[str]:
-    from diffseg_core.parameters import NCUT_AFFINITIES
-
-    values = [v.strip().lower() for v in text.split(",")]
-    if any(v not in NCUT_AFFINITIES for v in values):
-        raise ValueError(text)
-    return values
+    return parse
 
 
 def _cut_thresholds(text: str) -> list[float | str]:
@@ -77,10 +63,10 @@ _FLOATS = "numbers separated by commas (0.9,1.1) or a range START:STOP:STEP (0.6
 _floats = described(_floats_or_range, _FLOATS, "0.9,1.1", "0.6:1.4:0.1", "1.1")
 _steps = described(_floats_or_range, _FLOATS.replace("0.9,1.1", "0,-0.1"), "0,-0.1", "-0.1")
 _ints = described(comma_ints, "whole numbers separated by commas (2,3)", "2,3", "10")
-_mode_list = described(_modes, "off, pamr or off,pamr", "off", "pamr", "off,pamr", "PAMR")
+_mode_list = described(_choices("BOUNDARY_MODES"), "off, pamr or off,pamr", "off", "pamr", "off,pamr", "PAMR")
 _switch_list = described(_switches, "off, on or off,on", "off", "on", "off,on", "true")
-_grouping_list = described(_groupings, "kl-merge, ncut or kl-merge,ncut", "kl-merge", "ncut", "kl-merge,ncut")
-_affinity_list = described(_affinities, "attention, features or attention,features", "attention", "features",
+_grouping_list = described(_choices("GROUPINGS"), "kl-merge, ncut or kl-merge,ncut", "kl-merge", "ncut", "kl-merge,ncut")
+_affinity_list = described(_choices("NCUT_AFFINITIES"), "attention, features or attention,features", "attention", "features",
                            "attention,features")
 _cut_list = described(_cut_thresholds, "auto or numbers in (0, 2] separated by commas (auto,0.35,0.5)", "auto",
                       "auto,0.35,0.5", "0.5")

@@ -26,10 +26,7 @@ def label_flags(params: dict[str, Any], extraction: dict[str, Any]) -> str:
     if extraction.get("timestep", 300) != 300:
         flags.append(f"--timestep {extraction['timestep']}")
     if params.get("grouping") == "ncut":
-        flags += ["--grouping ncut", f"--ncut-threshold {_tau(params['ncut_threshold'])}",
-                  f"--ncut-affinity {params['ncut_affinity']}"]
-        if "num_points" in params:
-            flags.append(f"--num-points {params['num_points']}")
+        flags += [f"--{key.replace('_', '-')} {value}" for key, value in _cut_items(params)]
     else:
         kl = params["kl_threshold"]
         flags.append("--kl-threshold " + (",".join(_num(v) for v in kl) if isinstance(kl, list) else _num(kl)))
@@ -55,10 +52,7 @@ def method_block(params: dict[str, Any]) -> str:
     """The job spec's ``method:`` section for the chosen setting (YAML)."""
     lines = ["method:"]
     if params.get("grouping") == "ncut":
-        lines += ["  grouping: ncut", f"  ncut_threshold: {_tau(params['ncut_threshold'])}",
-                  f"  ncut_affinity: {params['ncut_affinity']}"]
-        if "num_points" in params:
-            lines.append(f"  num_points: {params['num_points']}")
+        lines += [f"  {key}: {value}" for key, value in _cut_items(params)]
     else:
         kl = params["kl_threshold"]
         lines.append("  kl_threshold: " + (f"[{', '.join(_num(v) for v in kl)}]" if isinstance(kl, list) else _num(kl)))
@@ -210,8 +204,12 @@ def format_report(report: dict[str, Any], top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def _tau(v: float | str) -> str:
-    return v if isinstance(v, str) else _num(v)
+def _cut_items(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """The normalized cut's label options (and an anchor grid when tune had to name one), as text."""
+    threshold = params["ncut_threshold"]
+    items = [("grouping", "ncut"), ("ncut_threshold", threshold if isinstance(threshold, str) else _num(threshold)),
+             ("ncut_affinity", params["ncut_affinity"])]
+    return items + ([("num_points", str(params["num_points"]))] if "num_points" in params else [])
 
 
 def _num(v: float) -> str:
