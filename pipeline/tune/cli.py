@@ -121,7 +121,7 @@ def add_tune(subparsers: Any) -> None:
     s.add_argument("--pamr-iterations", type=_ints, default=g.pamr_iterations,
                    help="PAMR iteration counts searched (one chain of iterations scores them all)")
     s.add_argument("--boundary-candidates", type=int, default=g.boundary_candidates,
-                   help="plain settings per fold whose PAMR variants are scored")
+                   help="plain settings per fold and grouping whose PAMR variants are scored")
     s.add_argument("--grouping", type=_grouping_list, default=g.groupings,
                    help="groupings searched: kl-merge (DiffSeg's), ncut (the normalized cut, at each --ncut-threshold "
                    "x --ncut-affinity) or both; --grouping kl-merge leaves the cut out")
