@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.arg_parser import CommandParser
+from pipeline.after.method import describe_method
 from pipeline.arg_types import comma_floats, comma_ints, described
 from pipeline.data.credentials import storage_options_json
 from pipeline.console import EVERY_ENV, PLAIN_EVERY_S, command_console, plain_every_s
@@ -204,6 +205,8 @@ def format_summary(summary: dict) -> str:
     if summary.get("part"):
         lines.append(_parts_line(summary.get("parts") or {}))
     lines += _model_note(summary)
+    if "method" in summary:  # which grouping made the labels (the manifest's parameters)
+        lines.append(f"method: {describe_method(summary['method'])}")
     this = f"this run: {plural(run['images'], 'image')}"
     if run["images"]:
         this += f" in {summary['stage_seconds'].get('pipeline', 0):.1f} s"
