@@ -115,9 +115,9 @@ class Labeler:
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
             revision=revision, allow_unsafe_weights=allow_unsafe_weights, vocabulary=vocabulary,
         )
-        problem = anchor_grid_problem(
+        problem = getattr(diffseg, "grouping", "kl-merge") == "kl-merge" and anchor_grid_problem(
             diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size
-        )
+        )  # the cut has no anchor grid
         if problem:
             raise ValueError(problem)
         return cls(extractor, diffseg, class_voting=class_voting, class_threshold=class_threshold)

@@ -168,3 +168,32 @@ def test_an_sdxl_shaped_unet_gives_features_and_is_cut(tiny_sdxl_model_path):
         assert len(proposals) == 2 and all(p.ndim == 3 and p.shape[0] >= 1 for p in proposals)
         maps = method.label_maps(proposals, [(64, 64)] * 2)
         assert all(m.shape == (64, 64) for m in maps)
+
+
+def test_the_cut_runs_where_the_kl_merges_anchor_grid_does_not_fit():
+    """tiny-random at 64 px has 8 x 8 attention: the paper's 16 x 16 anchors do not fit, but the cut
+    has no anchor grid, so it must not be refused for them (a check that narrows must keep this)."""
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="num_points=16"):
+        DiffSeg.from_pretrained("tiny-random", image_size=64, num_points=16)
+    maps = DiffSeg.from_pretrained("tiny-random", image_size=64, num_points=16, grouping="ncut")(images)
+    assert [m.shape for m in maps] == [(64, 64)] * 2
+
+
+def test_a_label_run_with_the_cut_is_not_refused_for_the_anchor_grid(ray_session, tmp_path):
+    """The driver's checks (before Ray and after the model info) judge the anchor grid only for the KL merge."""
+    import json
+
+    from PIL import Image
+
+    from pipeline.job.run import label
+
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(
+            tmp_path / "in" / f"{k}.png")
+    summary = label(str(tmp_path / "in"), str(tmp_path / "out"), model="tiny-random", image_size=64,
+                    num_points=16, grouping="ncut", batch_size=2)
+    assert summary["complete"] and summary["errors"] == 0, summary
+    parameters = json.loads((tmp_path / "out" / "_manifest.json").read_text())["parameters"]
+    assert (parameters["grouping"], parameters["ncut_threshold"]) == ("ncut", "auto")
