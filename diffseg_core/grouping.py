@@ -8,7 +8,8 @@ al., NeurIPS 2024) does, on one of two kinds of tokens (``affinity``):
   probabilities of the attention's random walk (Ivanova et al., WACV 2026, cut the same matrix),
   pooled to at most ``max_tokens`` tokens;
 - ``"features"``: the output of the UNet encoder's last self-attention block, DiffCut's
-  features, captured in the same UNet pass (`diffseg_core.extract.Extraction.features`).
+  features, captured in the same UNet pass (`diffseg_core.extract.Extraction.features`), pooled
+  2 x 2 likewise.
 
 The steps, read top to bottom:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from diffseg_core import ncut
 
@@ -50,7 +52,10 @@ def cut_tokens(aggregate: torch.Tensor | None, features: torch.Tensor | None, af
                              "the same pass (AttentionExtractor.extract)")
         if features.shape[-1] != features.shape[-2]:
             raise ValueError(f"features: expected a square grid, got {tuple(features.shape[-2:])}")
-        return features.float().flatten(2).transpose(1, 2)
+        grid = features.float()
+        while grid.shape[-1] ** 2 > max_tokens and grid.shape[-1] % 2 == 0:  # as the attention's tokens
+            grid = F.avg_pool2d(grid, 2)
+        return grid.flatten(2).transpose(1, 2)
     raise ValueError(f"ncut_affinity must be 'attention' or 'features', not {affinity!r}")
 
 

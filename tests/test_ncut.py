@@ -197,3 +197,11 @@ def test_a_label_run_with_the_cut_is_not_refused_for_the_anchor_grid(ray_session
     assert summary["complete"] and summary["errors"] == 0, summary
     parameters = json.loads((tmp_path / "out" / "_manifest.json").read_text())["parameters"]
     assert (parameters["grouping"], parameters["ncut_threshold"]) == ("ncut", "auto")
+
+
+def test_features_are_pooled_to_the_token_budget_like_the_attention():
+    features = torch.randn(1, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = cut_tokens(None, features, "features", max_tokens=256)
+    assert tokens.shape == (1, 256, 8)
+    torch.testing.assert_close(tokens[0, 0], features[0, :, :2, :2].mean((1, 2)))
+    assert cut_tokens(None, features[..., :16, :16], "features", max_tokens=256).shape == (1, 256, 8)
