@@ -97,26 +97,32 @@ NCUT_THRESHOLDS = "auto,0.35,0.5,0.7"
 
 
 def ncut_groupings(thresholds: list[float | str], affinities: list[str], weights: list[float] | None,
-                   alpha: float) -> dict[str, tuple[DiffSeg, DiffSeg]]:
-    """{row name: (the cut, boundaries off; the same cut's PAMR finisher)} per affinity and threshold."""
+                   alpha: float, pamr_thresholds: list[float | str] | None = None,
+                   ) -> dict[str, tuple[DiffSeg, DiffSeg | None]]:
+    """{row name: (the cut, boundaries off; the same cut's PAMR finisher, or None where the threshold
+    is not in ``pamr_thresholds`` (None: every threshold gets one))} per affinity and threshold."""
     out = {}
     for affinity in affinities:
         for threshold in thresholds:
             options = {"grouping": "ncut", "ncut_threshold": threshold, "ncut_affinity": affinity,
                        "ncut_alpha": alpha, "weights": weights}
-            out[f"ncut {affinity} tau={threshold}"] = (DiffSeg(**options), DiffSeg(**options, **NCUT_PAMR))
+            with_pamr = pamr_thresholds is None or threshold in pamr_thresholds
+            out[f"ncut {affinity} tau={threshold}"] = (DiffSeg(**options),
+                                                       DiffSeg(**options, **NCUT_PAMR) if with_pamr else None)
     return out
 
 
 def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor] | Extraction], method: dict[str, Any],
           scenes: list, taus: list[float], batch: int, kmeans: bool, variants: dict[str, dict[str, Any]] | None = None,
-          ncut: dict[str, tuple[DiffSeg, DiffSeg]] | None = None,
+          ncut: dict[str, tuple[DiffSeg, DiffSeg | None]] | None = None,
+          progress: Callable[[int, dict[str, tuple[SegmentationMetrics, BoundaryF, list[int]]]], None] | None = None,
           ) -> dict[str, tuple[SegmentationMetrics, BoundaryF, list[int]]]:
     """{method: (metrics, boundary F, segments per image)} over the scenes, labelled at their own size
     from the attention ``extract`` gives (maps, or an `Extraction` whose features the ncut rows may
     use), with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau swept; each
     of ``variants`` ({suffix: DiffSeg options}) is scored beside each tau, each of ``ncut``
-    (`ncut_groupings`) plain and "+pamr", the cut batched over the batch's images."""
+    (`ncut_groupings`) plain and "+pamr", the cut batched over the batch's images. ``progress``
+    is called with the scenes scored so far and the metrics after each batch."""
     weights = method["weights"]
     variants = variants or {}
     ncut = ncut or {}
@@ -124,7 +130,7 @@ def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor] | Extraction],
                                iterations=method["iterations"], weights=weights) for tau in taus}
     finishers = {suffix: DiffSeg(**options) for suffix, options in variants.items()}
     names = [f"DiffSeg tau={tau:g}{suffix}" for tau in taus for suffix in ["", *variants]]
-    names += [f"{name}{suffix}" for name in ncut for suffix in ("", " +pamr")]
+    names += [f"{name}{suffix}" for name, (_, finisher) in ncut.items() for suffix in ("", " +pamr")[: 1 + bool(finisher)]]
     names += ["K-Means-C", "K-Means-S"] if kmeans else []
     metrics = {name: (SegmentationMetrics(MAX_REGIONS, -1), BoundaryF(), []) for name in names}
     for start in range(0, len(scenes), batch):
@@ -138,7 +144,8 @@ def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor] | Extraction],
         for name, (cut, finisher) in ncut.items():
             proposals = cut.proposals(maps, features)
             cut_preds[name] = cut.label_maps(proposals, sizes)
-            cut_preds[f"{name} +pamr"] = finisher.label_maps(proposals, sizes, pixels)
+            if finisher is not None:
+                cut_preds[f"{name} +pamr"] = finisher.label_maps(proposals, sizes, pixels)
         for b, scene in enumerate(chunk):
             one = {r: m[b : b + 1] for r, m in maps.items()}
             size = scene.regions.shape
@@ -160,7 +167,20 @@ def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor] | Extraction],
                 metrics[name][0].update(pred, truth)
                 metrics[name][1].update(pred, truth)
                 metrics[name][2].append(len(np.unique(pred)))
+        if progress is not None:
+            progress(start + len(chunk), metrics)
     return metrics
+
+
+def print_table(rows: list[tuple[str, str, tuple[SegmentationMetrics, BoundaryF, list[int]]]], model: str,
+                default_tau: float) -> None:
+    """The markdown table of ``rows`` (model, method, scores); the model's default DiffSeg row in bold."""
+    print(f"| model | method | mIoU | pixel accuracy | boundary F ({BOUNDARY_TOLERANCE} px) | segments / image |\n"
+          "|---|---|---|---|---|---|")
+    for row_model, name, (m, bf, segments) in rows:
+        bold = "**" if row_model == model and name == f"DiffSeg tau={default_tau:g}" else ""
+        print(f"| {row_model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} "
+              f"| {bf.f():.3f} | {np.mean(segments):.2f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes-kind", choices=("plain", "textured", "both"), default="plain",
                         help="the scenes scored: the plain ones, their textured variants (close colours, "
                         "distinct textures) or both, one table per kind")
+    parser.add_argument("--ncut-pamr", default=None, metavar="T,T,...",
+                        help="score the ncut rows with PAMR only at these of the --ncut thresholds (default: all)")
+    parser.add_argument("--report-every", type=int, default=0, metavar="SCENES",
+                        help="print the model's table so far every SCENES scenes (a long run's partial figures)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
@@ -224,14 +248,31 @@ def main(argv: list[str] | None = None) -> int:
     ncut = {}
     if args.ncut:
         thresholds = [t if t == "auto" else float(t) for t in args.ncut.split(",")]
-        ncut = ncut_groupings(thresholds, args.ncut_affinity.split(","), demo_method["weights"], args.ncut_alpha)
+        pamr_thresholds = (None if args.ncut_pamr is None else
+                           [t if t == "auto" else float(t) for t in args.ncut_pamr.split(",")])
+        ncut = ncut_groupings(thresholds, args.ncut_affinity.split(","), demo_method["weights"], args.ncut_alpha,
+                              pamr_thresholds)
     random_extractor = None if args.no_random else AttentionExtractor.from_pretrained("tiny-random")
     kinds = ["plain", "textured"] if args.scenes_kind == "both" else [args.scenes_kind]
     for kind in kinds:
         kind_started = time.perf_counter()
         scenes = [make_scene(seed, demo_size, textured=kind == "textured") for seed in seeds]
+        truth_regions = np.mean([scene.num_regions for scene in scenes])
+        header = (f"held-out {kind} scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}, "
+                  f"{truth_regions:.2f} true regions / image); "
+                  f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x "
+                  f"{demo_method['num_points']} anchors, {demo_method['iterations']} iterations, weights "
+                  f"{demo_method['weights'] or 'proportional'}, timestep {args.timestep}"
+                  + (f"; ncut alpha {args.ncut_alpha:g}" if ncut else ""))
+
+        def report(done: int, metrics: dict, kind: str = kind, started: float = kind_started) -> None:
+            if args.report_every and done < len(seeds) and done % args.report_every < args.batch:
+                print(f"\n(partial, {kind}: {done} of {len(seeds)} scenes, {time.perf_counter() - started:.0f} s)")
+                print_table([(args.model, name, m) for name, m in metrics.items()], args.model, default_tau)
+
         # extract(): the attention and the encoder's features from one pass per batch
-        demo_scores = score(demo.extract, demo_method, scenes, taus, args.batch, not args.no_kmeans, variants, ncut)
+        demo_scores = score(demo.extract, demo_method, scenes, taus, args.batch, not args.no_kmeans, variants, ncut,
+                            report)
         rows = [(args.model, name, m) for name, m in demo_scores.items()]
         if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
             oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
@@ -240,18 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             random_method = model_method_defaults("tiny-random")
             random = score(random_extractor, random_method, scenes, [random_method["kl_threshold"]], args.batch, False)
             rows += [("tiny-random", name, m) for name, m in random.items()]
-        truth_regions = np.mean([scene.num_regions for scene in scenes])
-        print(f"\n{len(scenes)} held-out {kind} scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}, "
-              f"{truth_regions:.2f} true regions / image); "
-              f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x {demo_method['num_points']} "
-              f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}, "
-              f"timestep {args.timestep}" + (f"; ncut alpha {args.ncut_alpha:g}" if ncut else ""))
-        print(f"| model | method | mIoU | pixel accuracy | boundary F ({BOUNDARY_TOLERANCE} px) | segments / image |\n"
-              "|---|---|---|---|---|---|")
-        for model, name, (m, bf, segments) in rows:
-            bold = "**" if model == args.model and name == f"DiffSeg tau={default_tau:g}" else ""
-            print(f"| {model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} "
-                  f"| {bf.f():.3f} | {np.mean(segments):.2f} |")
+        print(f"\n{len(scenes)} {header}")
+        print_table(rows, args.model, default_tau)
         print(f"({kind}: {time.perf_counter() - kind_started:.0f} s wall)", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU; "
