@@ -41,7 +41,7 @@ from diffseg_core.aggregate import aggregate_attention  # noqa: E402
 from diffseg_core.demo_model.scenes import HELD_OUT_SEEDS, make_scene  # noqa: E402
 from diffseg_core.extract import AttentionExtractor  # noqa: E402
 from diffseg_core.grouping import ncut_proposals  # noqa: E402
-from diffseg_core.method_defaults import model_method_defaults  # noqa: E402
+from diffseg_core.method_defaults import PAPER_DEFAULTS, model_method_defaults  # noqa: E402
 from diffseg_core.segmentor import DiffSeg  # noqa: E402
 
 SD14 = "sd14-architecture"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     extractor = load(args.model, device, DTYPES[args.dtype], args.image_size)
     size = extractor.image_size
-    method = model_method_defaults(args.model if args.model != SD14 else "sd14")
+    method = dict(PAPER_DEFAULTS) if args.model == SD14 else model_method_defaults(args.model)
     images = np.stack([make_scene(HELD_OUT_SEEDS[k], size).image for k in range(args.batch)])
     pixels = extractor.to_pixels(images)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
