@@ -23,10 +23,7 @@ Ratios are of per-image times. PAMR and the NMS (the same for both groupings) ar
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.extract_bench import build_sd14_architecture  # noqa: E402
-from benchmarks.pamr_cost_bench import best_of  # noqa: E402
+from benchmarks.pamr_cost_bench import best_of, machine_line  # noqa: E402
 from diffseg_core.aggregate import aggregate_attention  # noqa: E402
 from diffseg_core.demo_model.scenes import HELD_OUT_SEEDS, make_scene  # noqa: E402
 from diffseg_core.extract import AttentionExtractor  # noqa: E402
@@ -116,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         segments = np.mean([p.shape[0] for p in proposals])
         print(f"| {name} | {seconds:.4f} | {segments:.1f} | {100 * seconds / model_s:.1f}% | "
               f"{100 * whole / model_s:.1f}% | {seconds / merge_s:.2f}x |")
-    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"load average {', '.join(f'{v:.1f}' for v in load_avg)}")
+    print(f"\n{machine_line()}")
     return 0
 
 
