@@ -9,7 +9,8 @@ The images are held-out synthetic scenes (``make_scene``) at ``--image-size``, s
 on real structure (tiny-demo) or on what a random model's attention holds (tiny-random,
 ``sd14-architecture``: SD 1.4's UNet and VAE from their configs, RANDOM weights, as
 ``extract_bench.py`` builds them; the time is the shapes', not the weights'). Each stage is timed
-alone, best of ``--repeats`` after a warm-up, on one batch:
+alone, best of ``--repeats`` after a warm-up, on one batch, the repeats round-robin over the stages
+(on a shared machine each stage then sees the same load):
 
 - model: ``extractor.encode`` (VAE) and ``extractor.attention`` (UNet, the attention and feature
   capture included); ``extractor.extract`` (both, one call) is timed too, as the pipeline calls it;
@@ -74,26 +75,35 @@ def main(argv: list[str] | None = None) -> int:
     pixels = extractor.to_pixels(images)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(fn: Callable[[], object]) -> tuple[float, object]:
-        """(best seconds per image over the repeats, after one warm-up call; the last result)."""
-        result: list[object] = []
+    def run(fn: Callable[[], object]) -> object:
+        with torch.inference_mode():
+            out = fn()
+        sync()
+        return out
 
-        def once() -> None:
-            with torch.inference_mode():
-                result[:] = [fn()]
-            sync()
-
-        once()
-        return best_of(once, args.repeats) / args.batch, result[0]
-
-    encode_s, latents = timed(lambda: extractor.encode(pixels))
-    unet_s, _ = timed(lambda: extractor.attention(latents))
-    extract_s, extraction = timed(lambda: extractor.extract(pixels))
+    # one warm-up call per stage, in order (each stage's input is the one before's output) ...
+    latents = run(lambda: extractor.encode(pixels))
+    extraction = run(lambda: extractor.extract(pixels))
     maps, features = extraction.self_attention, extraction.features
-    aggregate_s, aggregate = timed(lambda: aggregate_attention(maps, method["weights"]))
+    aggregate = run(lambda: aggregate_attention(maps, method["weights"]))
     merge = DiffSeg(kl_threshold=method["kl_threshold"], num_points=method["num_points"],
                     iterations=method["iterations"], weights=method["weights"])
-    merge_s, merged = timed(lambda: merge.proposals_from_aggregate(aggregate))
+    stages: dict[str, Callable[[], object]] = {
+        "encode": lambda: extractor.encode(pixels), "unet": lambda: extractor.attention(latents),
+        "extract": lambda: extractor.extract(pixels), "aggregate": lambda: aggregate_attention(maps, method["weights"]),
+        "merge": lambda: merge.proposals_from_aggregate(aggregate)}
+    for affinity in args.affinities.split(","):
+        stages[affinity] = (lambda a=affinity: ncut_proposals(aggregate if a == "attention" else None, features,
+                                                              threshold="auto", affinity=a))
+    results = {name: run(fn) for name, fn in stages.items() if name not in ("encode", "unet", "extract", "aggregate")}
+    # ... then the repeats round-robin over the stages, so that each sees the same load; best of them per image
+    seconds = {name: float("inf") for name in stages}
+    for _ in range(args.repeats):
+        for name, fn in stages.items():
+            seconds[name] = min(seconds[name], best_of(lambda fn=fn: run(fn), 1) / args.batch)
+    encode_s, unet_s, extract_s, aggregate_s, merge_s = (seconds[k] for k in
+                                                          ("encode", "unet", "extract", "aggregate", "merge"))
+    merged = results["merge"]
     model_s = encode_s + unet_s
     side = int(round(aggregate.shape[1] ** 0.5))
     print(f"{args.model} at {size} px ({side} x {side} aggregated attention, features "
@@ -104,15 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| grouping (after the aggregate) | s / image | segments / image | share of VAE + UNet | "
           "with the aggregate, share of VAE + UNet | against the KL merge |\n|---|---|---|---|---|---|")
     rows = [("DiffSeg KL merge (proposals_from_aggregate)", merge_s, merged, True)]
-    for affinity in args.affinities.split(","):
-        cut_s, cut = timed(lambda a=affinity: ncut_proposals(aggregate if a == "attention" else None, features,
-                                                            threshold="auto", affinity=a))
-        rows.append((f"ncut {affinity}, auto (ncut_proposals)", cut_s, cut, affinity == "attention"))
-    for name, seconds, proposals, needs_aggregate in rows:
-        whole = seconds + (aggregate_s if needs_aggregate else 0.0)
+    rows += [(f"ncut {a}, auto (ncut_proposals)", seconds[a], results[a], a == "attention")
+             for a in args.affinities.split(",")]
+    for name, cut_s, proposals, needs_aggregate in rows:
+        whole = cut_s + (aggregate_s if needs_aggregate else 0.0)
         segments = np.mean([p.shape[0] for p in proposals])
-        print(f"| {name} | {seconds:.4f} | {segments:.1f} | {100 * seconds / model_s:.1f}% | "
-              f"{100 * whole / model_s:.1f}% | {seconds / merge_s:.2f}x |")
+        print(f"| {name} | {cut_s:.4f} | {segments:.1f} | {100 * cut_s / model_s:.1f}% | "
+              f"{100 * whole / model_s:.1f}% | {cut_s / merge_s:.2f}x |")
     print(f"\n{machine_line()}")
     return 0
 
