@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Both GPU benchmarks in one command, under 10 minutes on one H100 (BENCHMARKS.md, "GPU"):
+# The GPU benchmarks in one command, each under its timeout (14 minutes at most; BENCHMARKS.md, "GPU"):
 #   1. benchmarks/actor_bench.py: the model actor's batch loop (no Ray) vs a naive diffusers loop,
 #      fp16 and bf16 UNet, batch 1..64, images/s and GPU utilisation;
 #   2. benchmarks/extract_bench.py: the extraction stages (VAE bf16 vs float32, UNet with the capture
 #      vs diffusers keeping every probability), fp16 and bf16;
 #   3. benchmarks/pamr_cost_bench.py: --boundaries pamr's refinement per 512 px image against the
-#      VAE + UNet on the same GPU (issue 22).
+#      VAE + UNet on the same GPU (issue 22);
+#   4. benchmarks/ncut_cost_bench.py: --grouping ncut's cut per 512 px image (both affinities, auto)
+#      against the VAE + UNet and DiffSeg's KL merge, fp16, batch 8 (issue 33).
 # Full-size SD 1.x architecture with RANDOM weights (no download). Figures and logs go to
 # ${OUT:-bench-out}. Needs torch with CUDA, diffusers and scikit-image; wheels found in .whl/
 # (diffusers and importlib_metadata, for a machine without network) are installed first.
@@ -26,3 +28,5 @@ timeout 360 python3 benchmarks/actor_bench.py --device cuda --json "$out/actor.j
 timeout 200 python3 benchmarks/extract_bench.py --device cuda --dtypes fp16,bf16 --batch-sizes 1,8,32,64 \
     --iterations 3 --json "$out/extract.json" 2>&1 | tee "$out/extract.log"
 timeout 120 python3 benchmarks/pamr_cost_bench.py --device cuda 2>&1 | tee "$out/pamr.log"
+timeout 150 python3 benchmarks/ncut_cost_bench.py --model sd14-architecture --device cuda --dtype fp16 --batch 8 \
+    --image-size 512 --repeats 5 2>&1 | tee "$out/ncut.log"

@@ -27,6 +27,13 @@ from diffseg_core.extract import AttentionExtractor  # noqa: E402
 from diffseg_core.segmentor import DiffSeg  # noqa: E402
 
 
+def machine_line() -> str:
+    """The processor, CPU count, torch version and load average, for a benchmark's last line."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+            f"load average {', '.join(f'{v:.1f}' for v in load)}")
+
+
 def best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -79,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         refine()
         s = best_of(refine, args.repeats)
         print(f"| {iterations} iterations, dilations {dilations} | {s:.3f} | {100 * s / model_s:.1f}% |")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"load average {', '.join(f'{v:.1f}' for v in load)}")
+    print(f"\n{machine_line()}")
     return 0
 
 

@@ -2,6 +2,15 @@
 paper's K-Means-C (k = 6) and K-Means-S (k = true regions per scene), and tiny-random.
 
     python benchmarks/quality_bench.py --scenes 200 --taus 0.5,0.7,0.9,1.1,1.3,1.5
+    python benchmarks/quality_bench.py --scenes 200 --taus 1.5 --pamr 10 --ncut --scenes-kind both
+
+``--ncut T,T,...`` adds the normalized-cut grouping (``DiffSeg(grouping="ncut")``, issue 33) at each
+threshold, for each ``--ncut-affinity``, plain and with PAMR at ``DiffSeg(boundaries="pamr")``'s
+defaults (the card's setting), on the same pass's attention and encoder features
+(``AttentionExtractor.extract``, once per batch). ``--scenes-kind textured`` scores the textured
+variant of the same seeds (close colours, distinct textures; ``make_scene(textured=True)``);
+``both`` prints one table per kind. The "segments / image" column is the mean number of segments
+in the final label maps, beside the scenes' true mean region count.
 
 Every method clusters the same attention (one extractor pass per scene) and is scored with
 the paper's protocol (``SegmentationMetrics``: per-image Hungarian matching, TP/FP/FN summed
@@ -28,7 +37,7 @@ import torch
 
 from diffseg_core.aggregate import aggregate_attention
 from diffseg_core.demo_model.scenes import HELD_OUT_SEEDS, MAX_REGIONS, make_scene
-from diffseg_core.extract import AttentionExtractor
+from diffseg_core.extract import AttentionExtractor, Extraction
 from diffseg_core.kmeans import kmeans_constant, kmeans_per_image
 from diffseg_core.merge import compact_labels, labels_from_proposals
 from diffseg_core.method_defaults import model_method_defaults
@@ -82,26 +91,61 @@ class BoundaryF:
 #: DiffSeg variants scored beside the plain method: name -> DiffSeg's refinement / clean-up options.
 VARIANTS: dict[str, dict[str, Any]] = {}
 
+#: The PAMR setting the ncut rows are scored with: DiffSeg(boundaries="pamr")'s defaults, tiny-demo's card.
+NCUT_PAMR = {"boundaries": "pamr"}
+NCUT_THRESHOLDS = "auto,0.35,0.5,0.7"
 
-def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor]], method: dict[str, Any], scenes: list,
-          taus: list[float], batch: int, kmeans: bool, variants: dict[str, dict[str, Any]] | None = None,
-          ) -> dict[str, tuple[SegmentationMetrics, BoundaryF]]:
-    """{method: (metrics, boundary F)} over the scenes, labelled at their own size from the attention
-    ``extract`` gives, with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau
-    swept; each of ``variants`` ({suffix: DiffSeg options}) is scored beside each tau."""
+
+def ncut_groupings(thresholds: list[float | str], affinities: list[str], weights: list[float] | None,
+                   alpha: float, pamr_thresholds: list[float | str] | None = None,
+                   ) -> dict[str, tuple[DiffSeg, DiffSeg | None]]:
+    """{row name: (the cut, boundaries off; the same cut's PAMR finisher, or None where the threshold
+    is not in ``pamr_thresholds`` (None: every threshold gets one))} per affinity and threshold."""
+    out = {}
+    for affinity in affinities:
+        for threshold in thresholds:
+            options = {"grouping": "ncut", "ncut_threshold": threshold, "ncut_affinity": affinity,
+                       "ncut_alpha": alpha, "weights": weights}
+            with_pamr = pamr_thresholds is None or threshold in pamr_thresholds
+            out[f"ncut {affinity} tau={threshold}"] = (DiffSeg(**options),
+                                                       DiffSeg(**options, **NCUT_PAMR) if with_pamr else None)
+    return out
+
+
+def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor] | Extraction], method: dict[str, Any],
+          scenes: list, taus: list[float], batch: int, kmeans: bool, variants: dict[str, dict[str, Any]] | None = None,
+          ncut: dict[str, tuple[DiffSeg, DiffSeg | None]] | None = None,
+          progress: Callable[[int, dict[str, tuple[SegmentationMetrics, BoundaryF, list[int]]]], None] | None = None,
+          ) -> dict[str, tuple[SegmentationMetrics, BoundaryF, list[int]]]:
+    """{method: (metrics, boundary F, segments per image)} over the scenes, labelled at their own size
+    from the attention ``extract`` gives (maps, or an `Extraction` whose features the ncut rows may
+    use), with DiffSeg's ``method`` parameters (num_points, iterations, weights) and tau swept; each
+    of ``variants`` ({suffix: DiffSeg options}) is scored beside each tau, each of ``ncut``
+    (`ncut_groupings`) plain and "+pamr", the cut batched over the batch's images. ``progress``
+    is called with the scenes scored so far and the metrics after each batch."""
     weights = method["weights"]
     variants = variants or {}
+    ncut = ncut or {}
     segmentors = {tau: DiffSeg(kl_threshold=tau, num_points=method["num_points"],
                                iterations=method["iterations"], weights=weights) for tau in taus}
     finishers = {suffix: DiffSeg(**options) for suffix, options in variants.items()}
     names = [f"DiffSeg tau={tau:g}{suffix}" for tau in taus for suffix in ["", *variants]]
+    names += [f"{name}{suffix}" for name, (_, finisher) in ncut.items() for suffix in ("", " +pamr")[: 1 + bool(finisher)]]
     names += ["K-Means-C", "K-Means-S"] if kmeans else []
-    metrics = {name: (SegmentationMetrics(MAX_REGIONS, -1), BoundaryF()) for name in names}
+    metrics = {name: (SegmentationMetrics(MAX_REGIONS, -1), BoundaryF(), []) for name in names}
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
         images = np.stack([s.image for s in chunk])
-        maps = extract(images)
+        out = extract(images)
+        maps, features = (out.self_attention, out.features) if isinstance(out, Extraction) else (out, None)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # the model's input
+        sizes = [scene.regions.shape for scene in chunk]
+        cut_preds: dict[str, list[torch.Tensor]] = {}
+        for name, (cut, finisher) in ncut.items():
+            proposals = cut.proposals(maps, features)
+            cut_preds[name] = cut.label_maps(proposals, sizes)
+            if finisher is not None:
+                cut_preds[f"{name} +pamr"] = finisher.label_maps(proposals, sizes, pixels)
         for b, scene in enumerate(chunk):
             one = {r: m[b : b + 1] for r, m in maps.items()}
             size = scene.regions.shape
@@ -116,12 +160,27 @@ def score(extract: Callable[[np.ndarray], dict[int, torch.Tensor]], method: dict
             if kmeans:
                 preds["K-Means-C"] = kmeans_constant(one, k=6, output_size=size)[0]
                 preds["K-Means-S"] = kmeans_per_image(one, [scene.num_regions], output_size=size)[0]
+            preds.update({name: labels[b] for name, labels in cut_preds.items()})
             truth = scene.regions.astype(np.int64)
             for name, pred in preds.items():
                 pred = pred.to(torch.int64).cpu().numpy()
                 metrics[name][0].update(pred, truth)
                 metrics[name][1].update(pred, truth)
+                metrics[name][2].append(len(np.unique(pred)))
+        if progress is not None:
+            progress(start + len(chunk), metrics)
     return metrics
+
+
+def print_table(rows: list[tuple[str, str, tuple[SegmentationMetrics, BoundaryF, list[int]]]], model: str,
+                default_tau: float) -> None:
+    """The markdown table of ``rows`` (model, method, scores); the model's default DiffSeg row in bold."""
+    print(f"| model | method | mIoU | pixel accuracy | boundary F ({BOUNDARY_TOLERANCE} px) | segments / image |\n"
+          "|---|---|---|---|---|---|")
+    for row_model, name, (m, bf, segments) in rows:
+        bold = "**" if row_model == model and name == f"DiffSeg tau={default_tau:g}" else ""
+        print(f"| {row_model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} "
+              f"| {bf.f():.3f} | {np.mean(segments):.2f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +207,19 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. 10:1,2,4,8,12,24; several separated by '/'")
     parser.add_argument("--clean", default=None, metavar="AREA",
                         help="score the first --pamr setting with --min-region-area AREA --connected too")
+    parser.add_argument("--ncut", nargs="?", const=NCUT_THRESHOLDS, default=None, metavar="T,T,...",
+                        help="score DiffSeg(grouping='ncut') too at these thresholds ('auto' or a float; "
+                        f"alone: {NCUT_THRESHOLDS}), plain and with PAMR at its defaults")
+    parser.add_argument("--ncut-affinity", default="attention,features",
+                        help="the cut's affinities to score (attention, features or both, comma-separated)")
+    parser.add_argument("--ncut-alpha", type=float, default=10.0, help="the affinity's exponent (DiffCut's 10)")
+    parser.add_argument("--scenes-kind", choices=("plain", "textured", "both"), default="plain",
+                        help="the scenes scored: the plain ones, their textured variants (close colours, "
+                        "distinct textures) or both, one table per kind")
+    parser.add_argument("--ncut-pamr", default=None, metavar="T,T,...",
+                        help="score the ncut rows with PAMR only at these of the --ncut thresholds (default: all)")
+    parser.add_argument("--report-every", type=int, default=0, metavar="SCENES",
+                        help="print the model's table so far every SCENES scenes (a long run's partial figures)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
@@ -161,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
             demo_method[key] = getattr(args, key)
     demo_size = demo.image_size
     seeds = [HELD_OUT_SEEDS[args.first_scene + k] for k in range(args.scenes)]
-    scenes = [make_scene(seed, demo_size) for seed in seeds]
     default_tau = demo_method["kl_threshold"]
     variants: dict[str, dict[str, Any]] = {}
     for spec in (args.pamr.split("/") if args.pamr else []):
@@ -174,25 +245,45 @@ def main(argv: list[str] | None = None) -> int:
         first = next(iter(variants.values()))
         variants[f"{next(iter(variants))} +clean {args.clean}"] = {
             **first, "min_region_area": int(args.clean), "connected": True}
-    demo_scores = score(demo, demo_method, scenes, taus, args.batch, not args.no_kmeans, variants)
-    rows = [(args.model, name, m) for name, m in demo_scores.items()]
-    if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
-        oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
-        rows += [("colour oracle", name, m) for name, m in oracle.items()]
-    if not args.no_random:
-        random_method = model_method_defaults("tiny-random")
-        random = score(AttentionExtractor.from_pretrained("tiny-random"), random_method, scenes,
-                       [random_method["kl_threshold"]], args.batch, False)
-        rows += [("tiny-random", name, m) for name, m in random.items()]
-    print(f"{len(scenes)} held-out scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}); "
-          f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x {demo_method['num_points']} "
-          f"anchors, {demo_method['iterations']} iterations, weights {demo_method['weights'] or 'proportional'}, "
-          f"timestep {args.timestep}")
-    print(f"| model | method | mIoU | pixel accuracy | boundary F ({BOUNDARY_TOLERANCE} px) |\n|---|---|---|---|---|")
-    for model, name, (m, bf) in rows:
-        bold = "**" if model == args.model and name == f"DiffSeg tau={default_tau:g}" else ""
-        print(f"| {model} | {bold}{name}{bold} | {bold}{m.miou():.3f}{bold} | {bold}{m.pixel_accuracy():.3f}{bold} "
-              f"| {bf.f():.3f} |")
+    ncut = {}
+    if args.ncut:
+        thresholds = [t if t == "auto" else float(t) for t in args.ncut.split(",")]
+        pamr_thresholds = (None if args.ncut_pamr is None else
+                           [t if t == "auto" else float(t) for t in args.ncut_pamr.split(",")])
+        ncut = ncut_groupings(thresholds, args.ncut_affinity.split(","), demo_method["weights"], args.ncut_alpha,
+                              pamr_thresholds)
+    random_extractor = None if args.no_random else AttentionExtractor.from_pretrained("tiny-random")
+    kinds = ["plain", "textured"] if args.scenes_kind == "both" else [args.scenes_kind]
+    for kind in kinds:
+        kind_started = time.perf_counter()
+        scenes = [make_scene(seed, demo_size, textured=kind == "textured") for seed in seeds]
+        truth_regions = np.mean([scene.num_regions for scene in scenes])
+        header = (f"held-out {kind} scenes ({demo_size} px, seeds {seeds[0]}..{seeds[-1]}, "
+                  f"{truth_regions:.2f} true regions / image); "
+                  f"{args.model}'s default tau: {default_tau:g}; {demo_method['num_points']} x "
+                  f"{demo_method['num_points']} anchors, {demo_method['iterations']} iterations, weights "
+                  f"{demo_method['weights'] or 'proportional'}, timestep {args.timestep}"
+                  + (f"; ncut alpha {args.ncut_alpha:g}" if ncut else ""))
+
+        def report(done: int, metrics: dict, kind: str = kind, started: float = kind_started) -> None:
+            if args.report_every and done < len(seeds) and done % args.report_every < args.batch:
+                print(f"\n(partial, {kind}: {done} of {len(seeds)} scenes, {time.perf_counter() - started:.0f} s)")
+                print_table([(args.model, name, m) for name, m in metrics.items()], args.model, default_tau)
+
+        # extract(): the attention and the encoder's features from one pass per batch
+        demo_scores = score(demo.extract, demo_method, scenes, taus, args.batch, not args.no_kmeans, variants, ncut,
+                            report)
+        rows = [(args.model, name, m) for name, m in demo_scores.items()]
+        if not args.no_oracle:  # the model's parameters; one resolution, so no per-level weights
+            oracle = score(colour_oracle, {**demo_method, "weights": None}, scenes, taus, args.batch, False)
+            rows += [("colour oracle", name, m) for name, m in oracle.items()]
+        if random_extractor is not None:
+            random_method = model_method_defaults("tiny-random")
+            random = score(random_extractor, random_method, scenes, [random_method["kl_threshold"]], args.batch, False)
+            rows += [("tiny-random", name, m) for name, m in random.items()]
+        print(f"\n{len(scenes)} {header}")
+        print_table(rows, args.model, default_tau)
+        print(f"({kind}: {time.perf_counter() - kind_started:.0f} s wall)", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu0:.0f} s CPU; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "

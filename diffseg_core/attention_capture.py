@@ -21,6 +21,10 @@ probabilities are only summed over heads: QK^T is computed twice, but the
 on a GPU is memory traffic, the scarce resource there.
 
 The processor is modelled on diffusers' ``AttnProcessor2_0``.
+
+`install_feature_capture` also keeps, from the same call, the output of the UNet encoder's last
+self-attention (transformer) block, the features DiffCut cuts (`feature_block` finds it from the
+model: the last transformer of the deepest down block that has attention).
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ __all__ = [
     "SelfAttentionCaptureProcessor",
     "StopUNet",
     "attention_layers",
+    "feature_block",
     "install_capture",
+    "install_feature_capture",
     "self_attention_layers",
 ]
 
@@ -85,12 +91,14 @@ class CaptureState:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     sdpa_output: bool = False
     head_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. a compiled `head_sum_softmax`
+    features: torch.Tensor | None = None  # (B, C, h, w): the encoder's last transformer block's output
 
     def reset(self) -> None:
         self.sums = {}
         self.counts = {}
         self.layers = {}
         self.seen = 0
+        self.features = None
 
     def begin(self, probe: bool = False) -> None:
         """Start a call, with or without the ``attn2`` probe (see `diffseg_core.class_probe`)."""
@@ -298,3 +306,28 @@ def install_capture(unet: torch.nn.Module, state: CaptureState) -> list[str]:
     state.self_layers = state.num_layers = len(layers)
     state.last_self_layer = state.last_layer = layers[-1][0]
     return [name for name, _ in layers]
+
+
+def feature_block(unet: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The encoder's last self-attention block: the last transformer of the deepest down block with
+    attention (SD 1.x: ``down_blocks.2.attentions.1``; SDXL / SSD-1B: ``down_blocks.2.attentions.1`` too,
+    their last down block being the one with attention)."""
+    blocks = list(getattr(unet, "down_blocks", None) or [])
+    for index in range(len(blocks) - 1, -1, -1):
+        attentions = getattr(blocks[index], "attentions", None)
+        if attentions is not None and len(attentions):
+            return f"down_blocks.{index}.attentions.{len(attentions) - 1}", attentions[-1]
+    raise ValueError("the UNet has no down block with attention, so no encoder features to capture")
+
+
+def install_feature_capture(unet: torch.nn.Module, state: CaptureState) -> str:
+    """Keep `feature_block`'s output in ``state.features`` during extraction calls (a reference to a
+    tensor the UNet computes anyway: no extra work). Returns the block's name."""
+    name, block = feature_block(unet)
+
+    def keep(_module: torch.nn.Module, _inputs: tuple, output: object) -> None:
+        if state.active:
+            state.features = output[0] if isinstance(output, tuple) else output.sample
+
+    block.register_forward_hook(keep)
+    return name

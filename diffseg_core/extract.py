@@ -37,6 +37,7 @@ from diffseg_core.attention_capture import (
     StopUNet,
     head_sum_softmax,
     install_capture,
+    install_feature_capture,
 )
 from diffseg_core.class_probe import ClassProbe, install_probe
 from diffseg_core.model_check import attention_resolutions, card_provenance
@@ -161,10 +162,12 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 class Extraction:
     """What one UNet pass gives: ``self_attention`` ``{r: (B, r*r, r*r)}`` (rows sum to 1) and,
     with a vocabulary, ``class_attention`` ``{r: (B, r*r, C)}`` (each query's softmax over the
-    C classes, rows sum to 1), both float32 on the extractor's device."""
+    C classes, rows sum to 1), both float32 on the extractor's device; ``features`` (B, C, h, w), the
+    output of the UNet encoder's last self-attention block (DiffCut's features), in the UNet's dtype."""
 
     self_attention: dict[int, torch.Tensor]
     class_attention: dict[int, torch.Tensor] | None = None
+    features: torch.Tensor | None = None
 
 
 def _to_rgb_uint8(a: np.ndarray, index: int) -> np.ndarray:
@@ -244,6 +247,7 @@ class AttentionExtractor:
             early_stop=early_stop, chunk_bytes=chunk_bytes, sdpa_output=on_gpu if sdpa_output is None else sdpa_output
         )
         self.layer_names = install_capture(self.unet, self._state)
+        self.feature_layer_name = install_feature_capture(self.unet, self._state)
         self.vocabulary = loaded.vocabulary  # EncodedVocabulary or None
         self._probe = None
         self.probe_layer_names: list[str] = []
@@ -395,7 +399,8 @@ class AttentionExtractor:
 
     @torch.inference_mode()
     def extract(self, images: ImagesLike) -> Extraction:
-        """Self-attention maps and, with a vocabulary, class attention, from one UNet pass."""
+        """Self-attention maps, the encoder's last self-attention block's features and, with a
+        vocabulary, class attention, from one UNet pass."""
         return self._unet_pass(self.encode(self.to_pixels(images)), probe=self.vocabulary is not None)
 
     def to_pixels(self, images: ImagesLike) -> torch.Tensor:
@@ -464,7 +469,8 @@ class AttentionExtractor:
         if state.seen != state.num_layers:
             state.reset()
             raise RuntimeError(f"captured {state.seen} of {state.num_layers} attention layers")
-        return Extraction(state.result(), self._probe.result() if probe else None)
+        features, state.features = state.features, None
+        return Extraction(state.result(), self._probe.result() if probe else None, features)
 
     def _compile(self) -> None:
         """torch.compile the parts with fixed shapes and no Python state (the capture hooks stay eager)."""

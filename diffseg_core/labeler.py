@@ -115,9 +115,9 @@ class Labeler:
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
             revision=revision, allow_unsafe_weights=allow_unsafe_weights, vocabulary=vocabulary,
         )
-        problem = anchor_grid_problem(
+        problem = getattr(diffseg, "grouping", "kl-merge") == "kl-merge" and anchor_grid_problem(
             diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size
-        )
+        )  # the cut has no anchor grid
         if problem:
             raise ValueError(problem)
         return cls(extractor, diffseg, class_voting=class_voting, class_threshold=class_threshold)
@@ -128,14 +128,19 @@ class Labeler:
         if not sizes:
             return []
         pixels = self.extractor.to_pixels(images)
+        if getattr(self.diffseg, "needs_features", False):
+            extraction = self.extractor.extract(pixels)
+            return self.labels_from_attention(extraction.self_attention, sizes, pixels, extraction.features)
         return self.labels_from_attention(self.extractor(pixels), sizes, pixels)
 
     def labels_from_attention(
-        self, maps: Mapping[int, torch.Tensor], sizes: Sequence[tuple[int, int]], pixels: torch.Tensor | None = None
+        self, maps: Mapping[int, torch.Tensor], sizes: Sequence[tuple[int, int]], pixels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> list[np.ndarray]:
         """DiffSeg on extracted maps; NMS at each image's own (H, W). ``pixels``: the model's
-        (B, 3, S, S) input, which ``boundaries="pamr"`` refines with."""
-        proposals = self.diffseg.proposals(maps)
+        (B, 3, S, S) input, which ``boundaries="pamr"`` refines with; ``features``: the same pass's
+        encoder features, which ``ncut_affinity="features"`` cuts."""
+        proposals = self.diffseg.proposals(maps, features)
         if len(proposals) != len(sizes):
             raise ValueError(f"{len(proposals)} images of attention maps but {len(sizes)} sizes")
         sizes = [(int(h), int(w)) for h, w in sizes]
@@ -148,7 +153,7 @@ class Labeler:
             return []
         pixels = self.extractor.to_pixels(images)
         extraction = self.extractor.extract(pixels)
-        label_maps = self.labels_from_attention(extraction.self_attention, sizes, pixels)
+        label_maps = self.labels_from_attention(extraction.self_attention, sizes, pixels, extraction.features)
         if extraction.class_attention is None:
             return [LabeledImage(label_map=m) for m in label_maps]
         class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)
@@ -170,6 +175,9 @@ class Labeler:
             "refine": self.diffseg.refine,
             "weights": _jsonable_weights(self.diffseg.weights),
         }
+        if self.diffseg.grouping != "kl-merge":  # only when not the paper's merge, as boundaries below
+            info["diffseg"].update(grouping=self.diffseg.grouping, ncut_threshold=self.diffseg.ncut_threshold,
+                                   ncut_affinity=self.diffseg.ncut_affinity, ncut_alpha=self.diffseg.ncut_alpha)
         if self.diffseg.boundaries != "off":  # only when on: the paper's method reads as it always did
             info["diffseg"].update(boundaries=self.diffseg.boundaries, pamr_iterations=self.diffseg.pamr_iterations,
                                    pamr_dilations=list(self.diffseg.pamr_dilations))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BOUNDARY_MODES", "DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem",
-           "boundaries_problem"]
+           "boundaries_problem", "GROUPINGS", "NCUT_AFFINITIES", "grouping_problem"]
 
 DEFAULT_ITERATIONS = 3
 
@@ -85,4 +85,26 @@ def boundaries_problem(mode: object, iterations: object, dilations: object) -> s
         return f"pamr_dilations must be a list of whole numbers of at least 1, not {dilations!r}"
     if not values or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in values):
         return f"pamr_dilations must be a non-empty list of whole numbers of at least 1, not {dilations!r}"
+    return None
+
+
+#: --grouping values: "kl-merge" (the paper's merge of attention maps by KL divergence) or "ncut"
+#: (a recursive normalized cut of a token affinity, `diffseg_core.grouping`).
+GROUPINGS = ("kl-merge", "ncut")
+#: --ncut-affinity values: what the cut's tokens are (see `diffseg_core.grouping`).
+NCUT_AFFINITIES = ("attention", "features")
+
+
+def grouping_problem(grouping: object, threshold: object = "auto", affinity: object = "attention",
+                     alpha: object = 10.0) -> str | None:
+    """One sentence saying what is wrong with the grouping's parameters, or None."""
+    if grouping not in GROUPINGS:
+        return f"grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}"
+    if affinity not in NCUT_AFFINITIES:
+        return f"ncut_affinity must be one of {', '.join(NCUT_AFFINITIES)}, not {affinity!r}"
+    if threshold != "auto" and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                or not math.isfinite(threshold) or not 0 < threshold <= 2):
+        return f"ncut_threshold must be auto or a number in (0, 2], not {threshold!r}"
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        return f"ncut_alpha must be a positive number, not {alpha!r}"
     return None

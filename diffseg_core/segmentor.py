@@ -7,6 +7,8 @@ From Stable Diffusion self-attention to label maps, batched, on any device:
    of the aggregate rows within KL threshold of it (one batched pass);
 3. iterations 1..: greedy merging of the proposals by the same rule;
 4. optional k-means refinement started at the proposals;
+   (or, with ``grouping="ncut"``, steps 2-4 are a recursive normalized cut of a token affinity
+   instead: :mod:`diffseg_core.grouping`);
 5. NMS: upsample the proposals to the output size and take the argmax;
 6. optional (off by default, so the paper's method label for label): before the
    argmax, PAMR refines the upsampled proposals with the image's own affinities
@@ -20,6 +22,7 @@ against the official code's 7-13 s (benchmarks/merge_bench.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -30,6 +33,7 @@ import torch
 
 from diffseg_core import merge
 from diffseg_core import boundaries as pamr_module
+from diffseg_core.grouping import DEFAULT_ALPHA, DEFAULT_MAX_TOKENS, ncut_proposals
 from diffseg_core.aggregate import Weights, aggregate_attention, aggregate_side, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import (
@@ -39,7 +43,7 @@ from diffseg_core.merge import (
     merge_proposals_batch,
     merge_with_anchors,
 )
-from diffseg_core.parameters import method_thresholds
+from diffseg_core.parameters import grouping_problem, method_thresholds
 from diffseg_core.regions import clean_label_map, cleaning_problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +69,13 @@ class DiffSeg:
         min_region_area: connected regions smaller than this many pixels are absorbed by
             the segment around them (0: off).
         connected: every connected region becomes its own segment.
+        grouping: ``"kl-merge"`` (the paper's merge; kl_threshold, num_points, iterations and
+            refine apply) or ``"ncut"``: a recursive normalized cut (:mod:`diffseg_core.grouping`).
+        ncut_threshold: the cut's stopping threshold tau (a segment is split while its best cut's
+            value is under it), or ``"auto"``: per image, from its own spectrum.
+        ncut_affinity: ``"attention"`` (rows of the aggregated self-attention) or ``"features"``
+            (the UNet encoder's last self-attention block's output, DiffCut's).
+        ncut_alpha: the affinity's exponent, ((cos + 1) / 2) ** alpha.
     """
 
     def __init__(
@@ -79,7 +90,18 @@ class DiffSeg:
         pamr_dilations: Sequence[int] = pamr_module.DEFAULT_DILATIONS,
         min_region_area: int = 0,
         connected: bool = False,
+        grouping: str = "kl-merge",
+        ncut_threshold: float | str = "auto",
+        ncut_affinity: str = "attention",
+        ncut_alpha: float = DEFAULT_ALPHA,
     ) -> None:
+        problem = grouping_problem(grouping, ncut_threshold, ncut_affinity, ncut_alpha)
+        if problem:
+            raise ValueError(problem)
+        self.grouping = grouping
+        self.ncut_threshold = ncut_threshold if ncut_threshold == "auto" else float(ncut_threshold)
+        self.ncut_affinity = ncut_affinity
+        self.ncut_alpha = float(ncut_alpha)
         self.thresholds = method_thresholds(kl_threshold, num_points, iterations)
         self.num_points = num_points
         self.refine = bool(refine)
@@ -98,6 +120,11 @@ class DiffSeg:
     @property
     def iterations(self) -> int:
         return len(self.thresholds)
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether proposals need the UNet's encoder features (`AttentionExtractor.extract`'s)."""
+        return self.grouping == "ncut" and self.ncut_affinity == "features"
 
     @property
     def needs_images(self) -> bool:
@@ -124,6 +151,9 @@ class DiffSeg:
         pamr_dilations: Sequence[int] | None = None,
         min_region_area: int = 0,
         connected: bool = False,
+        grouping: str = "kl-merge",
+        ncut_threshold: float | str = "auto",
+        ncut_affinity: str = "attention",
         **load_kwargs: Any,
     ) -> Labeler:
         """Images to label maps in one call: a Stable Diffusion attention extractor plus DiffSeg.
@@ -139,14 +169,15 @@ class DiffSeg:
         given = {"kl_threshold": kl_threshold, "num_points": num_points, "iterations": iterations, "weights": weights,
                  "boundaries": boundaries, "pamr_iterations": pamr_iterations, "pamr_dilations": pamr_dilations}
         diffseg = cls(**with_method_defaults(model, given), refine=refine, min_region_area=min_region_area,
-                      connected=connected)
+                      connected=connected, grouping=grouping, ncut_threshold=ncut_threshold,
+                      ncut_affinity=ncut_affinity)
         from diffseg_core.labeler import Labeler  # lazy: the algorithm alone never imports diffusers' side
 
         return Labeler.from_pretrained(model, diffseg, **load_kwargs)
 
     def segment(
         self, maps: Mapping[int, torch.Tensor], output_size: tuple[int, int] | None = None,
-        images: torch.Tensor | None = None,
+        images: torch.Tensor | None = None, features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Segment a batch.
 
@@ -156,13 +187,14 @@ class DiffSeg:
             output_size: (H, W) of the label maps; default 8R x 8R (512 x 512
                 for the 64 x 64 maps of SD 1.x at 512 px).
             images: (B, C, S, S) float pixels, needed with ``boundaries="pamr"``.
+            features: (B, C, h, w) encoder features, needed with ``ncut_affinity="features"``.
 
         Returns:
             int64 (B, H, W), segment indices 0..K-1 (not classes), numbered in
             proposal order, without gaps.
         """
-        proposals = self.proposals(maps)
-        R = proposals[0].shape[-1]
+        proposals = self.proposals(maps, features)
+        R = aggregate_side_of(maps)
         size = output_size if output_size is not None else (8 * R, 8 * R)
         return torch.stack(self.label_maps(proposals, [size] * len(proposals), images))
 
@@ -203,13 +235,21 @@ class DiffSeg:
         masks = pamr_module.pamr(images, masks, self.pamr_iterations, self.pamr_dilations)
         return [masks[b, : p.shape[0]] for b, p in enumerate(proposals)]
 
-    def proposals(self, maps: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Merged proposals per image, each (K_b, R, R): what NMS turns into labels.
+    def proposals(self, maps: Mapping[int, torch.Tensor], features: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Merged proposals per image, each (K_b, R, R) (with ``grouping="ncut"`` (K_b, r, r), at
+        the cut's token grid): what NMS turns into labels. ``features``: the UNet encoder's
+        (B, C, h, w) features, needed with ``ncut_affinity="features"``.
 
         On a CPU the images of a batch go one at a time: one image's working
         set (aggregate and its logarithms, 128 MB at R = 64) stays in a large
         last-level cache, a batch's does not, and batching buys nothing there.
         """
+        if self.grouping == "ncut":
+            if self.needs_features and features is None:
+                raise ValueError("ncut_affinity='features' needs the UNet's encoder features from the same pass")
+            aggregate = aggregate_attention(maps, self.weights) if self.ncut_affinity == "attention" else None
+            return ncut_proposals(aggregate, features, threshold=self.ncut_threshold, affinity=self.ncut_affinity,
+                                  alpha=self.ncut_alpha, max_tokens=DEFAULT_MAX_TOKENS)
         batch = _batch_size(maps)
         if batch is not None and batch > 1 and not merge.runs_batched(_device(maps)):
             return [p for b in range(batch) for p in self.proposals({r: m[b : b + 1] for r, m in maps.items()})]
@@ -260,6 +300,8 @@ class DiffSeg:
         return (
             f"DiffSeg(kl_threshold={self.thresholds}, num_points={self.num_points}, "
             f"refine={self.refine}, weights={self.weights}"
+            + (f", grouping='ncut', ncut_threshold={self.ncut_threshold!r}, ncut_affinity={self.ncut_affinity!r}, "
+               f"ncut_alpha={self.ncut_alpha:g}" if self.grouping == "ncut" else "")
             + (f", boundaries={self.boundaries!r}, pamr_iterations={self.pamr_iterations}, "
                f"pamr_dilations={list(self.pamr_dilations)}" if self.boundaries != "off" else "")
             + (f", min_region_area={self.min_region_area}" if self.min_region_area else "")
@@ -310,6 +352,11 @@ def _batch_size(maps: Mapping[int, torch.Tensor]) -> int | None:
     except (AttributeError, TypeError):
         return None
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def aggregate_side_of(maps: Mapping[int, torch.Tensor]) -> int:
+    """R, the side of the finest attention map (the output defaults to 8R x 8R)."""
+    return int(round(math.sqrt(maps[max(maps)].shape[-1])))
 
 
 def _device(maps: Mapping[int, torch.Tensor]) -> torch.device:

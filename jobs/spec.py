@@ -14,7 +14,8 @@ Layout (every section but ``input``/``output`` is optional)::
     model: tiny-demo                  # or a mapping: name, revision, dtype, vae_dtype, image_size, timestep,
                                       #   allow_unsafe_weights (pickle weights; off)
     method: {kl_threshold, num_points, iterations, refine, weights, boundaries, pamr_iterations,
-             pamr_dilations, min_region_area, connected, paper_preprocess, vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
+             pamr_dilations, min_region_area, connected, grouping, ncut_threshold, ncut_affinity,
+             paper_preprocess, vocabulary, vocabulary_file, class_voting, class_threshold}   # class names: see below
     resources: {actors, max_actors, actor_resources, batch_size, device, gpu_wait_s, gpus_per_actor,
                 cpus_per_actor, driver_cpus, driver_gpus, driver_memory}
     io: {rle, rows_per_file, overwrite, retry_errors, part, image_column, max_pixels, storage_options,
@@ -140,6 +141,15 @@ def _kl_threshold(v: Any) -> float | list[float]:
     return positive(v)
 
 
+def _ncut_threshold(v: Any) -> float | str:
+    if v == "auto":
+        return "auto"
+    value = _number(0.0, strict=True)(v) if not isinstance(v, str) else None
+    if value is None or not value <= 2.0:  # also NaN
+        raise _Bad(f"auto or a number in (0, 2], not {_type_name(v)} {v!r}")
+    return value
+
+
 def _vocabulary(v: Any) -> str | list[str] | None:
     from diffseg_core.vocabulary import Vocabulary, VocabularyError
 
@@ -211,6 +221,9 @@ _METHOD = {
     "pamr_dilations": (_optional(_dilations), "pamr_dilations"),
     "min_region_area": (_int(0), "min_region_area"),
     "connected": (_bool, "connected"),
+    "grouping": (_choice("kl-merge", "ncut"), "grouping"),
+    "ncut_threshold": (_ncut_threshold, "ncut_threshold"),
+    "ncut_affinity": (_choice("attention", "features"), "ncut_affinity"),
     "paper_preprocess": (_bool, "paper_preprocess"),
     "vocabulary": (_vocabulary, "vocabulary"),
     "vocabulary_file": (_optional(_str), "vocabulary_file"),

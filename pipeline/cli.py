@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.arg_parser import CommandParser
+from pipeline.after.method import describe_method
 from pipeline.arg_types import comma_floats, comma_ints, described
 from pipeline.data.credentials import storage_options_json
 from pipeline.console import EVERY_ENV, PLAIN_EVERY_S, command_console, plain_every_s
@@ -35,6 +36,11 @@ _kl_threshold = described(_one_or_per_iteration, "a number, or one per iteration
 _weights = described(comma_floats, "numbers separated by commas, one per attention resolution, finest first "
                      "(8,4,2,1)", "8,4,2,1", "1")
 _dilations = described(comma_ints, "whole numbers separated by commas (1,2,4,8,12,24)", "1,2,4,8,12,24", "2")
+def _auto_or_float(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+_ncut_threshold = described(_auto_or_float, "auto, or a number in (0, 2] (0.35)", "auto", "0.35")
 _resources = described(json.loads, "a JSON object of Ray resources and amounts ('{\"labeler\": 1}')",
                        '{"labeler": 1}')
 
@@ -99,9 +105,19 @@ def build_parser(extra: Callable[[Any], None] | None = None) -> argparse.Argumen
                    "around them (default 0: off)")
     d.add_argument("--connected", action="store_true",
                    help="every connected region becomes its own segment (instance-like masks)")
+    d.add_argument("--grouping", default=None, choices=["kl-merge", "ncut"],
+                   help="which pixels belong together: kl-merge, the paper's merge of attention maps by KL "
+                   "divergence (kl-threshold, num-points, iterations and refine apply), or ncut, a recursive "
+                   "normalized cut of a token affinity, as DiffCut (default: kl-merge)")
+    d.add_argument("--ncut-threshold", type=_ncut_threshold, default=None, metavar="TAU",
+                   help="ncut: a segment is cut in two while its best cut's value is under TAU; auto: per image, "
+                   "from its own spectrum (default: auto)")
+    d.add_argument("--ncut-affinity", default=None, choices=["attention", "features"],
+                   help="ncut: cut the aggregated self-attention's rows (attention), or the UNet encoder's last "
+                   "self-attention block's output (features, DiffCut's) (default: attention)")
     d.add_argument("--params", default=None, metavar="JSON",
                    help="DiffSeg parameters from a file, e.g. tune/best.json from `diffseg tune` (kl_threshold, "
-                   "iterations, num_points, refine, weights); flags given on the command line win over the file")
+                   "iterations, num_points, refine, weights, grouping, ncut_threshold); flags given on the command line win over the file")
     d.add_argument("--paper-preprocess", action="store_true",
                    help="the paper's protocol: centre-crop each image to a square, resize to the image size, "
                    "and label at that size (S x S) instead of the image's own")
@@ -189,6 +205,8 @@ def format_summary(summary: dict) -> str:
     if summary.get("part"):
         lines.append(_parts_line(summary.get("parts") or {}))
     lines += _model_note(summary)
+    if "method" in summary:  # which grouping made the labels (the manifest's parameters)
+        lines.append(f"method: {describe_method(summary['method'])}")
     this = f"this run: {plural(run['images'], 'image')}"
     if run["images"]:
         this += f" in {summary['stage_seconds'].get('pipeline', 0):.1f} s"

@@ -21,11 +21,12 @@ from pipeline.job.options import LabelOptions
 from pipeline.job.provenance import decode_provenance, digest, encode_provenance, expected, fold
 
 SIZE = 64
-# non-defaults, so that every optional field is reported and compared (PAMR, a vocabulary, vae_dtype)
+# non-defaults, so that every optional field is reported and compared (PAMR, a vocabulary, vae_dtype, ncut)
 OPTIONS = dict(model="tiny-random", image_size=SIZE, num_points=4, kl_threshold=0.9, iterations=2,
                weights=[3.0, 2.0, 1.0], boundaries="pamr", pamr_iterations=3, pamr_dilations=[1, 2],
                min_region_area=8, connected=True, vae_dtype="fp32", vocabulary=["cat", "dog"],
-               class_voting="mean", class_threshold=0.3, max_pixels=20_000, image_column="picture", rle=True)
+               class_voting="mean", class_threshold=0.3, max_pixels=20_000, image_column="picture", rle=True,
+               grouping="ncut", ncut_threshold=0.4, ncut_affinity="features")
 ROUTING = ("stage", "node")  # where a report came from: said in the sentence, not compared
 
 # (stage, field) -> a value that differs from the run's in that field alone
@@ -52,6 +53,9 @@ CASES: dict[tuple[str, str], Any] = {
     ("model", "pamr_dilations"): [1, 3],
     ("model", "min_region_area"): 9,
     ("model", "connected"): False,
+    ("model", "grouping"): "kl-merge",
+    ("model", "ncut_threshold"): 0.41,
+    ("model", "ncut_affinity"): "attention",
     ("model", "vocabulary"): digest(["cat", "cow"]),
     ("model", "class_voting"): "majority",
     ("model", "class_threshold"): 0.31,

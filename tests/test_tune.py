@@ -125,13 +125,13 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session,
     from diffseg_core.extract import AttentionExtractor
 
     calls = []
-    real_call = AttentionExtractor.__call__
+    real_extract = AttentionExtractor.extract
 
     def counted(self, images):
         calls.append(len(images))
-        return real_call(self, images)
+        return real_extract(self, images)
 
-    monkeypatch.setattr(AttentionExtractor, "__call__", counted)
+    monkeypatch.setattr(AttentionExtractor, "extract", counted)  # maps and features, one pass
     rng = np.random.default_rng(1)
     for i in range(3):
         write_png(tmp_path / "images" / f"im{i}.png", rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8))
@@ -149,6 +149,10 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session,
     from pipeline.tune.cache import load_maps
 
     assert {r: m.dtype for r, m in load_maps(entry).items()} == {8: torch.float16, 4: torch.float16, 2: torch.float16}
+    from pipeline.tune.cache import load_features
+
+    assert load_features(entry).ndim == 4  # the encoder's features beside the maps, for --ncut-affinity features
+    assert {r["ncut_affinity"] for r in first["ranking"] if r["grouping"] == "ncut"} == {"attention", "features"}
     assert any("RANDOM weights" in note for note in first["notes"])
 
     calls.clear()
@@ -173,7 +177,12 @@ def test_a_second_run_reads_the_cache_and_never_calls_the_extractor(ray_session,
     manifest = json.loads((tmp_path / "labels" / "_manifest.json").read_text())
     assert manifest["model"]["model"] == "tiny-random"
     assert manifest["parameters"]["timestep"] == 200 and manifest["parameters"]["image_size"] == 64
-    assert manifest["parameters"]["kl_threshold"] == third["label_params"]["kl_threshold"]
+    grouping = third["label_params"].get("grouping", "kl-merge")  # random weights: either may win
+    assert manifest["parameters"].get("grouping", "kl-merge") == grouping
+    if grouping == "kl-merge":
+        assert manifest["parameters"]["kl_threshold"] == third["label_params"]["kl_threshold"]
+    else:
+        assert manifest["parameters"]["ncut_threshold"] == third["label_params"]["ncut_threshold"]
 
 
 # --- bad input: one sentence, exit 2 --------------------------------------------------------------
@@ -304,10 +313,15 @@ def test_tiny_demo_tuned_setting_scores_at_least_the_default_on_held_out_scenes(
     best = tuned["best"]
     # the default grid scores PAMR too, and tiny-demo's card turns it on: the held-out run scores the
     # tuned setting exactly (both plain candidates' PAMR variants, so the tuned one is among them)
-    only_best = Grid(taus=[best["kl_threshold"][0]], iterations=[1], tau_steps=[0.0],
-                     schedules=[tuple(best["kl_threshold"])], num_points=[best["num_points"]],
+    # (the grouping searched too: a cut chosen is scored again as it was, at the default's weights)
+    cut = best["grouping"] == "ncut"
+    only_best = Grid(taus=[best["kl_threshold"][0]] if not cut else [1.0], iterations=[1], tau_steps=[0.0],
+                     schedules=[tuple(best["kl_threshold"])] if not cut else [],
+                     num_points=[best["num_points"]] if not cut else None,
                      weights=[best["weights"]], refine=[best["refine"]], boundaries=[best["boundaries"]],
-                     pamr_iterations=[best["pamr_iterations"] or 10], boundary_candidates=2)
+                     pamr_iterations=[best["pamr_iterations"] or 10], boundary_candidates=2,
+                     groupings=[best["grouping"]], ncut_thresholds=[best["ncut_threshold"] or "auto"],
+                     ncut_affinities=[best["ncut_affinity"] or "attention"])
     held = tune(str(tmp_path / "held" / "images"), str(tmp_path / "held" / "gt"), "masks", num_classes=5,
                 model="tiny-demo", out=str(tmp_path / "out-held"), folds=2, grid=only_best, progress=False)
     rows = {r["setting"]: r for r in held["ranking"]}

@@ -48,12 +48,12 @@ def test_weights_that_do_not_fit_the_model_stop_before_labelling(ray_session, tm
 @pytest.mark.parametrize("body, wrapped, message", [
     ({"kl_threshold": 1.0, "tau": 2}, True, "unknown key(s) ['tau']; it may hold kl_threshold, iterations, "
                                             "num_points, refine, weights, boundaries, pamr_iterations, "
-                                            "pamr_dilations."),
+                                            "pamr_dilations, grouping, ncut_threshold, ncut_affinity."),
     ({"num_points": "16"}, False, "num_points must be an integer, not '16'."),
     ({"weights": [1, "a"]}, True, "weights must be null or a list of numbers (one per attention resolution, "
                                   "finest first), not [1, 'a']."),
     ([1, 2], False, "expected a JSON object with kl_threshold, iterations, num_points, refine, weights, "
-                    "boundaries, pamr_iterations, pamr_dilations."),
+                    "boundaries, pamr_iterations, pamr_dilations, grouping, ncut_threshold, ncut_affinity."),
 ])
 def test_a_params_file_that_cannot_be_used_is_one_sentence(tmp_path, capsys, body, wrapped, message):
     params = _params(tmp_path, body, wrapped)

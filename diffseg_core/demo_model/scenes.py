@@ -12,6 +12,13 @@ seed renders the same scene at any size (a non-square size stretches it);
 only the per-pixel noise depends on the size. ``regions`` is the ground
 truth: 0 is the background, 1..n the visible shapes in drawing order.
 
+Textured scenes (``make_scene(seed, size, textured=True)``) share the layout but not the
+looks: every region's mean colour is close to every other's (a shared base colour, each region
+within ``_TEXTURE_RGB_GAP`` of it), and regions differ by texture instead: each gets a texture
+of its own kind or orientation (stripes, checkerboard, dots, smooth blobs, flat) at an amplitude
+well above the colour gaps. Colour alone barely separates them; what a texture looks like does.
+Training never renders them.
+
 Seeds: the trainer draws scenes from ``TRAIN_SEEDS``; tests and benchmarks
 use ``HELD_OUT_SEEDS``, which training never touches.
 """
@@ -46,19 +53,23 @@ class Scene:
         return int(self.regions.max()) + 1
 
 
-def make_scene(seed: int, size: int | tuple[int, int] = 256) -> Scene:
-    """The scene of ``seed`` rendered at ``size`` (side, or (height, width))."""
+def make_scene(seed: int, size: int | tuple[int, int] = 256, textured: bool = False) -> Scene:
+    """The scene of ``seed`` rendered at ``size`` (side, or (height, width)); ``textured``: its
+    textured variant (close colours, distinct textures; the same layout)."""
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if h < 8 or w < 8:
         raise ValueError(f"scene size must be at least 8 x 8, got {h} x {w}")
     rng = np.random.default_rng([int(seed), 0])  # layout and colours: the same at every size
     v, u = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
     regions = _layout(rng, u, v)
-    colours = _colours(rng, int(regions.max()) + 1)
     image = np.zeros((h, w, 3), dtype=np.float64)
-    for k, colour in enumerate(colours):
-        inside = regions == k
-        image[inside] = _fill(rng, colour, u, v)[inside]
+    if textured:
+        _paint_textured(np.random.default_rng([int(seed), 2]), regions, image, u, v)
+    else:
+        colours = _colours(rng, int(regions.max()) + 1)
+        for k, colour in enumerate(colours):
+            inside = regions == k
+            image[inside] = _fill(rng, colour, u, v)[inside]
     noise = np.random.default_rng([int(seed), 1, h, w])  # per-pixel noise: depends on the size
     image += noise.normal(0.0, rng.uniform(2.0, 8.0), size=image.shape)
     return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), regions.astype(np.uint8), int(seed))
@@ -156,3 +167,49 @@ def _bilinear(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
     bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
     return top * (1 - fy) + bottom * fy
+
+
+_TEXTURE_RGB_GAP = 12.0  # each textured region's mean colour within this of the shared base, per channel
+_TEXTURES = ("stripes", "checker", "dots", "blobs", "flat")
+
+
+def _paint_textured(rng: np.random.Generator, regions: np.ndarray, image: np.ndarray,
+                    u: np.ndarray, v: np.ndarray) -> None:
+    """Fill each region with a close colour and a texture unlike its neighbours': kinds drawn without
+    replacement (stripes twice at most, then at orientations 60+ degrees apart)."""
+    n = int(regions.max()) + 1
+    base = rng.uniform(70, 185, size=3)
+    kinds = list(rng.permutation(_TEXTURES))
+    if n > len(kinds):
+        kinds.append("stripes")
+    stripe_angle = rng.uniform(0, np.pi)
+    for k in range(n):
+        kind = kinds[k]
+        colour = base + rng.uniform(-_TEXTURE_RGB_GAP, _TEXTURE_RGB_GAP, size=3)
+        if kind == "stripes":
+            angle, stripe_angle = stripe_angle, stripe_angle + np.pi / 2
+        else:
+            angle = rng.uniform(0, np.pi)
+        inside = regions == k
+        image[inside] = (colour + _texture(rng, kind, angle, u, v)[..., None])[inside]
+
+
+def _texture(rng: np.random.Generator, kind: str, angle: float, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(H, W) zero-mean-ish luminance pattern of one texture kind, amplitude 30-45 (0-255 units)."""
+    amp = rng.uniform(30, 45)
+    a = u * np.cos(angle) + v * np.sin(angle)
+    b = -u * np.sin(angle) + v * np.cos(angle)
+    if kind == "flat":
+        return np.zeros(u.shape)
+    if kind == "stripes":
+        return amp * np.sign(np.sin(2 * np.pi * a / rng.uniform(0.05, 0.09)))
+    if kind == "checker":
+        period = rng.uniform(0.06, 0.1)
+        return amp * np.sign(np.sin(2 * np.pi * a / period) * np.sin(2 * np.pi * b / period))
+    if kind == "dots":
+        period = rng.uniform(0.05, 0.08)
+        fa, fb = (a / period) % 1 - 0.5, (b / period) % 1 - 0.5
+        return amp * (2.0 * (fa * fa + fb * fb < 0.06) - 0.4)
+    coarse = rng.normal(size=(12, 12))  # blobs: smooth noise
+    field = _bilinear(coarse, u, v)
+    return amp * field / max(float(np.abs(field).max()), 1e-6)

@@ -34,6 +34,8 @@ from pipeline.after.datasets_gt import (
     rows_with_ground_truth,
 )
 from pipeline.after.image_index import center_crop_resize
+from pipeline.after.method import describe_method, method_fields
+from pipeline.data.manifest import read_labels_manifest
 from pipeline.data.label_files import (
     arrow_filesystem,
     class_map,
@@ -220,13 +222,15 @@ def evaluate(
     else:
         partials = [score_rows(rows, spec) for rows in iter_label_batches(files, spec.columns, storage_options)]
     result = report(merge_partials(partials, spec), spec, format, used_ray=use_ray, image_list=image_list)
+    manifest = read_labels_manifest(labels, storage_options)
+    if manifest is not None:  # which grouping made these labels (absent from the parameters: the KL merge)
+        result.update(method_fields(manifest.get("parameters")))
     if baselines:
         from pipeline.after.baselines import compute_baselines
-        from pipeline.data.manifest import read_labels_manifest
 
         result["baselines"] = compute_baselines(
             files, gt, images, image_list=wanted, model=model, image_size=image_size,
-            manifest=read_labels_manifest(labels, storage_options), batch_size=baseline_batch_size,
+            manifest=manifest, batch_size=baseline_batch_size,
             image_column=image_column, storage_options=storage_options,
         )
     return result
@@ -296,6 +300,8 @@ def format_report(r: dict[str, Any]) -> str:
         f" (skipped: {sk['label_errors']} label errors, {sk['missing_gt']} without ground truth,"
         f" {sk['gt_errors']} unreadable ground truth)",
     ]
+    if "grouping" in r:
+        lines.append(f"labels made with {describe_method(r)}")
     if "image_list" in r:
         il = r["image_list"]
         lines.append(f"image list {il['path']}: {il['with_label_row']} of {il['listed']} listed images have a label row")

@@ -29,6 +29,7 @@ from pipeline.data.label_files import (
     label_map,
     vocabulary_names,
 )
+from pipeline.after.method import describe_method
 from pipeline.data.manifest import read_labels_manifest
 
 MAX_SIDE = 640  # overlay panels are downscaled to this longest side
@@ -135,7 +136,7 @@ td, th {{ border: 1px solid #ddd; padding: .2em .5em; text-align: left; }}
 </style></head>
 <body data-images="{n_images}">
 <h1>DiffSeg pseudo-labels</h1>
-{warning}<p>{summary}</p>
+{method}{warning}<p>{summary}</p>
 <div class="grid">
 {figures}
 </div>
@@ -157,10 +158,17 @@ window.addEventListener("load", record);
 """
 
 
-def _model_warning(labels_uri: str, storage_options: dict[str, Any] | None) -> str:
+def _method_line(manifest: dict[str, Any] | None) -> str:
+    """Which grouping (and boundaries) made the labels, from the manifest's parameters."""
+    if manifest is None:
+        return ""
+    return f'<p class="method">Labels made with {html.escape(describe_method(manifest.get("parameters")))}.</p>\n'
+
+
+def _model_warning(manifest: dict[str, Any] | None) -> str:
     """A banner when the run's manifest says its model had random weights (tiny-random)
     or is a demo model (tiny-demo), not Stable Diffusion."""
-    model = (read_labels_manifest(labels_uri, storage_options) or {}).get("model") or {}
+    model = (manifest or {}).get("model") or {}
     name = html.escape(str(model.get("model", "the model")))
     if model.get("random_weights"):
         return (f'<p class="warning"><b>These labels come from {name}, a model with random weights:</b> '
@@ -249,10 +257,12 @@ def build_gallery(
         + "</table>"
         + (f"<p>... and {error_count - len(errors)} more.</p>" if error_count > len(errors) else "")
     )
+    manifest = read_labels_manifest(labels_uri, storage_options)
     summary = (f"{total} label rows in {html.escape(labels_uri)}: {total - error_count} labelled, {error_count} error rows. "
                f"Showing {len(figures)} (image | segments and boundaries).")
     (out / "index.html").write_text(_PAGE.format(
-        title=html.escape(labels_uri), n_images=len(figures), summary=summary, warning=_model_warning(labels_uri, storage_options), figures="\n".join(figures[k] for k in sorted(figures)),
+        title=html.escape(labels_uri), n_images=len(figures), summary=summary,
+        method=_method_line(manifest), warning=_model_warning(manifest), figures="\n".join(figures[k] for k in sorted(figures)),
         n_errors=error_count + len(image_errors), errors=error_html,
     ))
     return {"shown": len(figures), "rows": total, "errors": error_count, "images_not_shown": len(image_errors),

@@ -125,7 +125,7 @@ def check_compatible(
         diffs.append(f"input {old['input']!r} -> {new['input']!r}")
     for key in sorted((set(old["parameters"]) | set(new["parameters"])) - set(unknown)):
         if old["parameters"].get(key) != new["parameters"].get(key):
-            diffs.append(f"{key} {_shown(old['parameters'].get(key))} -> {_shown(new['parameters'].get(key))}")
+            diffs.append(f"{key} {_shown(old['parameters'].get(key), key)} -> {_shown(new['parameters'].get(key), key)}")
     if model_info is not None and old["model"] is not None:
         for key in sorted((set(old["model"]) | set(new["model"])) - set(unknown)):
             if old["model"].get(key) != new["model"].get(key):
@@ -137,9 +137,13 @@ def check_compatible(
         )
 
 
-def _shown(value: Any) -> str:
-    """A parameter as a person reads it; an option left out of the parameters was off."""
-    return "off" if value is None else repr(value)
+#: what an option left out of the parameters was, where that is not "off"
+_LEFT_OUT = {"grouping": "'kl-merge'"}
+
+
+def _shown(value: Any, key: str = "") -> str:
+    """A parameter as a person reads it; an option left out of the parameters was off (or its default)."""
+    return _LEFT_OUT.get(key, "off") if value is None else repr(value)
 
 
 def new_manifest(

@@ -176,7 +176,11 @@ class LabelActor:
         """
         staged = self.extractor.to_pixels(pixels)
         with self._device_lock:
-            proposals = self.diffseg.proposals(self.extractor(staged))
+            if self.diffseg.needs_features:
+                extraction = self.extractor.extract(staged)
+                proposals = self.diffseg.proposals(extraction.self_attention, extraction.features)
+            else:
+                proposals = self.diffseg.proposals(self.extractor(staged))
             maps = self.diffseg.label_maps(proposals, sizes, staged)
             return labels_to_host(maps, segment_counts(self.diffseg, proposals, maps))
 
@@ -188,7 +192,7 @@ class LabelActor:
         staged = self.extractor.to_pixels(pixels)
         with self._device_lock:
             extraction = self.extractor.extract(staged)
-            proposals = self.diffseg.proposals(extraction.self_attention)
+            proposals = self.diffseg.proposals(extraction.self_attention, extraction.features)
             maps = self.diffseg.label_maps(proposals, sizes, staged)
             counts = segment_counts(self.diffseg, proposals, maps)
             class_maps = combine_class_attention(extraction.class_attention, self.diffseg.weights)

@@ -115,6 +115,9 @@ def summarize(
         "model": manifest["model"].get("model"),
         "random_weights": bool(manifest["model"].get("random_weights")),
         "demo_model": bool(manifest["model"].get("demo_model")),
+        # how the labels were grouped and refined: the manifest's own keys (absent: kl-merge, off)
+        "method": {k: v for k, v in (manifest.get("parameters") or {}).items()
+                   if k in ("grouping", "ncut_threshold", "ncut_affinity", "boundaries")},
         "images": images,
         "labelled": images - errors,
         "errors": errors,

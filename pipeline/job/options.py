@@ -49,6 +49,9 @@ class LabelOptions:
     pamr_dilations: list[int] | None = None  # None: the model's (else the PAMR paper's 1, 2, 4, 8, 12, 24)
     min_region_area: int = 0  # regions smaller than this many pixels join the segment around them (0: off)
     connected: bool = False  # every connected region its own segment
+    grouping: str = "kl-merge"  # "kl-merge" (the paper's) or "ncut" (recursive normalized cut, diffseg_core.grouping)
+    ncut_threshold: float | str = "auto"  # ncut's stopping threshold tau, or "auto" (per image)
+    ncut_affinity: str = "attention"  # what ncut cuts: "attention" rows or the encoder's "features"
     rle: bool = False
     rows_per_file: int = 1000
     overwrite: bool = False
@@ -111,7 +114,15 @@ class LabelOptions:
             parameters["min_region_area"] = self.min_region_area
         if self.connected:  # likewise
             parameters["connected"] = True
+        parameters.update(self._grouping_options())  # likewise: only with ncut
         return parameters
+
+    def _grouping_options(self) -> dict[str, Any]:
+        """The grouping's options, only when it is not the paper's KL merge (so older outputs resume)."""
+        if self.grouping == "kl-merge":
+            return {}
+        threshold = self.ncut_threshold if self.ncut_threshold == "auto" else float(self.ncut_threshold)
+        return {"grouping": self.grouping, "ncut_threshold": threshold, "ncut_affinity": self.ncut_affinity}
 
     def with_model_defaults(self) -> "LabelOptions":
         """The DiffSeg parameters left unset filled in from the model (diffseg_core.method_defaults)."""
@@ -135,6 +146,7 @@ class LabelOptions:
             weights["min_region_area"] = self.min_region_area
         if self.connected:
             weights["connected"] = True
+        weights.update(self._grouping_options())
         if isinstance(kl, (list, tuple)):
             return {"kl_threshold": list(kl), "num_points": self.num_points, "refine": self.refine, **weights}
         return {"kl_threshold": float(kl), "num_points": self.num_points, "iterations": self.iterations,
@@ -197,10 +209,11 @@ def validate_options(opts: LabelOptions) -> None:
     problem = weights_problem(opts.weights)
     if problem:
         raise LabelError(f"--weights: {problem}.")
-    from diffseg_core.parameters import boundaries_problem
+    from diffseg_core.parameters import boundaries_problem, grouping_problem
     from diffseg_core.regions import cleaning_problem
 
-    problem = (boundaries_problem(opts.boundaries if opts.boundaries is not None else "off",
+    problem = (grouping_problem(opts.grouping, opts.ncut_threshold, opts.ncut_affinity)
+               or boundaries_problem(opts.boundaries if opts.boundaries is not None else "off",
                                   opts.pamr_iterations if opts.pamr_iterations is not None else 10,
                                   opts.pamr_dilations if opts.pamr_dilations is not None else [1])
                or cleaning_problem(opts.min_region_area, opts.connected))

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.errors import LabelError
 
 METHOD_PARAMS = ("kl_threshold", "iterations", "num_points", "refine", "weights", "boundaries", "pamr_iterations",
-                 "pamr_dilations")
+                 "pamr_dilations", "grouping", "ncut_threshold", "ncut_affinity")
 TUNE_KEY = "label_params"  # where diffseg tune's best.json keeps them
 FRAME_KEY = "extraction"  # best.json: the model and frame the parameters were chosen on
 # label options that best.json's extraction block gives (label's name -> tune's name)
@@ -72,6 +72,14 @@ def _check(path: str, key: str, value: Any) -> Any:
         if isinstance(value, str):
             return value  # off / pamr: judged with the other options when label() starts
         raise bad("off or pamr")
+    if key in ("grouping", "ncut_affinity"):
+        if isinstance(value, str):
+            return value  # judged with the other options when label() starts
+        raise bad("kl-merge or ncut" if key == "grouping" else "attention or features")
+    if key == "ncut_threshold":
+        if value == "auto" or number(value):
+            return value if value == "auto" else float(value)
+        raise bad("auto or a number")
     if key == "pamr_dilations":
         if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value

@@ -99,14 +99,17 @@ def model_provenance(extractor: Any, diffseg: Any, class_voting: str, class_thre
 def method_fields(diffseg: Any) -> dict[str, Any]:
     """DiffSeg's parameters as the object holds them."""
     return _method(diffseg.thresholds, diffseg.num_points, diffseg.refine, diffseg.weights, diffseg.boundaries,
-                   diffseg.pamr_iterations, diffseg.pamr_dilations, diffseg.min_region_area, diffseg.connected)
+                   diffseg.pamr_iterations, diffseg.pamr_dilations, diffseg.min_region_area, diffseg.connected,
+                   diffseg.grouping, diffseg.ncut_threshold, diffseg.ncut_affinity)
 
 
 def _method(thresholds: Sequence[float], num_points: int, refine: bool, weights: Sequence[float] | None,
             boundaries: str | None, pamr_iterations: int, pamr_dilations: Sequence[int], min_region_area: int,
-            connected: bool) -> dict[str, Any]:
-    """The method fields of a report, in the one form both sides compare (PAMR's only when on)."""
+            connected: bool, grouping: str, ncut_threshold: float | str, ncut_affinity: str) -> dict[str, Any]:
+    """The method fields of a report, in the one form both sides compare (PAMR's only when on, the
+    cut's only with ncut)."""
     on = (boundaries or "off") != "off"
+    cut = grouping == "ncut"
     return {
         "kl_threshold": [float(t) for t in thresholds],
         "num_points": int(num_points),
@@ -117,6 +120,9 @@ def _method(thresholds: Sequence[float], num_points: int, refine: bool, weights:
         "pamr_dilations": [int(d) for d in pamr_dilations] if on else None,
         "min_region_area": int(min_region_area),
         "connected": bool(connected),
+        "grouping": grouping,
+        "ncut_threshold": (ncut_threshold if ncut_threshold == "auto" else float(ncut_threshold)) if cut else None,
+        "ncut_affinity": ncut_affinity if cut else None,
     }
 
 
@@ -135,7 +141,8 @@ def expected(opts: Any, *, image_size: int, dtype: str, model_info: dict[str, An
     thresholds = method_thresholds(list(kl) if isinstance(kl, (list, tuple)) else kl, filled.num_points,
                                    None if isinstance(kl, (list, tuple)) else filled.iterations)
     method = _method(thresholds, filled.num_points, filled.refine, filled.weights, filled.boundaries,
-                     filled.pamr_iterations, filled.pamr_dilations, filled.min_region_area, filled.connected)
+                     filled.pamr_iterations, filled.pamr_dilations, filled.min_region_area, filled.connected,
+                     filled.grouping, filled.ncut_threshold, filled.ncut_affinity)
     vocab = opts.resolved_vocabulary()  # read once, by the options the driver was given
     model: dict[str, Any] = {
         "model": model_info.get("model"),

@@ -7,7 +7,12 @@ weights, and every weighting is one pass over these. At SD 1.x 512 px that is
 level alone is 33.5 MB, so one aggregate would save 6%); 100 images: 3.6 GB
 (measured: benchmarks/tune_bench.py, BENCHMARKS.md). Beside them, the model's
 input pixels (S x S x 3 uint8, 0.75 MB at 512 px): ``--boundaries pamr`` refines
-with them, as the model actor does with the same pixels.
+with them, as the model actor does with the same pixels. And the UNet encoder's
+features (its last self-attention block's output, (C, h, w) float16; SD 1.x at
+512 px: 1280 x 16 x 16 = 0.66 MB), what ``--grouping ncut --ncut-affinity
+features`` cuts, from the same pass. Entries written before the features were
+kept (no ``features`` in the header) still load: the features affinity is then
+left out of the search, with a note.
 
 A file is named by a hash of everything its values depend on: the model's
 identity (hub id + commit, or the local files' names, sizes and mtimes: no
@@ -31,6 +36,7 @@ if TYPE_CHECKING:  # torch is imported where maps are written or read: a refusal
 CACHE_VERSION = 2  # 2: the model's input pixels are stored too (PAMR)
 CACHE_DIR = "attention"
 PIXELS = "pixels"
+FEATURES = "features"
 
 
 def model_identity(model: str, revision: str | None = None) -> dict[str, Any]:
@@ -65,7 +71,7 @@ def extraction_key(identity: dict[str, Any], image_sha256: str, *, image_size: i
 
 class AttentionCache:
     """Files ``<root>/<key>.safetensors``: tensors ``r<R>`` (R*R, R*R) float16, ``pixels`` (S, S, 3)
-    uint8 (the model's input), and a JSON header.
+    uint8 (the model's input), ``features`` (C, h, w) float16 (the encoder's), and a JSON header.
 
     The header (``meta``) holds the image's label frame (height, width), its id,
     the resolutions and the model input size, so a run whose images are all
@@ -91,9 +97,10 @@ class AttentionCache:
         except Exception:  # noqa: BLE001 - a truncated or foreign file is a miss; it is rewritten
             return None
 
-    def put(self, key: str, maps: dict[int, "torch.Tensor"], meta: dict[str, Any], pixels: Any = None) -> Path:
-        """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16 and its (S, S, 3) uint8
-        model input; atomic (write, then rename)."""
+    def put(self, key: str, maps: dict[int, "torch.Tensor"], meta: dict[str, Any], pixels: Any = None,
+            features: "torch.Tensor | None" = None) -> Path:
+        """Store one image's maps {r: (r*r, r*r) or (1, r*r, r*r)} as float16, its (S, S, 3) uint8
+        model input and its (C, h, w) encoder features as float16; atomic (write, then rename)."""
         import numpy as np
         import torch
         from safetensors.torch import save_file
@@ -102,7 +109,9 @@ class AttentionCache:
         tensors = {f"r{r}": m.reshape(r * r, r * r).to("cpu", torch.float16).contiguous() for r, m in maps.items()}
         if pixels is not None:
             tensors[PIXELS] = torch.from_numpy(np.array(pixels, dtype=np.uint8))  # a copy: torch wants it writable
-        header = dict(meta, resolutions=sorted(maps, reverse=True))
+        if features is not None:
+            tensors[FEATURES] = features.to("cpu", torch.float16).contiguous()
+        header = dict(meta, resolutions=sorted(maps, reverse=True), **({FEATURES: True} if features is not None else {}))
         tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
         save_file(tensors, str(tmp), metadata={"diffseg": json.dumps(header)})
         os.replace(tmp, self.path(key))
@@ -113,7 +122,22 @@ def load_maps(path: str | os.PathLike) -> dict[int, "torch.Tensor"]:
     """{r: (1, r*r, r*r) float16} of one cached image (the input DiffSeg's aggregation takes)."""
     from safetensors.torch import load_file
 
-    return {int(name[1:]): t[None] for name, t in load_file(str(path)).items() if name != PIXELS}
+    return {int(name[1:]): t[None] for name, t in load_file(str(path)).items() if name not in (PIXELS, FEATURES)}
+
+
+def has_features(meta: dict[str, Any]) -> bool:
+    """Whether a cached entry (its header) holds the encoder's features: not those made before they were kept."""
+    return bool(meta.get(FEATURES))
+
+
+def load_features(path: str | os.PathLike) -> "torch.Tensor":
+    """(1, C, h, w) float32: the encoder's features of one cached image (``--ncut-affinity features``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if FEATURES not in f.keys():
+            raise KeyError(f"{path}: no encoder features in this cache file (made before they were kept)")
+        return f.get_tensor(FEATURES)[None].float()
 
 
 def load_pixels(path: str | os.PathLike) -> "torch.Tensor":

@@ -24,13 +24,27 @@ def _floats_or_range(text: str) -> list[float]:
     return comma_floats(text)
 
 
-def _modes(text: str) -> list[str]:
-    from diffseg_core.parameters import BOUNDARY_MODES
+def _choices(allowed: str) -> Any:
+    """A comma list of values from ``diffseg_core.parameters.<allowed>`` (read when parsed, not at import)."""
+    def parse(text: str) -> list[str]:
+        from diffseg_core import parameters
 
-    modes = [v.strip().lower() for v in text.split(",")]
-    if not modes or any(m not in BOUNDARY_MODES for m in modes):
+        values = [v.strip().lower() for v in text.split(",")]
+        if any(v not in getattr(parameters, allowed) for v in values):
+            raise ValueError(text)
+        return values
+
+    return parse
+
+
+def _cut_thresholds(text: str) -> list[float | str]:
+    """"auto,0.35,0.5": numbers in (0, 2] or auto (the cut's per-image rule)."""
+    from diffseg_core.parameters import grouping_problem
+
+    values: list[float | str] = [v.strip().lower() if v.strip().lower() == "auto" else float(v) for v in text.split(",")]
+    if any(grouping_problem("ncut", v) for v in values):
         raise ValueError(text)
-    return modes
+    return values
 
 
 def _switches(text: str) -> list[bool]:
@@ -49,8 +63,13 @@ _FLOATS = "numbers separated by commas (0.9,1.1) or a range START:STOP:STEP (0.6
 _floats = described(_floats_or_range, _FLOATS, "0.9,1.1", "0.6:1.4:0.1", "1.1")
 _steps = described(_floats_or_range, _FLOATS.replace("0.9,1.1", "0,-0.1"), "0,-0.1", "-0.1")
 _ints = described(comma_ints, "whole numbers separated by commas (2,3)", "2,3", "10")
-_mode_list = described(_modes, "off, pamr or off,pamr", "off", "pamr", "off,pamr", "PAMR")
+_mode_list = described(_choices("BOUNDARY_MODES"), "off, pamr or off,pamr", "off", "pamr", "off,pamr", "PAMR")
 _switch_list = described(_switches, "off, on or off,on", "off", "on", "off,on", "true")
+_grouping_list = described(_choices("GROUPINGS"), "kl-merge, ncut or kl-merge,ncut", "kl-merge", "ncut", "kl-merge,ncut")
+_affinity_list = described(_choices("NCUT_AFFINITIES"), "attention, features or attention,features", "attention", "features",
+                           "attention,features")
+_cut_list = described(_cut_thresholds, "auto or numbers in (0, 2] separated by commas (auto,0.35,0.5)", "auto",
+                      "auto,0.35,0.5", "0.5")
 _schedules = described(_schedule, "one tau per iteration separated by commas (1.1,1.0,0.9)", "1.1,1.0,0.9")
 
 
@@ -102,7 +121,15 @@ def add_tune(subparsers: Any) -> None:
     s.add_argument("--pamr-iterations", type=_ints, default=g.pamr_iterations,
                    help="PAMR iteration counts searched (one chain of iterations scores them all)")
     s.add_argument("--boundary-candidates", type=int, default=g.boundary_candidates,
-                   help="plain settings per fold whose PAMR variants are scored")
+                   help="plain settings per fold and grouping whose PAMR variants are scored")
+    s.add_argument("--grouping", type=_grouping_list, default=g.groupings,
+                   help="groupings searched: kl-merge (DiffSeg's), ncut (the normalized cut, at each --ncut-threshold "
+                   "x --ncut-affinity) or both; --grouping kl-merge leaves the cut out")
+    s.add_argument("--ncut-threshold", type=_cut_list, default=g.ncut_thresholds,
+                   help="the cut's stopping thresholds searched: auto (its per-image rule) and/or numbers in (0, 2]")
+    s.add_argument("--ncut-affinity", type=_affinity_list, default=g.ncut_affinities,
+                   help="what the cut cuts: attention (the aggregate's rows), features (the UNet encoder's; scored "
+                   "only where the cache holds them) or both")
     e = t.add_argument_group("scoring")
     e.add_argument("--score-size", type=int, default=512,
                    help="score at most this many pixels on the label frame's longer side (0: full size)")
@@ -131,7 +158,8 @@ def run_tune(args: argparse.Namespace) -> int:
     grid = Grid(taus=args.tau, iterations=args.iterations, tau_steps=args.tau_steps, schedules=list(args.schedules),
                 num_points=args.num_points, weights=list(args.weights), refine=args.refine,
                 boundaries=args.boundaries, pamr_iterations=args.pamr_iterations,
-                boundary_candidates=args.boundary_candidates)
+                boundary_candidates=args.boundary_candidates, groupings=args.grouping,
+                ncut_thresholds=args.ncut_threshold, ncut_affinities=args.ncut_affinity)
     try:
         report = tune(
             args.images, args.ground_truth, args.format, model=args.model, revision=args.revision,

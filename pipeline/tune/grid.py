@@ -1,17 +1,20 @@
 """The parameter grid of ``diffseg tune``: settings, weight presets, parsing and checks.
 
-A :class:`Setting` is one full set of DiffSeg parameters. The grid is the
-product of anchor grids x aggregation weights x refine x threshold schedules,
+A :class:`Setting` is one full set of DiffSeg parameters. The KL merge's grid is
+the product of anchor grids x aggregation weights x refine x threshold schedules,
 where a schedule is one threshold per iteration: every base tau x iteration
 count x per-iteration step (0 = the same tau at every iteration), plus any
-schedules given explicitly. The default setting (label's defaults) is always
-scored too, so its score can be reported beside the best.
+schedules given explicitly. Beside it, ``grouping="ncut"``: the normalized cut at
+each of its thresholds x affinities (the attention affinity at the default
+setting's weights, what ``label --grouping ncut`` aggregates with). The default
+setting (label's defaults) is always scored too, so its score can be reported
+beside the best.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from diffseg_core.method_defaults import PAPER_DEFAULTS
@@ -21,6 +24,9 @@ PAMR_ITERATIONS: int = PAPER_DEFAULTS["pamr_iterations"]
 PAMR_DILATIONS: tuple[int, ...] = tuple(PAPER_DEFAULTS["pamr_dilations"])
 #: Method settings whose PAMR variants are scored: the best this many of the plain search, per fold.
 BOUNDARY_CANDIDATES = 3
+#: The normalized cut's stopping thresholds searched by default ("auto": its per-image rule).
+NCUT_THRESHOLDS: tuple[float | str, ...] = ("auto", 0.35, 0.5, 0.7)
+KL_MERGE = "kl-merge"
 
 #: Aggregation weight presets, as functions of the resolution r (normalised later).
 #: proportional is the paper's (and label's) default; the others span from every
@@ -50,6 +56,9 @@ class Setting:
     boundaries: str = "off"  # "off" or "pamr"; the two below matter only with "pamr"
     pamr_iterations: int = PAMR_ITERATIONS
     pamr_dilations: tuple[int, ...] = PAMR_DILATIONS
+    grouping: str = KL_MERGE  # or "ncut": the three below matter only then, the KL merge's four above only not
+    ncut_threshold: float | str = "auto"
+    ncut_affinity: str = "attention"
 
     def __post_init__(self) -> None:
         if self.boundaries == "off":  # one setting, whatever PAMR's unused parameters say
@@ -57,15 +66,27 @@ class Setting:
             object.__setattr__(self, "pamr_dilations", PAMR_DILATIONS)
         else:
             object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))
+        if self.grouping == KL_MERGE:  # likewise for the cut's unused parameters
+            object.__setattr__(self, "ncut_threshold", "auto")
+            object.__setattr__(self, "ncut_affinity", "attention")
+        else:  # and the merge's
+            object.__setattr__(self, "thresholds", ())
+            object.__setattr__(self, "num_points", 0)
+            object.__setattr__(self, "refine", False)
+            if self.ncut_threshold != "auto":
+                object.__setattr__(self, "ncut_threshold", round(float(self.ncut_threshold), 6))
 
     @property
     def method(self) -> "Setting":
         """The same setting with boundaries off: what the plain search scores."""
-        return Setting(self.thresholds, self.num_points, self.weights, self.refine)
+        return replace(self, boundaries="off")
 
     def with_pamr(self, iterations: int, dilations: Sequence[int] = PAMR_DILATIONS) -> "Setting":
-        return Setting(self.thresholds, self.num_points, self.weights, self.refine, "pamr", int(iterations),
-                       tuple(dilations))
+        return replace(self, boundaries="pamr", pamr_iterations=int(iterations), pamr_dilations=tuple(dilations))
+
+    @property
+    def is_ncut(self) -> bool:
+        return self.grouping != KL_MERGE
 
     @property
     def boundary_spec(self) -> tuple[int, tuple[int, ...]] | None:
@@ -88,13 +109,26 @@ class Setting:
         return self.thresholds[0] if len(set(self.thresholds)) == 1 else None
 
     def describe(self) -> str:
+        if self.is_ncut:
+            return (f"grouping=ncut ncut_tau={_fmt_tau(self.ncut_threshold)} affinity={self.ncut_affinity} "
+                    + (f"weights={self.weights} " if self.ncut_affinity == "attention" else "")
+                    + f"boundaries={self.describe_boundaries()}")
         tau = _fmt(self.thresholds[0]) if self.constant_tau is not None else ",".join(map(_fmt, self.thresholds))
         return (f"tau={tau} iterations={self.iterations} num_points={self.num_points} "
                 f"weights={self.weights} refine={'on' if self.refine else 'off'} "
                 f"boundaries={self.describe_boundaries()}")
 
     def label_params(self, resolutions: Sequence[int]) -> dict[str, Any]:
-        """The parameters as ``diffseg label --params`` reads them (weights as numbers, finest first)."""
+        """The parameters as ``diffseg label --params`` reads them (weights as numbers, finest first).
+
+        The KL merge's keys are those of every best.json before the cut; a cut's setting has the
+        cut's keys instead of the merge's."""
+        pamr = ({"pamr_iterations": self.pamr_iterations, "pamr_dilations": list(self.pamr_dilations)}
+                if self.boundaries == "pamr" else {})
+        if self.is_ncut:
+            return {"grouping": self.grouping, "ncut_threshold": self.ncut_threshold,
+                    "ncut_affinity": self.ncut_affinity, "weights": weight_values(self.weights, resolutions),
+                    "boundaries": self.boundaries, **pamr}
         tau: float | list[float] = self.constant_tau if self.constant_tau is not None else list(self.thresholds)
         return {
             "kl_threshold": tau,
@@ -103,8 +137,7 @@ class Setting:
             "refine": self.refine,
             "weights": weight_values(self.weights, resolutions),
             "boundaries": self.boundaries,
-            **({"pamr_iterations": self.pamr_iterations, "pamr_dilations": list(self.pamr_dilations)}
-               if self.boundaries == "pamr" else {}),
+            **pamr,
         }
 
 
@@ -124,6 +157,11 @@ class Grid:
     boundaries: list[str] = field(default_factory=lambda: ["off", "pamr"])
     pamr_iterations: list[int] = field(default_factory=lambda: [PAMR_ITERATIONS])
     boundary_candidates: int = BOUNDARY_CANDIDATES
+    # the groupings searched: ["kl-merge"] leaves the normalized cut out
+    groupings: list[str] = field(default_factory=lambda: [KL_MERGE, "ncut"])
+    ncut_thresholds: list[float | str] = field(default_factory=lambda: list(NCUT_THRESHOLDS))
+    # "features" is scored only where the cache holds the encoder's features (entries made since it does)
+    ncut_affinities: list[str] = field(default_factory=lambda: ["attention", "features"])
 
 
 DEFAULT_NUM_POINTS = (8, 16)
@@ -144,7 +182,8 @@ def default_setting(model: str | None = None) -> Setting:
     else:
         weights = ",".join(f"{float(w):g}" for w in d.weights)
     return Setting(thresholds, d.num_points, weights, bool(d.refine), d.boundaries or "off",
-                   int(d.pamr_iterations), tuple(int(v) for v in d.pamr_dilations))
+                   int(d.pamr_iterations), tuple(int(v) for v in d.pamr_dilations), d.grouping or KL_MERGE,
+                   d.ncut_threshold, d.ncut_affinity)
 
 
 def boundary_settings(candidates: Sequence[Setting], grid: Grid) -> list[Setting]:
@@ -192,11 +231,32 @@ def settings(grid: Grid, resolutions: Sequence[int], model: str, image_size: int
             notes.append(f"num_points {dropped} left out of the default grid: the model's finest attention "
                          f"is {finest} x {finest}")
     combos = itertools.product(sorted(set(points)), dict.fromkeys(grid.weights), sorted(set(grid.refine)))
-    scheds = schedules(grid)
-    if not scheds:
-        raise GridError("the tau grid gives no schedule with every threshold positive")
-    out = [Setting(s, n, w, r) for n, w, r in combos for s in scheds]
-    return out, notes
+    out = []
+    if KL_MERGE in grid.groupings:
+        scheds = schedules(grid)
+        if not scheds:
+            raise GridError("the tau grid gives no schedule with every threshold positive")
+        out = [Setting(s, n, w, r) for n, w, r in combos for s in scheds]
+    return out + ncut_settings(grid, default_setting(model).weights), notes
+
+
+def fitting_num_points(resolutions: Sequence[int]) -> int:
+    """The smallest default anchor grid side that the model's finest attention holds."""
+    finest = max(resolutions)
+    return min([n for n in DEFAULT_NUM_POINTS if n <= finest] or [finest])
+
+
+def ncut_settings(grid: Grid, weights: str) -> list[Setting]:
+    """The grid's normalized cuts (none when it leaves ncut out), at these aggregation ``weights``."""
+    if "ncut" not in grid.groupings:
+        return []
+    return list(dict.fromkeys(Setting((), 0, weights, grouping="ncut", ncut_threshold=t, ncut_affinity=a)
+                              for a in grid.ncut_affinities for t in grid.ncut_thresholds))
+
+
+def without_features(settings: Sequence[Setting]) -> list[Setting]:
+    """The settings that need no encoder features (what a cache without them can score)."""
+    return [s for s in settings if not (s.is_ncut and s.ncut_affinity == "features")]
 
 
 def check_grid(grid: Grid, resolutions: Sequence[int], model: str, image_size: int) -> None:
@@ -232,6 +292,7 @@ def check_values(grid: Grid) -> None:
             parse_weight_numbers(w)
     if not grid.refine:
         raise GridError("the refine grid is empty")
+    check_groupings(grid)
     from diffseg_core.parameters import BOUNDARY_MODES
 
     if not grid.boundaries or any(b not in BOUNDARY_MODES for b in grid.boundaries):
@@ -241,6 +302,25 @@ def check_values(grid: Grid) -> None:
             raise GridError(f"--pamr-iterations must be integers >= 1, got {grid.pamr_iterations}")
         if grid.boundary_candidates < 1:
             raise GridError(f"--boundary-candidates must be at least 1, got {grid.boundary_candidates}")
+
+
+def check_groupings(grid: Grid) -> None:
+    """One sentence for a grouping, cut threshold or affinity the search cannot take."""
+    from diffseg_core.parameters import GROUPINGS, NCUT_AFFINITIES, grouping_problem
+
+    if not grid.groupings or any(g not in GROUPINGS for g in grid.groupings):
+        raise GridError(f"--grouping takes {', '.join(GROUPINGS)} or kl-merge,ncut; got {','.join(grid.groupings)}")
+    if "ncut" not in grid.groupings:
+        return
+    if not grid.ncut_thresholds:
+        raise GridError("the --ncut-threshold grid is empty")
+    if not grid.ncut_affinities or any(a not in NCUT_AFFINITIES for a in grid.ncut_affinities):
+        raise GridError(f"--ncut-affinity takes {', '.join(NCUT_AFFINITIES)} or attention,features; "
+                        f"got {','.join(grid.ncut_affinities)}")
+    for t in grid.ncut_thresholds:
+        problem = grouping_problem("ncut", t)
+        if problem:
+            raise GridError(f"--ncut-threshold: {problem}")
 
 
 def weight_values(weights: str, resolutions: Sequence[int]) -> list[float]:
@@ -270,3 +350,7 @@ def parse_weight_numbers(text: str) -> list[float]:
 
 def _fmt(v: float) -> str:
     return f"{v:g}"
+
+
+def _fmt_tau(v: float | str) -> str:
+    return v if isinstance(v, str) else _fmt(v)

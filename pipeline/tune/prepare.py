@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.after.datasets_gt import GroundTruth, GroundTruthError
 from pipeline.after.image_index import ImageIndex, center_crop_resize
 from pipeline.data.decode import decode_image
-from pipeline.tune.cache import AttentionCache, extraction_key
+from pipeline.tune.cache import AttentionCache, extraction_key, has_features
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,15 @@ def fill_cache(
     model's configs: a missing model or a grid it cannot run fails in a second,
     before any weight is loaded), and ``check_model(resolutions, image_size)``
     again on the loaded extractor, before any extraction. Images that cannot be read or decoded leave
-    the sample (reported, not fatal).
+    the sample (reported, not fatal). ``without_features``: how many entries hold no encoder
+    features (cached before they were kept, or a model that gives none).
     """
     from tqdm.auto import tqdm
 
     dropped: dict[str, str] = {}
     misses: list[tuple[TuneImage, bytes]] = []
     hits = 0
+    without_features = 0
     model: dict[str, Any] = {}
     for item, data in read_sample(index, sample, lambda i, why: dropped.__setitem__(i, why)):
         item.key = extraction_key(identity, hashlib.sha256(data).hexdigest(), **key_settings)
@@ -125,6 +127,7 @@ def fill_cache(
             item.frame = (int(meta["height"]), int(meta["width"]))
             model = {"resolutions": list(meta["resolutions"]), "image_size": int(meta["image_size"])}
             hits += 1
+            without_features += not has_features(meta)
     extracted = 0
     if misses:
         check_model_files()
@@ -137,18 +140,22 @@ def fill_cache(
         check_model(model["resolutions"], model["image_size"])
         bar = tqdm(total=len(misses), desc="extract attention", unit="img", disable=not progress)
         for batch in chunked(_decoded(misses, extractor.image_size, key_settings["paper_preprocess"], dropped), batch_size):
-            maps = extractor(np.stack([pixels for _, pixels in batch]))
+            extraction = extractor.extract(np.stack([pixels for _, pixels in batch]))  # maps and features: one pass
+            maps, features = extraction.self_attention, extraction.features
             for b, (item, _) in enumerate(batch):
                 cache.put(item.key, {r: m[b] for r, m in maps.items()},
                           {"image_id": item.image_id, "height": item.frame[0], "width": item.frame[1],
-                           "image_size": extractor.image_size}, pixels=batch[b][1])
+                           "image_size": extractor.image_size}, pixels=batch[b][1],
+                          features=features[b] if features is not None else None)
+                without_features += features is None
             extracted += len(batch)
             bar.update(len(batch))
         bar.close()
     elif model:
         check_model(model["resolutions"], model["image_size"])
     sample[:] = [t for t in sample if t.image_id not in dropped]
-    return {"cached": hits, "extracted": extracted, "dropped": dropped, **model}
+    return {"cached": hits, "extracted": extracted, "dropped": dropped, "without_features": without_features,
+            **model}
 
 
 def _decoded(misses: list[tuple[TuneImage, bytes]], image_size: int, paper_preprocess: bool,

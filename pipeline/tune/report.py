@@ -20,19 +20,22 @@ def label_params(setting: Setting, resolutions: Sequence[int]) -> dict[str, Any]
 
 def label_flags(params: dict[str, Any], extraction: dict[str, Any]) -> str:
     """The ``diffseg label`` flags that reproduce the chosen setting on the tuned model and frame."""
-    kl = params["kl_threshold"]
     flags = [f"--model {extraction['model']}"]
     if extraction.get("image_size_given") is not None:
         flags.append(f"--image-size {extraction['image_size_given']}")
     if extraction.get("timestep", 300) != 300:
         flags.append(f"--timestep {extraction['timestep']}")
-    flags.append("--kl-threshold " + (",".join(_num(v) for v in kl) if isinstance(kl, list) else _num(kl)))
-    if not isinstance(kl, list):
-        flags.append(f"--iterations {params['iterations']}")
-    flags.append(f"--num-points {params['num_points']}")
+    if params.get("grouping") == "ncut":
+        flags += [f"--{key.replace('_', '-')} {value}" for key, value in _cut_items(params)]
+    else:
+        kl = params["kl_threshold"]
+        flags.append("--kl-threshold " + (",".join(_num(v) for v in kl) if isinstance(kl, list) else _num(kl)))
+        if not isinstance(kl, list):
+            flags.append(f"--iterations {params['iterations']}")
+        flags.append(f"--num-points {params['num_points']}")
     if params.get("weights") is not None:
         flags.append("--weights " + ",".join(_num(v) for v in params["weights"]))
-    if params["refine"]:
+    if params.get("refine"):
         flags.append("--refine")
     # always said: a model card may turn PAMR on (tiny-demo's does), so "off" is a choice too
     flags.append(f"--boundaries {params.get('boundaries', 'off')}")
@@ -47,12 +50,15 @@ def label_flags(params: dict[str, Any], extraction: dict[str, Any]) -> str:
 
 def method_block(params: dict[str, Any]) -> str:
     """The job spec's ``method:`` section for the chosen setting (YAML)."""
-    kl = params["kl_threshold"]
-    lines = ["method:",
-             "  kl_threshold: " + (f"[{', '.join(_num(v) for v in kl)}]" if isinstance(kl, list) else _num(kl))]
-    if not isinstance(kl, list):
-        lines.append(f"  iterations: {params['iterations']}")
-    lines += [f"  num_points: {params['num_points']}", f"  refine: {'true' if params['refine'] else 'false'}"]
+    lines = ["method:"]
+    if params.get("grouping") == "ncut":
+        lines += [f"  {key}: {value}" for key, value in _cut_items(params)]
+    else:
+        kl = params["kl_threshold"]
+        lines.append("  kl_threshold: " + (f"[{', '.join(_num(v) for v in kl)}]" if isinstance(kl, list) else _num(kl)))
+        if not isinstance(kl, list):
+            lines.append(f"  iterations: {params['iterations']}")
+        lines += [f"  num_points: {params['num_points']}", f"  refine: {'true' if params['refine'] else 'false'}"]
     if params.get("weights") is not None:
         lines.append(f"  weights: [{', '.join(_num(v) for v in params['weights'])}]")
     lines.append(f"  boundaries: {params.get('boundaries', 'off')}")
@@ -63,8 +69,8 @@ def method_block(params: dict[str, Any]) -> str:
 
 
 def write_results_csv(path: Path, ranking: list[dict[str, Any]]) -> None:
-    fields = ["rank", "miou", "pixel_accuracy", "kl_threshold", "iterations", "num_points", "weights", "refine",
-              "boundaries", "pamr_iterations", "is_default"]
+    fields = ["rank", "miou", "pixel_accuracy", "grouping", "kl_threshold", "iterations", "num_points", "weights",
+              "refine", "ncut_threshold", "ncut_affinity", "boundaries", "pamr_iterations", "is_default"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -151,8 +157,13 @@ def format_report(report: dict[str, Any], top: int = 15) -> str:
     ]
     shown = report["ranking"][:top]
     default_row = next((r for r in report["ranking"] if r["is_default"]), None)
-    if default_row is not None and default_row not in shown:
-        shown = shown + [default_row]
+    # the default and each grouping's best are shown even below the top rows
+    best_of = {}
+    for r in report["ranking"]:
+        best_of.setdefault(r.get("grouping", "kl-merge"), r)
+    for extra in [default_row, *best_of.values()]:
+        if extra is not None and extra not in shown:
+            shown = shown + [extra]
     for r in shown:
         mark = "  (default)" if r["is_default"] else ""
         lines.append(f"{r['rank']:>4} {pct(r['miou']):>7} {pct(r['pixel_accuracy']):>6}  {r['setting']}{mark}")
@@ -191,6 +202,14 @@ def format_report(report: dict[str, Any], top: int = 15) -> str:
               + (f", {report['files']['plot']}" if report["files"].get("plot") else "")]
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def _cut_items(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """The normalized cut's label options (and an anchor grid when tune had to name one), as text."""
+    threshold = params["ncut_threshold"]
+    items = [("grouping", "ncut"), ("ncut_threshold", threshold if isinstance(threshold, str) else _num(threshold)),
+             ("ncut_affinity", params["ncut_affinity"])]
+    return items + ([("num_points", str(params["num_points"]))] if "num_points" in params else [])
 
 
 def _num(v: float) -> str:

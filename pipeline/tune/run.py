@@ -26,7 +26,7 @@ from pipeline.job.params import (
     TUNE_KEY,  # the part of best.json that `diffseg label --params` reads
 )
 from pipeline.tune.cache import CACHE_DIR, AttentionCache, model_identity
-from pipeline.tune.grid import Grid, Setting, check_values, default_setting
+from pipeline.tune.grid import Grid, Setting, check_values, default_setting, fitting_num_points, without_features
 from pipeline.tune.grid import settings as grid_settings
 from pipeline.tune.prepare import (
     SampleError,
@@ -159,6 +159,19 @@ def tune(
     resolutions, size = filled["resolutions"], filled["image_size"]
     default, notes = _default(resolutions, size, model)
     notes = chosen["notes"] + notes
+    plain = chosen["settings"]
+    if filled["without_features"] and len(without_features(plain)) < len(plain):
+        plain = without_features(plain)
+        notes.append(f"grouping ncut with the features affinity left out: {filled['without_features']} of the "
+                     f"{filled['cached'] + filled['extracted']} cached images hold no encoder features (cached "
+                     f"before they were kept; remove {cache.root} to extract them again)")
+    if default is not None and default.is_ncut and default.ncut_affinity == "features" and filled["without_features"]:
+        default, notes = None, notes + ["the default setting cuts the encoder's features, which the cache does "
+                                        "not hold for every image; no default score"]
+    if not plain:
+        raise TuneError("no setting of the grid can be scored: ncut's features affinity needs encoder features, "
+                        f"which {filled['without_features']} cached images do not hold (remove {cache.root} "
+                        "to extract them again)")
 
     from pipeline.tune.search import (
         SearchSession,  # torch and Ray: only once every check has passed
@@ -166,7 +179,7 @@ def tune(
 
     with SearchSession([str(cache.path(t.key)) for t in sample], targets, [t.fold for t in sample], num_folds,
                        gt.num_classes, resolutions, chunk_size=chunk_size, progress=progress) as session:
-        all_settings, scores, eligible, result = _search_stages(session, grid, chosen["settings"], default, notes)
+        all_settings, scores, eligible, result = _search_stages(session, grid, plain, default, notes)
     default_index = 0 if default is not None else None
     sel = select(scores, result.images, default_index, eligible)
 
@@ -178,6 +191,10 @@ def tune(
                      "(more labelled images or a narrower grid can change that)")
     best_setting = all_settings[sel.best]
     params = label_params(best_setting, resolutions)
+    if best_setting.is_ncut and default is None:
+        # label judges the KL merge's anchor grid against the model even when the cut leaves it unused:
+        # one that fits, where label's default does not
+        params["num_points"] = fitting_num_points(resolutions)
     extraction = {"model": model, "revision": identity.get("revision"), "image_size": size,
                   "image_size_given": image_size, "timestep": timestep, "dtype": dtype,
                   "paper_preprocess": paper_preprocess, "resolutions": resolutions}
@@ -234,7 +251,8 @@ def _default(resolutions: list[int], image_size: int, model: str) -> tuple[Setti
 
 def _search_stages(session: Any, grid: Grid, plain: list[Setting], default: Setting | None,
                    notes: list[str]) -> tuple[list[Setting], Any, Any, Any]:
-    """Score the plain grid, then PAMR on the best few plain settings of each fold's training folds.
+    """Score the plain grid, then PAMR on the best few plain settings of each grouping on each fold's
+    training folds (per grouping: the cut's rows would seldom be among the merge's many otherwise).
 
     Returns the settings (the default first), their counts (settings, folds, 3, classes), which of
     them each fold (and, last row, the in-sample choice) may choose, and the stages' result (images,
@@ -254,8 +272,14 @@ def _search_stages(session: Any, grid: Grid, plain: list[Setting], default: Sett
     settings = list(stage1)
     plain_ok = "off" in grid.boundaries
     k = counts.shape[1]
-    in_sample, per_fold = top(counts, first.images, grid.boundary_candidates, range(len(stage1)))
-    chosen_by = per_fold + [in_sample]  # row k: the in-sample choice
+    searched = [i for i, s in enumerate(stage1) if s.grouping in grid.groupings]
+    chosen_by: list[list[int]] = [[] for _ in range(k + 1)]  # per fold, then row k: the in-sample choice
+    for grouping in grid.groupings:
+        among = [i for i in searched if stage1[i].grouping == grouping]
+        if among:
+            in_sample, per_fold = top(counts, first.images, grid.boundary_candidates, among)
+            for row, picked in enumerate(per_fold + [in_sample]):
+                chosen_by[row] += picked
     variants = [boundary_settings([stage1[i] for i in rows], grid) for rows in chosen_by]
     stage2 = list(dict.fromkeys(s for v in variants for s in v if s not in settings))
     if default is not None and default.boundaries != "off" and default not in stage2:
@@ -268,15 +292,15 @@ def _search_stages(session: Any, grid: Grid, plain: list[Setting], default: Sett
         summary = replace(first, seconds=first.seconds + second.seconds, tasks=first.tasks + second.tasks,
                           scored=first.scored + second.scored)
         notes.append(f"--boundaries pamr scored on the best {grid.boundary_candidates} plain settings of each "
-                     f"fold ({len(stage2)} settings with PAMR, {second.seconds:.0f} s)")
+                     f"fold and grouping ({len(stage2)} settings with PAMR, {second.seconds:.0f} s)")
     eligible = np.zeros((k + 1, len(settings)), dtype=bool)
     for row, v in enumerate(variants):
-        eligible[row, : len(stage1)] = plain_ok
+        eligible[row, searched] = plain_ok
         for s in v:
             eligible[row, settings.index(s)] = True
     if default is not None:
         d = settings.index(default)
-        eligible[:, d] = default.boundaries in grid.boundaries
+        eligible[:, d] = default.boundaries in grid.boundaries and default.grouping in grid.groupings
         if d != 0:  # the default first: ties keep it
             order = [d] + [i for i in range(len(settings)) if i != d]
             settings, counts, eligible = [settings[i] for i in order], counts[order], eligible[:, order]
@@ -286,9 +310,11 @@ def _search_stages(session: Any, grid: Grid, plain: list[Setting], default: Sett
 
 
 def _fields(s: Setting) -> dict[str, Any]:
-    return {"kl_threshold": list(s.thresholds), "constant_tau": s.constant_tau, "iterations": s.iterations,
-            "num_points": s.num_points, "weights": s.weights, "refine": s.refine, "boundaries": s.boundaries,
-            "pamr_iterations": s.pamr_iterations if s.boundaries == "pamr" else None}
+    return {"grouping": s.grouping, "kl_threshold": list(s.thresholds), "constant_tau": s.constant_tau,
+            "iterations": s.iterations, "num_points": s.num_points, "weights": s.weights, "refine": s.refine,
+            "boundaries": s.boundaries, "pamr_iterations": s.pamr_iterations if s.boundaries == "pamr" else None,
+            "ncut_threshold": s.ncut_threshold if s.is_ncut else None,
+            "ncut_affinity": s.ncut_affinity if s.is_ncut else None}
 
 
 def _row(rank: int, s: Setting, score: Any, is_default: bool) -> dict[str, Any]:

@@ -30,14 +30,17 @@ class SearchResult:
 
 
 def group_settings(settings: Sequence[Setting], resolutions: Sequence[int]) -> list[tuple[Group, list[int]]]:
-    """Settings grouped by (weights, num_points): each group with the indices of its members in ``settings``."""
-    groups: dict[tuple[str, int], list[int]] = {}
+    """Settings grouped by (grouping, weights, num_points): each group with the indices of its members
+    in ``settings``."""
+    groups: dict[tuple[str, str, int], list[int]] = {}
     for i, s in enumerate(settings):
-        groups.setdefault((s.weights, s.num_points), []).append(i)
+        groups.setdefault((s.grouping, s.weights, s.num_points), []).append(i)
     out = []
-    for (weights, num_points), members in groups.items():
+    for (grouping, weights, num_points), members in groups.items():
+        keys = [(s.ncut_threshold, s.ncut_affinity) if s.is_ncut else (s.thresholds, s.refine)
+                for s in (settings[i] for i in members)]
         group = Group(tuple(weight_values(weights, resolutions)), num_points,
-                      tuple((settings[i].thresholds, settings[i].refine, settings[i].boundary_spec) for i in members))
+                      tuple((*key, settings[i].boundary_spec) for key, i in zip(keys, members)), grouping)
         out.append((group, members))
     return out
 
