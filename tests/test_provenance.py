@@ -39,7 +39,8 @@ JOBS: dict[str, dict[str, Any]] = {
               rows_per_file=2, max_pixels=20_000, vocabulary=["cat", "dog"], class_voting="mean",
               class_threshold=0.3, batch_size=4),
     "B": dict(model="tiny-random", image_size=64, num_points=4, kl_threshold=0.7, iterations=2,
-              paper_preprocess=True, image_column="picture", batch_size=4),  # + vocabulary_file, below
+              paper_preprocess=True, image_column="picture", batch_size=4,
+              grouping="ncut", ncut_threshold=0.4, ncut_affinity="features"),  # + vocabulary_file, below
 }
 VOCABULARY_FILE = ["sky", "tree"]
 
@@ -64,6 +65,9 @@ CASES: dict[str, tuple[str, str, str, Any]] = {
     "vocabulary_file": ("B", "model", "vocabulary", digest(VOCABULARY_FILE)),
     "class_voting": ("A", "model", "class_voting", "mean"),
     "class_threshold": ("A", "model", "class_threshold", 0.3),
+    "grouping": ("B", "model", "grouping", "ncut"),
+    "ncut_threshold": ("B", "model", "ncut_threshold", 0.4),
+    "ncut_affinity": ("B", "model", "ncut_affinity", "features"),
     "rle": ("A", "encode", "rle", True),
     "max_pixels": ("A", "decode", "max_pixels", 20_000),
     "paper_preprocess": ("B", "decode", "paper_preprocess", True),
