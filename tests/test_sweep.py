@@ -58,7 +58,8 @@ def test_the_search_scores_the_labels_diffseg_label_writes(tmp_path):
         maps, truth = planted_maps(tuple(resolutions), regions=5, seed=seed)
         paths.append(str(cache.put(f"img{seed}", {r: m.mean(1) for r, m in maps.items()}, {})))
         targets.append(truth[0].repeat_interleave(2, 0).repeat_interleave(2, 1).numpy().astype(np.int16))
-    grid = Grid(taus=[0.3, 0.7, 1.1], iterations=[1, 2, 3], tau_steps=[0.0], num_points=[8], weights=["proportional"])
+    grid = Grid(taus=[0.3, 0.7, 1.1], iterations=[1, 2, 3], tau_steps=[0.0], num_points=[8], weights=["proportional"],
+                groupings=["kl-merge"])  # the cut is scored against DiffSeg in tests/test_tune_ncut.py
     settings, _ = grid_settings(grid, resolutions, "planted", 128)
     (group, members), = group_settings(settings, resolutions)
     part = score_chunk(paths, targets, [0] * len(paths), group, 8, 1)
