@@ -115,9 +115,9 @@ class Labeler:
             model, device=device, dtype=dtype, timestep=timestep, image_size=image_size,
             revision=revision, allow_unsafe_weights=allow_unsafe_weights, vocabulary=vocabulary,
         )
-        problem = getattr(diffseg, "grouping", "kl-merge") == "kl-merge" and anchor_grid_problem(
-            diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size
-        )  # the cut has no anchor grid
+        problem = anchor_grid_problem(
+            diffseg.num_points, extractor.attention_resolutions, model, extractor.image_size, diffseg.grouping
+        )
         if problem:
             raise ValueError(problem)
         return cls(extractor, diffseg, class_voting=class_voting, class_threshold=class_threshold)
@@ -128,7 +128,7 @@ class Labeler:
         if not sizes:
             return []
         pixels = self.extractor.to_pixels(images)
-        if getattr(self.diffseg, "needs_features", False):
+        if self.diffseg.needs_features:
             extraction = self.extractor.extract(pixels)
             return self.labels_from_attention(extraction.self_attention, sizes, pixels, extraction.features)
         return self.labels_from_attention(self.extractor(pixels), sizes, pixels)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BOUNDARY_MODES", "DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem",
-           "boundaries_problem", "GROUPINGS", "NCUT_AFFINITIES", "grouping_problem"]
+           "boundaries_problem", "GROUPINGS", "NCUT_AFFINITIES", "grouping_problem", "ncut_threshold_value"]
 
 DEFAULT_ITERATIONS = 3
 
@@ -39,10 +39,12 @@ def method_thresholds(
     return values
 
 
-def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any, image_size: int) -> str | None:
-    """Why DiffSeg's anchor grid cannot run on this model's attention, or None if it can."""
+def anchor_grid_problem(num_points: int, resolutions: Sequence[int], model: Any, image_size: int,
+                        grouping: str = "kl-merge") -> str | None:
+    """Why DiffSeg's anchor grid cannot run on this model's attention, or None if it can (always
+    with ``grouping="ncut"``: the cut has no anchor grid)."""
     finest = max(resolutions) if resolutions else 0
-    if num_points <= finest:
+    if num_points <= finest or grouping == "ncut":
         return None
     return (
         f"num_points={num_points} needs self-attention maps of at least {num_points} x {num_points}, "
@@ -93,6 +95,11 @@ def boundaries_problem(mode: object, iterations: object, dilations: object) -> s
 GROUPINGS = ("kl-merge", "ncut")
 #: --ncut-affinity values: what the cut's tokens are (see `diffseg_core.grouping`).
 NCUT_AFFINITIES = ("attention", "features")
+
+
+def ncut_threshold_value(threshold: float | str) -> float | str:
+    """The cut's threshold in the one form everything records and compares: "auto", or a float."""
+    return threshold if threshold == "auto" else float(threshold)
 
 
 def grouping_problem(grouping: object, threshold: object = "auto", affinity: object = "attention",

@@ -22,7 +22,6 @@ against the official code's 7-13 s (benchmarks/merge_bench.py, BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ import torch
 
 from diffseg_core import merge
 from diffseg_core import boundaries as pamr_module
-from diffseg_core.grouping import DEFAULT_ALPHA, DEFAULT_MAX_TOKENS, ncut_proposals
+from diffseg_core.grouping import DEFAULT_ALPHA, ncut_proposals
 from diffseg_core.aggregate import Weights, aggregate_attention, aggregate_side, anchor_grid
 from diffseg_core.kmeans import refine_proposals
 from diffseg_core.merge import (
@@ -43,7 +42,7 @@ from diffseg_core.merge import (
     merge_proposals_batch,
     merge_with_anchors,
 )
-from diffseg_core.parameters import grouping_problem, method_thresholds
+from diffseg_core.parameters import grouping_problem, method_thresholds, ncut_threshold_value
 from diffseg_core.regions import clean_label_map, cleaning_problem
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +98,7 @@ class DiffSeg:
         if problem:
             raise ValueError(problem)
         self.grouping = grouping
-        self.ncut_threshold = ncut_threshold if ncut_threshold == "auto" else float(ncut_threshold)
+        self.ncut_threshold = ncut_threshold_value(ncut_threshold)
         self.ncut_affinity = ncut_affinity
         self.ncut_alpha = float(ncut_alpha)
         self.thresholds = method_thresholds(kl_threshold, num_points, iterations)
@@ -194,7 +193,7 @@ class DiffSeg:
             proposal order, without gaps.
         """
         proposals = self.proposals(maps, features)
-        R = aggregate_side_of(maps)
+        R = aggregate_side(maps[max(maps)])  # the finest map's side, as the KL merge's proposals have
         size = output_size if output_size is not None else (8 * R, 8 * R)
         return torch.stack(self.label_maps(proposals, [size] * len(proposals), images))
 
@@ -249,7 +248,7 @@ class DiffSeg:
                 raise ValueError("ncut_affinity='features' needs the UNet's encoder features from the same pass")
             aggregate = aggregate_attention(maps, self.weights) if self.ncut_affinity == "attention" else None
             return ncut_proposals(aggregate, features, threshold=self.ncut_threshold, affinity=self.ncut_affinity,
-                                  alpha=self.ncut_alpha, max_tokens=DEFAULT_MAX_TOKENS)
+                                  alpha=self.ncut_alpha)
         batch = _batch_size(maps)
         if batch is not None and batch > 1 and not merge.runs_batched(_device(maps)):
             return [p for b in range(batch) for p in self.proposals({r: m[b : b + 1] for r, m in maps.items()})]
@@ -352,11 +351,6 @@ def _batch_size(maps: Mapping[int, torch.Tensor]) -> int | None:
     except (AttributeError, TypeError):
         return None
     return sizes.pop() if len(sizes) == 1 else None
-
-
-def aggregate_side_of(maps: Mapping[int, torch.Tensor]) -> int:
-    """R, the side of the finest attention map (the output defaults to 8R x 8R)."""
-    return int(round(math.sqrt(maps[max(maps)].shape[-1])))
 
 
 def _device(maps: Mapping[int, torch.Tensor]) -> torch.device:

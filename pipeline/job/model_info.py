@@ -31,8 +31,8 @@ def model_info(ray: Any, checked: Checked, opts: LabelOptions, dtype: str,
     if "error" in info:
         raise LabelError(f"Cannot load model {opts.model!r}: {info['error']}")
     info["device"] = "cuda" if devices.use_gpu else "cpu"
-    problem = opts.grouping == "kl-merge" and anchor_grid_problem(  # the cut has no anchor grid
-        opts.num_points, info["attention_resolutions"], opts.model, info["image_size"])
+    problem = anchor_grid_problem(opts.num_points, info["attention_resolutions"], opts.model, info["image_size"],
+                                  opts.grouping)
     if problem:
         raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
     problem = weights_problem(opts.weights, info["attention_resolutions"], opts.model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from diffseg_core.parameters import ncut_threshold_value
 from diffseg_core.vocabulary import DEFAULT_CLASS_THRESHOLD, Vocabulary
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
 from pipeline.data.parts import Part
@@ -121,8 +122,8 @@ class LabelOptions:
         """The grouping's options, only when it is not the paper's KL merge (so older outputs resume)."""
         if self.grouping == "kl-merge":
             return {}
-        threshold = self.ncut_threshold if self.ncut_threshold == "auto" else float(self.ncut_threshold)
-        return {"grouping": self.grouping, "ncut_threshold": threshold, "ncut_affinity": self.ncut_affinity}
+        return {"grouping": self.grouping, "ncut_threshold": ncut_threshold_value(self.ncut_threshold),
+                "ncut_affinity": self.ncut_affinity}
 
     def with_model_defaults(self) -> "LabelOptions":
         """The DiffSeg parameters left unset filled in from the model (diffseg_core.method_defaults)."""

@@ -111,8 +111,8 @@ def preflight(input: str, output: str, opts: LabelOptions) -> Checked:
     except (ModelLoadError, ValueError) as exc:
         raise LabelError(f"--image-size for model {opts.model!r}: {one_line(exc)}.") from None
     if model.complete:
-        problem = opts.grouping == "kl-merge" and anchor_grid_problem(  # the cut has no anchor grid
-            opts.num_points, model.attention_resolutions(image_size), opts.model, image_size)
+        problem = anchor_grid_problem(opts.num_points, model.attention_resolutions(image_size), opts.model,
+                                      image_size, opts.grouping)
         if problem:
             raise LabelError(f"DiffSeg cannot run on this model: {problem} (--num-points, --image-size).")
         problem = weights_problem(opts.weights, model.attention_resolutions(image_size), opts.model)

@@ -28,6 +28,8 @@ import socket
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
+from diffseg_core.parameters import ncut_threshold_value
+
 STAGES = ("decode", "model", "encode")
 COLUMNS = {stage: f"_prov_{stage}" for stage in STAGES}
 #: Test hook: the package version a worker reports (a node with another install). Unset: the real one.
@@ -121,7 +123,7 @@ def _method(thresholds: Sequence[float], num_points: int, refine: bool, weights:
         "min_region_area": int(min_region_area),
         "connected": bool(connected),
         "grouping": grouping,
-        "ncut_threshold": (ncut_threshold if ncut_threshold == "auto" else float(ncut_threshold)) if cut else None,
+        "ncut_threshold": ncut_threshold_value(ncut_threshold) if cut else None,
         "ncut_affinity": ncut_affinity if cut else None,
     }
 

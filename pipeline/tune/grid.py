@@ -240,12 +240,6 @@ def settings(grid: Grid, resolutions: Sequence[int], model: str, image_size: int
     return out + ncut_settings(grid, default_setting(model).weights), notes
 
 
-def fitting_num_points(resolutions: Sequence[int]) -> int:
-    """The smallest default anchor grid side that the model's finest attention holds."""
-    finest = max(resolutions)
-    return min([n for n in DEFAULT_NUM_POINTS if n <= finest] or [finest])
-
-
 def ncut_settings(grid: Grid, weights: str) -> list[Setting]:
     """The grid's normalized cuts (none when it leaves ncut out), at these aggregation ``weights``."""
     if "ncut" not in grid.groupings:

@@ -26,7 +26,7 @@ from pipeline.job.params import (
     TUNE_KEY,  # the part of best.json that `diffseg label --params` reads
 )
 from pipeline.tune.cache import CACHE_DIR, AttentionCache, model_identity
-from pipeline.tune.grid import Grid, Setting, check_values, default_setting, fitting_num_points, without_features
+from pipeline.tune.grid import Grid, Setting, check_values, default_setting, without_features
 from pipeline.tune.grid import settings as grid_settings
 from pipeline.tune.prepare import (
     SampleError,
@@ -191,10 +191,6 @@ def tune(
                      "(more labelled images or a narrower grid can change that)")
     best_setting = all_settings[sel.best]
     params = label_params(best_setting, resolutions)
-    if best_setting.is_ncut and default is None:
-        # label judges the KL merge's anchor grid against the model even when the cut leaves it unused:
-        # one that fits, where label's default does not
-        params["num_points"] = fitting_num_points(resolutions)
     extraction = {"model": model, "revision": identity.get("revision"), "image_size": size,
                   "image_size_given": image_size, "timestep": timestep, "dtype": dtype,
                   "paper_preprocess": paper_preprocess, "resolutions": resolutions}
