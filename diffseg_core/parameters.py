@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BOUNDARY_MODES", "DEFAULT_ITERATIONS", "method_thresholds", "anchor_grid_problem", "weights_problem",
-           "boundaries_problem", "GROUPINGS", "NCUT_AFFINITIES", "grouping_problem", "ncut_threshold_value"]
+           "boundaries_problem", "GROUPINGS", "KL_MERGE", "NCUT_AFFINITIES", "grouping_problem", "ncut_threshold_value"]
 
 DEFAULT_ITERATIONS = 3
 
@@ -92,7 +92,8 @@ def boundaries_problem(mode: object, iterations: object, dilations: object) -> s
 
 #: --grouping values: "kl-merge" (the paper's merge of attention maps by KL divergence) or "ncut"
 #: (a recursive normalized cut of a token affinity, `diffseg_core.grouping`).
-GROUPINGS = ("kl-merge", "ncut")
+KL_MERGE = "kl-merge"  # the default: the paper's
+GROUPINGS = (KL_MERGE, "ncut")
 #: --ncut-affinity values: what the cut's tokens are (see `diffseg_core.grouping`).
 NCUT_AFFINITIES = ("attention", "features")
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_GROUPING = "kl-merge"
+from diffseg_core.parameters import KL_MERGE
 
 
 def grouping_of(parameters: dict[str, Any] | None) -> str:
     """The grouping that made labels with these manifest parameters (absent: the KL merge)."""
-    return str((parameters or {}).get("grouping") or DEFAULT_GROUPING)
+    return str((parameters or {}).get("grouping") or KL_MERGE)
 
 
 def method_fields(parameters: dict[str, Any] | None) -> dict[str, Any]:

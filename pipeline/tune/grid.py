@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from diffseg_core.method_defaults import PAPER_DEFAULTS
+from diffseg_core.parameters import KL_MERGE
 
 #: PAMR's parameters when a setting turns it on without saying (the PAMR paper's).
 PAMR_ITERATIONS: int = PAPER_DEFAULTS["pamr_iterations"]
@@ -26,7 +27,6 @@ PAMR_DILATIONS: tuple[int, ...] = tuple(PAPER_DEFAULTS["pamr_dilations"])
 BOUNDARY_CANDIDATES = 3
 #: The normalized cut's stopping thresholds searched by default ("auto": its per-image rule).
 NCUT_THRESHOLDS: tuple[float | str, ...] = ("auto", 0.35, 0.5, 0.7)
-KL_MERGE = "kl-merge"
 
 #: Aggregation weight presets, as functions of the resolution r (normalised later).
 #: proportional is the paper's (and label's) default; the others span from every
