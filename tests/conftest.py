@@ -59,3 +59,43 @@ def stale_ray_dir():
     Path(root, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
     yield root, port
     shutil.rmtree(root, ignore_errors=True)
+
+
+# --- one labelled photo folder, restored per test (issue 32) ------------------------------
+class LabelledPhotos:
+    """``make_photo_folder(src)`` labelled once with FAST into ``out``: this test's own copy."""
+
+    def __init__(self, src, out, ids: list[str], first: dict):
+        self.src, self.out, self.ids, self.first = src, out, ids, first
+
+
+@pytest.fixture(scope="session")
+def _labelled_photos_template(ray_session, tmp_path_factory):
+    """The first run many rerun tests start from, made once: a real ``label()`` on the shared Ray.
+    Kept aside as ``template/``; each test gets a byte-for-byte copy at the paths the run used
+    (``work/in``, ``work/out``), since the manifest, the plan and the rows name those paths."""
+    import shutil
+
+    from pipeline import label
+    from pipeline_helpers import FAST, make_photo_folder
+
+    root = tmp_path_factory.mktemp("labelled-photos")
+    src, out = root / "work" / "in", root / "work" / "out"
+    ids = make_photo_folder(src)
+    first = label(str(src), str(out), **FAST)
+    assert first["complete"] and first["labelled"] == 3, first
+    shutil.copytree(root / "work", root / "template", symlinks=True)  # copy2: the inputs' mtimes too
+    return root, ids, first
+
+
+@pytest.fixture
+def labelled_photos(_labelled_photos_template) -> LabelledPhotos:
+    """A fresh copy of the template for this test: what it changes, no other test sees, in any order.
+    One test at a time per process uses it (the paths are the template's), as pytest runs them."""
+    import copy
+    import shutil
+
+    root, ids, first = _labelled_photos_template
+    shutil.rmtree(root / "work", ignore_errors=True)
+    shutil.copytree(root / "template", root / "work", symlinks=True)
+    return LabelledPhotos(root / "work" / "in", root / "work" / "out", list(ids), copy.deepcopy(first))

@@ -50,10 +50,8 @@ def test_rerun_labels_only_what_is_missing(ray_session, tmp_path):
     assert manifest["parameters"]["num_points"] == 4 and manifest["version"]
 
 
-def test_different_parameters_are_refused_unless_overwrite(ray_session, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    make_photo_folder(src)
-    label(str(src), str(out), **FAST)
+def test_different_parameters_are_refused_unless_overwrite(labelled_photos):
+    src, out = labelled_photos.src, labelled_photos.out
     with pytest.raises(LabelError, match=r"different settings \(kl_threshold 1.1 -> 0.5\).*--overwrite"):
         label(str(src), str(out), **{**FAST, "kl_threshold": 0.5})
     (out / "keep-me.txt").write_text("not ours")
@@ -63,6 +61,7 @@ def test_different_parameters_are_refused_unless_overwrite(ray_session, tmp_path
     assert json.loads((out / "_manifest.json").read_text())["parameters"]["kl_threshold"] == 0.5
 
 
+@pytest.mark.slow  # a killed run, as the other kill tests: a fresh process and its own Ray
 def test_killed_run_then_rerun_gives_every_image_exactly_once(ray_session, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     ids = make_photo_folder(src, copies=6)  # 18 images, one per shard

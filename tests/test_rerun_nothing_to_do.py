@@ -1,6 +1,7 @@
 """A rerun with nothing to do: checked, listed and planned before Ray, closed without starting it.
 
-The first runs use the shared local Ray (``ray_session``); the reruns whose Ray start is the point run
+The first run is the shared labelled photo folder (``labelled_photos``: one real run on the
+shared local Ray, copied fresh for each test); the reruns whose Ray start is the point run
 in a fresh process (no Ray yet, as for a user), where ``ray.init`` and the input's listing are counted
 by pass-through wrappers around the real functions.
 """
@@ -64,10 +65,8 @@ def _manifest(out: Path) -> dict:
     return json.loads((out / "_manifest.json").read_text())
 
 
-def test_a_complete_output_is_closed_without_starting_ray(ray_session, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    make_photo_folder(src)
-    first = label(str(src), str(out), **FAST)
+def test_a_complete_output_is_closed_without_starting_ray(labelled_photos):
+    src, out, first = labelled_photos.src, labelled_photos.out, labelled_photos.first
     assert first["complete"]
 
     (again,) = _rerun(src, out, FAST)
@@ -86,10 +85,8 @@ def test_a_complete_output_is_closed_without_starting_ray(ray_session, tmp_path)
     assert first["nothing_to_do"] is False  # a run that labelled says so too
 
 
-def test_a_new_input_is_listed_once_before_ray_and_labelled(ray_session, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    ids = make_photo_folder(src)
-    label(str(src), str(out), **FAST)
+def test_a_new_input_is_listed_once_before_ray_and_labelled(labelled_photos):
+    src, out, ids = labelled_photos.src, labelled_photos.out, labelled_photos.ids
     (src / "late.png").write_bytes((src / "set0" / "coffee-0.png").read_bytes())
 
     (again,) = _rerun(src, out, FAST)
@@ -101,10 +98,8 @@ def test_a_new_input_is_listed_once_before_ray_and_labelled(ray_session, tmp_pat
     assert "nothing_to_do" not in _manifest(out)["runs"][-1]
 
 
-def test_other_settings_are_still_refused_and_before_ray(ray_session, tmp_path):
-    src, out, out16 = tmp_path / "in", tmp_path / "out", tmp_path / "out16"
-    make_photo_folder(src)
-    label(str(src), str(out), **FAST)
+def test_other_settings_are_still_refused_and_before_ray(labelled_photos, tmp_path):
+    src, out, out16 = labelled_photos.src, labelled_photos.out, tmp_path / "out16"
     label(str(src), str(out16), dtype="bf16", **FAST)  # on CPU: a dtype --device auto would not choose
     with pytest.raises(LabelError) as refused:
         label(str(src), str(out), **{**FAST, "kl_threshold": 0.5})
@@ -141,10 +136,8 @@ def test_error_rows_are_pointed_at_and_redone_with_retry_errors(ray_session, tmp
     assert [r["status"] for r in _manifest(out)["runs"]] == ["complete"] * 4
 
 
-def test_the_cli_says_nothing_to_do_in_one_line_and_exits_0(ray_session, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    make_photo_folder(src)
-    label(str(src), str(out), **FAST)
+def test_the_cli_says_nothing_to_do_in_one_line_and_exits_0(labelled_photos):
+    src, out = labelled_photos.src, labelled_photos.out
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "label", str(src), str(out), "--model", "tiny-random", "--image-size",
          "64", "--num-points", "4", "--batch-size", "4"],
