@@ -27,7 +27,7 @@ def _kind(argv: list[str]) -> str:
         return "install"  # what made this environment; CI runs the same line (test_docs checks .ci/run)
     if argv[:1] == ["export"]:
         return "export"
-    if argv == ["pytest"]:
+    if argv[:1] == ["pytest"]:
         return "tests"  # this run
     if argv[:2] == ["diffseg", "label"]:
         return "label-demo" if "--model" in argv and argv[argv.index("--model") + 1] == "tiny-demo" else "label-hub"
