@@ -51,8 +51,9 @@ def _label_actor_class():
     return TimedLabelActor
 
 
-def measure(ray, cls, repeats: int, *args, batch=None, **kwargs) -> tuple[float, float, float]:
-    """Median (wall s to ready, actor CPU s at ready, actor CPU s after one batch) over ``repeats``."""
+def measure(ray, cls, repeats: int, *args, batch=None, **kwargs) -> tuple[float, float, float | None]:
+    """Median (wall s to ready, actor CPU s at ready, actor CPU s after ``batch``, None without one)
+    over ``repeats``."""
     walls, ready_cpu, after_cpu = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -61,10 +62,10 @@ def measure(ray, cls, repeats: int, *args, batch=None, **kwargs) -> tuple[float,
         walls.append(time.perf_counter() - start)
         if batch is not None:
             ray.get(actor.one_batch.remote(batch))
-        after_cpu.append(ray.get(actor.cpu.remote()))
+            after_cpu.append(ray.get(actor.cpu.remote()))
         ray.kill(actor)
         time.sleep(0.5)  # let the process go before the next start
-    return statistics.median(walls), statistics.median(ready_cpu), statistics.median(after_cpu)
+    return statistics.median(walls), statistics.median(ready_cpu), statistics.median(after_cpu) if after_cpu else None
 
 
 def main() -> None:
@@ -91,7 +92,8 @@ def main() -> None:
     base_wall, base_cpu, _ = rows["bare"]
     print(f"{'actor':12s} {'wall to ready':>14s} {'CPU at ready':>13s} {'CPU after 1 batch':>18s}  ratio to bare (CPU)")
     for name, (wall, cpu, after) in rows.items():
-        print(f"{name:12s} {wall:13.2f}s {cpu:12.2f}s {after:17.2f}s  x{cpu / base_cpu:.1f}")
+        batch = f"{after:17.2f}s" if after is not None else f"{'(no batch)':>18s}"
+        print(f"{name:12s} {wall:13.2f}s {cpu:12.2f}s {batch}  x{cpu / base_cpu:.1f}")
 
 
 if __name__ == "__main__":

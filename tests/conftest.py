@@ -1,7 +1,9 @@
 """Shared pytest fixtures.  Tests never reach a model hub."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,11 +64,14 @@ def stale_ray_dir():
 
 
 # --- one labelled photo folder, restored per test (issue 32) ------------------------------
+@dataclasses.dataclass(frozen=True)
 class LabelledPhotos:
     """``make_photo_folder(src)`` labelled once with FAST into ``out``: this test's own copy."""
 
-    def __init__(self, src, out, ids: list[str], first: dict):
-        self.src, self.out, self.ids, self.first = src, out, ids, first
+    src: Path
+    out: Path
+    ids: list[str]
+    first: dict  # the first run's summary
 
 
 @pytest.fixture(scope="session")
